@@ -1,0 +1,1 @@
+"""Control API: MessagePack-RPC over a Unix socket, and the velodctl client."""
