@@ -45,7 +45,7 @@ class MemoryAmount:
 
 
 def parse_memory_amount(value: object) -> MemoryAmount:
-    if isinstance(value, float) or isinstance(value, str) and _is_fraction(value):
+    if isinstance(value, float) or (isinstance(value, str) and _is_fraction(value)):
         fraction = float(value)  # type: ignore[arg-type]
         if not 0 < fraction <= 1:
             raise ValueError("a fraction of free memory must be in (0, 1]")
@@ -173,7 +173,7 @@ class EngineConfig:
     model: str = _opt("llama3.2-1b", "Geometry preset, or 'custom' to use engine.geometry.")
     geometry: GeometryConfig | None = _opt(None, "Explicit geometry when model is 'custom'.")
     dtype: Literal["float16", "bfloat16", "float32"] = _opt("float16", "KV cache element type "
-                                                            "(the CPU backend computes in float32).")
+                                                            "(CPU math is float32).")
     device: Literal["auto", "cpu", "cuda"] = _opt("auto", "auto = CUDA when PyCUDA and a GPU "
                                                   "are present.")
     kv_cache: MemoryAmount = _opt(MemoryAmount(bytes=1024**3), "KV pool: bytes ('4GiB') or a "
@@ -273,7 +273,8 @@ def _convert(tp: Any, value: Any, path: str, issues: list[ConfigIssue]) -> Any:
         return out
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if tp in _TYPE_WORDS and (not isinstance(value, tp) or isinstance(value, bool) and tp is not bool):
+    wrong_bool = isinstance(value, bool) and tp is not bool
+    if tp in _TYPE_WORDS and (not isinstance(value, tp) or wrong_bool):
         issues.append(ConfigIssue(path, value, f"must be {_TYPE_WORDS[tp]}"))
         return None
     return value
@@ -293,9 +294,9 @@ def _build(cls: type, raw: dict[str, Any], prefix: str, issues: list[ConfigIssue
         before = len(issues)
         converted = _convert(hints[key], value, path, issues)
         check = fields[key].metadata.get("check")
-        if len(issues) == before and converted is not None and check:
-            if reason := check(converted):
-                issues.append(ConfigIssue(path, value, reason))
+        reason = check(converted) if check and converted is not None else None
+        if len(issues) == before and reason:
+            issues.append(ConfigIssue(path, value, reason))
         if len(issues) == before:
             values[key] = converted
     return cls(**values)
@@ -397,7 +398,7 @@ def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, str]]
     for f in dataclasses.fields(cls):
         path = f"{prefix}{f.name}"
         hint = typing.get_type_hints(cls)[f.name]
-        if dataclasses.is_dataclass(hint):
+        if dataclasses.is_dataclass(hint) and hint is not MemoryAmount:
             rows.extend(describe(hint, f"{path}."))
         else:
             rows.append((path, defaults[f.name], f.metadata.get("doc", "")))

@@ -27,7 +27,8 @@ def parse_duration(value: str | int | float) -> float:
         return float(value)
     text = value.strip().lower()
     parts = re.findall(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)", text)
-    if not parts or re.sub(r"\s+", "", "".join(a + b for a, b in parts)) != re.sub(r"\s+", "", text):
+    joined = "".join(a + b for a, b in parts)
+    if not parts or joined != re.sub(r"\s+", "", text):
         raise ValueError(f"{value!r} is not a duration (use e.g. '500ms', '30s', '10m', '1h')")
     return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
 
@@ -37,7 +38,7 @@ def parse_size(value: str | int) -> int:
 
     Binary (KiB, MiB, GiB, TiB) and decimal (KB, MB, GB, TB) units; case-insensitive.
     """
-    if isinstance(value, bool) or isinstance(value, float):
+    if isinstance(value, bool | float):
         raise ValueError("a size is an integer number of bytes or a string such as '2GiB'")
     if isinstance(value, int):
         if value < 0:

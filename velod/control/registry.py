@@ -118,7 +118,7 @@ def param(params: dict[str, Any], key: str, kind: type | tuple[type, ...],
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if float in kinds and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
         want = " or ".join(_TYPE_NAMES.get(k, k.__name__) for k in kinds)
         raise RpcError("invalid_params", f"parameter '{key}' must be {want}, got {value!r}",
                        {"field": key})
