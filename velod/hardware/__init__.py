@@ -1,0 +1,1 @@
+"""Hardware: snapshot types, NVML / sysfs / psutil sources and the monitor component."""
