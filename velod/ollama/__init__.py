@@ -1,0 +1,1 @@
+"""Ollama: HTTP client, settings table, planner, applier and tuner."""
