@@ -3,25 +3,75 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import functools
+import queue
+import threading
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-# Daemon threads: a call hung in a driver must not keep the process alive at exit.
-_executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="velod-io")
+_MAX_WORKERS = 8
+
+
+class _DaemonPool:
+    """A tiny thread pool of *daemon* threads.
+
+    concurrent.futures joins its workers at interpreter exit, so one call hung in a
+    driver would keep the daemon from exiting; daemon threads do not.
+    """
+
+    def __init__(self, max_workers: int) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], asyncio.Future[Any]]] = (
+            queue.SimpleQueue())
+        self._max = max_workers
+        self._threads = 0
+        self._idle = 0
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable[[], Any], future: asyncio.Future[Any]) -> None:
+        with self._lock:
+            if self._idle == 0 and self._threads < self._max:
+                self._threads += 1
+                threading.Thread(target=self._work, name=f"velod-io-{self._threads}",
+                                 daemon=True).start()
+        self._jobs.put((fn, future))
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                self._idle += 1
+            fn, future = self._jobs.get()
+            with self._lock:
+                self._idle -= 1
+            loop = future.get_loop()
+            try:
+                result = fn()
+            except BaseException as exc:
+                loop.call_soon_threadsafe(_settle, future, None, exc)
+            else:
+                loop.call_soon_threadsafe(_settle, future, result, None)
+
+
+def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if future.done():  # cancelled or timed out meanwhile
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
+_pool = _DaemonPool(_MAX_WORKERS)
 
 
 async def run_blocking(fn: Callable[..., T], *args: object, timeout: float | None = None) -> T:
     """Run ``fn(*args)`` in a worker thread; raise ``TimeoutError`` after ``timeout`` s.
 
     On timeout the thread cannot be killed; it finishes (or hangs) in the background
-    while the event loop carries on. Callers treat such a source as failed.
+    while the event loop carries on, and callers treat that source as failed.
     """
-    loop = asyncio.get_running_loop()
-    future = loop.run_in_executor(_executor, functools.partial(fn, *args))
+    future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+    _pool.submit(lambda: fn(*args), future)
     if timeout is None:
         return await future
     return await asyncio.wait_for(future, timeout)

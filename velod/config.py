@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,8 +22,6 @@ from velod.units import format_duration, format_size, parse_duration, parse_size
 
 Duration = NewType("Duration", float)  # seconds; written "500ms", "30s", "10m"
 Size = NewType("Size", int)  # bytes; written "512MiB", "2GiB"
-
-SYSTEM_CONFIG = Path("/etc/velod/velod.yaml")
 
 
 @dataclass(frozen=True)
@@ -357,14 +354,6 @@ def load_config(path: Path | str | None) -> Config:
         raise ConfigError(str(path), [ConfigIssue("", "", f"YAML syntax error at {where}"
                                                   f"{problem}")]) from exc
     return parse_config(raw, str(path))
-
-
-def default_config_path() -> Path:
-    """``/etc/velod/velod.yaml`` as root, else ``$XDG_CONFIG_HOME/velod/velod.yaml``."""
-    if os.geteuid() == 0:
-        return SYSTEM_CONFIG
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "velod" / "velod.yaml"
 
 
 def to_plain(obj: Any) -> Any:

@@ -50,6 +50,7 @@ class Cpu:
     freq_current_mhz: float | None = None
     freq_max_mhz: float | None = None
     flags: tuple[str, ...] = ()  # only those that matter: avx2, avx512f, avx512_bf16, amx_*
+    utilization: float | None = None  # % of all threads busy since the previous poll
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,7 @@
+"""``python -m velod`` runs the daemon."""
+
+import sys
+
+from velod.daemon import main
+
+sys.exit(main())

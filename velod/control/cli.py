@@ -1,0 +1,231 @@
+"""velodctl: the command-line client of velod's control socket.
+
+Exit codes: 0 ok, 1 the daemon answered with an error, 2 usage, 3 cannot reach the daemon.
+Capabilities add commands in their own ``cli`` modules (``register(sub)``); only the
+module of the command being run is imported, so ``velodctl status`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from typing import Any
+
+from velod import __version__, paths
+from velod.control.client import Client, DaemonUnreachable, RemoteError
+from velod.control.output import ago, human_duration, print_json, print_json_line, table
+
+EXIT_OK, EXIT_REMOTE, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+# command name -> module providing it through register(sub)
+PLUGINS = {
+    "hw": "velod.hardware.cli",
+    "ollama": "velod.ollama.cli",
+    "tune": "velod.ollama.cli",
+    "bench": "velod.ollama.bench_cli",
+    "engine": "velod.engine.cli",
+}
+LOCAL_COMMANDS = {"config"}  # commands that can work without the daemon
+
+
+def _global_options(argv: list[str]) -> tuple[list[str], bool, str | None]:
+    """Pull --json and --socket out of argv wherever they appear."""
+    rest, as_json, sock = [], False, None
+    it = iter(argv)
+    for arg in it:
+        if arg == "--json":
+            as_json = True
+        elif arg == "--socket":
+            sock = next(it, None)
+            if sock is None:
+                raise SystemExit("velodctl: --socket needs a path")
+        elif arg.startswith("--socket="):
+            sock = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    return rest, as_json, sock
+
+
+def build_parser(command: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="velodctl", description="Control velod. Global options anywhere: --json "
+        "(machine-readable output), --socket PATH (default: "
+        f"{paths.default_socket()}).")
+    parser.add_argument("--version", action="version", version=f"velodctl {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    sub.add_parser("status", help="daemon status").set_defaults(func=cmd_status)
+    sub.add_parser("ping", help="check that velod answers").set_defaults(func=cmd_ping)
+    sub.add_parser("reload", help="reload the config; returns once applied or refused"
+                   ).set_defaults(func=cmd_reload)
+    watch = sub.add_parser("watch", help="print events as they happen (Ctrl-C to stop)")
+    watch.add_argument("topics", nargs="*", default=["*"],
+                       help="topics such as 'hardware.*' (default: all)")
+    watch.set_defaults(func=cmd_watch)
+    config = sub.add_parser("config", help="show or validate the config")
+    config_sub = config.add_subparsers(dest="config_command", metavar="ACTION")
+    config_sub.required = True
+    config_sub.add_parser("show", help="the running config").set_defaults(func=cmd_config_show)
+    validate = config_sub.add_parser("validate", help="validate a config file")
+    validate.add_argument("file")
+    validate.set_defaults(func=cmd_config_validate, local=True)
+
+    modules = ([PLUGINS[command]] if command in PLUGINS
+               else [] if command in {"status", "ping", "reload", "watch", "config"}
+               else list(dict.fromkeys(PLUGINS.values())))
+    for name in modules:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, as_json, sock = _global_options(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
+    args.json = as_json
+    args.socket = sock or paths.default_socket()
+    try:
+        if getattr(args, "local", False):
+            return args.func(args, None)
+        with Client.connect(args.socket) as client:
+            return args.func(args, client)
+    except DaemonUnreachable as exc:
+        print(f"velodctl: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except RemoteError as exc:
+        print(f"velodctl: error: {exc.message} [{exc.code}]", file=sys.stderr)
+        return EXIT_REMOTE
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def cmd_ping(args: argparse.Namespace, client: Client) -> int:
+    start = time.perf_counter()
+    client.call("system.ping")
+    ms = (time.perf_counter() - start) * 1000
+    if args.json:
+        print_json({"ok": True, "ms": ms})
+    else:
+        print(f"velod answered in {ms:.2f} ms")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace, client: Client) -> int:
+    status = client.call("system.status")
+    if args.json:
+        print_json(status)
+        return EXIT_OK
+    print(render_status(status))
+    return EXIT_OK
+
+
+def render_status(s: dict[str, Any]) -> str:
+    lines = [f"velod {s['version']}: running, pid {s['pid']}, up {human_duration(s['uptime'])}"]
+    reload = s.get("last_reload") or {}
+    if reload.get("time"):
+        verdict = "ok" if reload.get("ok") else "FAILED, running config kept"
+        lines.append(f"config: {s['config_path']} (last reload {ago(reload['time'])} by "
+                     f"{reload.get('trigger')}: {verdict})")
+    else:
+        lines.append(f"config: {s['config_path']} (loaded at start)")
+    if reload and not reload.get("ok"):
+        lines.extend(f"  {e}" for e in (reload.get("errors") or [reload.get("error")]))
+    for name, reason in (reload.get("refused") or {}).items():
+        lines.append(f"  {name} kept its previous config: {reason}")
+    control = s.get("control") or {}
+    lines.append(f"socket: {s.get('socket')} ({control.get('connections', 0)} connected, "
+                 f"{control.get('requests', 0)} requests served)")
+    rows = []
+    for name, comp in (s.get("components") or {}).items():
+        detail = comp.get("error") or comp.get("summary") or ""
+        rows.append([name, str(comp.get("state", "?")), str(detail)])
+    if rows:
+        lines.append("components:")
+        lines.append("\n".join("  " + r for r in table(rows).splitlines()))
+    return "\n".join(lines)
+
+
+def cmd_reload(args: argparse.Namespace, client: Client) -> int:
+    result = client.call("config.reload", timeout=120)
+    if args.json:
+        print_json(result)
+    elif result.get("applied"):
+        print("config reloaded")
+        for name, reason in (result.get("refused") or {}).items():
+            print(f"  {name} kept its previous config: {reason}")
+        for note in result.get("notes") or []:
+            print(f"  note: {note}")
+    else:
+        print("config refused; the running config stays:", file=sys.stderr)
+        for line in result.get("errors") or [result.get("error")]:
+            print(f"  {line}", file=sys.stderr)
+    return EXIT_OK if result.get("applied") else EXIT_REMOTE
+
+
+def cmd_watch(args: argparse.Namespace, client: Client) -> int:
+    for event in client.subscribe(args.topics):
+        if args.json:
+            print_json_line(event)
+            continue
+        stamp = time.strftime("%H:%M:%S", time.localtime(event.get("time", 0)))
+        data = event.get("data") or {}
+        brief = data.get("message") or " ".join(
+            f"{k}={v}" for k, v in data.items() if not isinstance(v, dict | list))
+        print(f"{stamp} {event.get('topic')} {brief}".rstrip(), flush=True)
+    return EXIT_OK
+
+
+def cmd_config_show(args: argparse.Namespace, client: Client) -> int:
+    result = client.call("config.get")
+    if args.json:
+        print_json(result)
+    else:
+        import yaml
+
+        print(f"# running config, loaded from {result['path']}")
+        print(yaml.safe_dump(result["config"], sort_keys=False).rstrip())
+    return EXIT_OK
+
+
+def cmd_config_validate(args: argparse.Namespace, client: Client | None) -> int:
+    try:
+        with open(args.file, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"velodctl: cannot read {args.file}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        with Client.connect(args.socket) as daemon:
+            result = daemon.call("config.validate", {"text": text, "name": args.file})
+    except DaemonUnreachable:
+        from velod.daemon import validate_text  # same validation, in-process
+
+        result = validate_text(text, args.file)
+    if args.json:
+        print_json(result)
+    elif result["valid"]:
+        print(f"{args.file}: valid")
+    else:
+        print(f"{args.file}: invalid", file=sys.stderr)
+        for line in result["errors"]:
+            print(f"  {line}", file=sys.stderr)
+    return EXIT_OK if result["valid"] else EXIT_REMOTE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""A small synchronous client for the control socket (used by velodctl and tests).
+
+The transport is any connected stream socket; :meth:`Client.connect` makes one for a
+path. Imports stay minimal so ``velodctl status`` starts nearly as fast as Python.
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+import msgpack
+
+from velod.control import protocol
+
+
+class DaemonUnreachable(Exception):
+    """No daemon answers at the socket path; the message says what to check."""
+
+
+class RemoteError(Exception):
+    """The daemon answered with an error map {code, message, data}."""
+
+    def __init__(self, code: str, message: str, data: Any = None) -> None:
+        super().__init__(f"{message} [{code}]")
+        self.code = code
+        self.message = message
+        self.data = data
+
+
+class Client:
+    def __init__(self, sock: socket.socket, max_message_size: int = 64 * 1024**2) -> None:
+        self.sock = sock
+        self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max_message_size,
+                                          strict_map_key=False)
+        self._ids = itertools.count(1)
+        self._pending: deque[Any] = deque()  # notifications that arrived during a call
+
+    @classmethod
+    def connect(cls, path: str, timeout: float | None = 30.0) -> Client:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except FileNotFoundError:
+            sock.close()
+            raise DaemonUnreachable(f"velod is not running: no socket at {path} — is "
+                                    "velod.service started? (or pass --socket)") from None
+        except ConnectionRefusedError:
+            sock.close()
+            raise DaemonUnreachable(f"velod is not running: nothing answers on {path} "
+                                    "(a stale socket) — is velod.service started?") from None
+        except PermissionError:
+            sock.close()
+            raise DaemonUnreachable(f"permission denied connecting to {path}") from None
+        except OSError as exc:
+            sock.close()
+            raise DaemonUnreachable(f"cannot connect to velod at {path}: {exc}") from None
+        return cls(sock)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _next_message(self) -> Any:
+        while True:
+            for obj in self._unpacker:
+                return obj
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                raise DaemonUnreachable("velod did not answer in time") from None
+            except OSError as exc:
+                raise DaemonUnreachable(f"connection to velod failed: {exc}") from None
+            if not data:
+                raise DaemonUnreachable("velod closed the connection")
+            self._unpacker.feed(data)
+
+    def call(self, method: str, params: dict[str, Any] | None = None,
+             timeout: float | None = None) -> Any:
+        """Send one request and wait for its response; RemoteError on an error reply."""
+        msgid = next(self._ids)
+        if timeout is not None:
+            self.sock.settimeout(timeout)
+        self.sock.sendall(protocol.encode_request(msgid, method, params))
+        while True:
+            msg = self._next_message()
+            if not isinstance(msg, list) or not msg:
+                continue
+            if msg[0] == protocol.RESPONSE and len(msg) == 4 and msg[1] == msgid:
+                if msg[2] is not None:
+                    err = msg[2] if isinstance(msg[2], dict) else {"message": str(msg[2])}
+                    raise RemoteError(str(err.get("code", "internal")),
+                                      str(err.get("message", err)), err.get("data"))
+                return msg[3]
+            if msg[0] == protocol.NOTIFICATION and len(msg) == 3:
+                self._raise_if_error(msg)
+                self._pending.append(msg)
+
+    @staticmethod
+    def _raise_if_error(msg: list[Any]) -> None:
+        if msg[1] == "error":
+            err = msg[2][0] if isinstance(msg[2], list) and msg[2] else {}
+            raise RemoteError(str(err.get("code", "invalid_request")),
+                              str(err.get("message", "connection closed by velod")))
+
+    def notifications(self) -> Iterator[tuple[str, Any]]:
+        """Yield (method, params) of notifications until the connection ends."""
+        self.sock.settimeout(None)
+        while True:
+            msg = self._pending.popleft() if self._pending else self._next_message()
+            if isinstance(msg, list) and len(msg) == 3 and msg[0] == protocol.NOTIFICATION:
+                self._raise_if_error(msg)
+                yield msg[1], msg[2]
+
+    def subscribe(self, topics: list[str]) -> Iterator[dict[str, Any]]:
+        """Subscribe to event topics and yield each event map {topic, seq, time, data}."""
+        self.call("events.subscribe", {"topics": topics})
+        for method, params in self.notifications():
+            if method == "event" and isinstance(params, list) and params:
+                yield params[0]

@@ -1,0 +1,57 @@
+"""Printing helpers shared by velodctl commands: JSON for scripts, compact text for people."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+
+def print_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2, sort_keys=True, default=_fallback)
+    sys.stdout.write("\n")
+
+
+def print_json_line(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, sort_keys=True, default=_fallback) + "\n")
+    sys.stdout.flush()
+
+
+def _fallback(obj: Any) -> Any:
+    if isinstance(obj, bytes):
+        return obj.hex()
+    return str(obj)
+
+
+def table(rows: list[list[str]], header: list[str] | None = None) -> str:
+    """Left-aligned columns separated by two spaces."""
+    all_rows = ([header] if header else []) + rows
+    if not all_rows:
+        return ""
+    widths = [max(len(r[i]) if i < len(r) else 0 for r in all_rows)
+              for i in range(max(len(r) for r in all_rows))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip()
+             for r in all_rows]
+    return "\n".join(lines)
+
+
+def ago(timestamp: float | None) -> str:
+    """'12s ago', '3m ago', 'never'."""
+    if not timestamp:
+        return "never"
+    return f"{human_duration(time.time() - timestamp)} ago"
+
+
+def human_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours}h"
+    if hours:
+        return f"{hours}h{minutes}m"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"

@@ -1,0 +1,148 @@
+"""MessagePack-RPC framing for the control socket: bytes in, messages out (sans-I/O).
+
+The wire format is the msgpack-rpc spec, as Neovim uses it:
+request ``[0, msgid, method, params]``, response ``[1, msgid, error, result]``,
+notification ``[2, method, params]``. Messages follow each other on the stream
+with no length prefix; msgpack itself frames them. velod methods take one map:
+``params = [{...}]`` (``[]`` means ``{}``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+REQUEST, RESPONSE, NOTIFICATION = 0, 1, 2
+MAX_MSGID = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class Request:
+    msgid: int
+    method: str
+    params: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Response:
+    msgid: int
+    error: Any
+    result: Any
+
+
+@dataclass(frozen=True)
+class Notification:
+    method: str
+    params: Any
+
+
+@dataclass(frozen=True)
+class BadMessage:
+    """A well-framed message of the wrong shape; ``msgid`` is set when one could be read."""
+
+    reason: str
+    msgid: int | None = None
+
+
+Message = Request | Response | Notification | BadMessage
+
+
+class FramingError(Exception):
+    """The byte stream cannot be decoded any further: garbage, or a message over the limit."""
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack extension type {code} is not accepted")
+
+
+class Decoder:
+    """Incremental decoder: ``feed(bytes)`` returns the complete messages so far.
+
+    ``max_message_size`` bounds the buffered bytes of one incomplete message (msgpack's
+    own default would allow 100 MiB). Once a FramingError is raised the stream is out of
+    sync and the connection must be closed.
+    """
+
+    def __init__(self, max_message_size: int) -> None:
+        self._unpacker = msgpack.Unpacker(
+            raw=False, max_buffer_size=max_message_size, ext_hook=_no_ext,
+            strict_map_key=False, use_list=True,
+        )
+        self.max_message_size = max_message_size
+
+    def feed(self, data: bytes) -> list[Message]:
+        try:
+            self._unpacker.feed(data)
+        except msgpack.BufferFull as exc:
+            raise FramingError(f"message larger than {self.max_message_size} bytes") from exc
+        out: list[Message] = []
+        try:
+            for obj in self._unpacker:
+                out.append(classify(obj))
+        except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError,
+                UnicodeDecodeError, TypeError) as exc:
+            raise FramingError(f"undecodable bytes ({type(exc).__name__}: {exc})") from exc
+        return out
+
+
+def _is_msgid(value: Any) -> bool:
+    return type(value) is int and 0 <= value <= MAX_MSGID
+
+
+def classify(obj: Any) -> Message:
+    """Turn one decoded msgpack object into a typed message (or a BadMessage)."""
+    if not isinstance(obj, list) or not obj:
+        return BadMessage("a message must be a msgpack array [type, ...]")
+    kind = obj[0]
+    if kind == REQUEST and type(kind) is int:
+        msgid = obj[1] if len(obj) > 1 and _is_msgid(obj[1]) else None
+        if len(obj) != 4:
+            return BadMessage("a request is [0, msgid, method, params]", msgid)
+        if msgid is None:
+            return BadMessage("msgid must be an unsigned 32-bit integer")
+        params = _params(obj[3])
+        if not isinstance(obj[2], str):
+            return BadMessage("method must be a string", msgid)
+        if isinstance(params, str):
+            return BadMessage(params, msgid)
+        return Request(msgid, obj[2], params)
+    if kind == RESPONSE and type(kind) is int and len(obj) == 4 and _is_msgid(obj[1]):
+        return Response(obj[1], obj[2], obj[3])
+    if kind == NOTIFICATION and type(kind) is int and len(obj) == 3 and isinstance(obj[1], str):
+        return Notification(obj[1], obj[2])
+    return BadMessage("unknown message type or shape")
+
+
+def _params(params: Any) -> dict[str, Any] | str:
+    """The single params map, or a reason string when params are malformed."""
+    if isinstance(params, dict):  # lenient: a bare map instead of [map]
+        candidate = params
+    elif isinstance(params, list) and len(params) <= 1:
+        candidate = params[0] if params else {}
+    else:
+        return "params must be [] or [map]"
+    if not isinstance(candidate, dict) or not all(isinstance(k, str) for k in candidate):
+        return "params must be [] or [map] with string keys"
+    return candidate
+
+
+def _pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def encode_request(msgid: int, method: str, params: dict[str, Any] | None = None) -> bytes:
+    return _pack([REQUEST, msgid, method, [params or {}]])
+
+
+def encode_response(msgid: int, error: dict[str, Any] | None, result: Any) -> bytes:
+    return _pack([RESPONSE, msgid, error, result])
+
+
+def encode_notification(method: str, params: Any) -> bytes:
+    return _pack([NOTIFICATION, method, params])
+
+
+def error_map(code: str, message: str, data: Any = None) -> dict[str, Any]:
+    return {"code": code, "message": message, "data": data}

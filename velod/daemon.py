@@ -1,0 +1,365 @@
+"""The velod daemon: builds the components, serves the control socket, reloads its config.
+
+Everything runs in one asyncio loop. ``main()`` is the ``velod`` console script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from velod import PROTOCOL_VERSION, __version__, paths
+from velod.blocking import run_blocking
+from velod.bus import Bus
+from velod.component import Component, Context, ReconfigureRefused
+from velod.config import Config, ConfigError, load_config, parse_config, to_plain
+from velod.config_watch import watch_config
+from velod.control.registry import CallContext, Method, Registry, RpcError, param
+from velod.control.server import ControlServer, SocketInUse
+from velod.systemd import Notifier, listen_socket, monotonic_usec, set_level, setup_logging
+
+log = logging.getLogger("velod")
+
+EX_CONFIG = 78  # sysexits.h; the unit's RestartPreventExitStatus= keeps systemd from looping
+STOP_TIMEOUT = 3.0
+
+# Components, imported lazily so an idle daemon loads only what it runs.
+COMPONENTS = (
+    "velod.hardware.monitor:HardwareMonitor",
+    "velod.ollama.tuner:Tuner",
+    "velod.engine.component:EngineComponent",
+)
+
+
+def _load_component_class(spec: str) -> type[Component]:
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+class Daemon:
+    def __init__(self, config: Config, config_path: Path, *, socket_override: str | None = None,
+                 log_level_override: str | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.socket_override = socket_override
+        self.log_level_override = log_level_override
+        self.bus = Bus()
+        self.registry = Registry()
+        self.server = ControlServer(self.registry, config.control)
+        self.notifier = Notifier()
+        self.components: list[Component] = []
+        self.started_monotonic = time.monotonic()
+        self.started_at = time.time()
+        self.last_reload: dict[str, Any] = {"time": None, "trigger": None, "ok": True,
+                                            "error": None, "refused": {}}
+        self._stop = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    # -------------------------------------------------------------------- paths
+    @property
+    def socket_path(self) -> Path:
+        raw = self.socket_override or self.config.control.socket or paths.default_socket()
+        return Path(raw).absolute()
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.config.state_dir or paths.default_state_dir())
+
+    # -------------------------------------------------------------------- lifecycle
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload("SIGHUP")))
+
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        self._build_components()
+        self.registry.add_all(self._own_methods())
+        for component in self.components:
+            self.registry.add_all(component.methods())
+
+        activated = listen_socket()
+        try:
+            if activated is None and str(self.socket_path.parent) == paths.fallback_socket_dir():
+                paths.ensure_private_dir(str(self.socket_path.parent))
+            await self.server.start(None if activated else self.socket_path, activated)
+        except (SocketInUse, OSError) as exc:
+            log.error("cannot listen on %s: %s", self.socket_path, exc)
+            return 1
+
+        for component in self.components:
+            await self._start_component(component)
+        self._spawn(watch_config(self.config_path, lambda: self.reload("file change"),
+                                 self._stop))
+        if self.notifier.watchdog_interval:
+            self._spawn(self._watchdog(self.notifier.watchdog_interval))
+
+        log.info("velod %s ready on %s (config %s)", __version__,
+                 self.server.path or "an activated socket", self.config_path)
+        self.notifier.send("READY=1", f"STATUS={self._status_line()}", f"MAINPID={os.getpid()}")
+        await self._stop.wait()
+
+        log.info("stopping")
+        self.notifier.send("STOPPING=1")
+        await self._shutdown()
+        return 0
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.append(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.remove(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
+
+    def _build_components(self) -> None:
+        for spec in COMPONENTS:
+            try:
+                cls = _load_component_class(spec)
+            except (ImportError, AttributeError) as exc:
+                log.warning("component %s not available: %s", spec, exc)
+                continue
+            ctx = Context(config=self.config, bus=self.bus, state_dir=self.state_dir,
+                          log=logging.getLogger("velod"))
+            self.components.append(cls(ctx))
+
+    async def _start_component(self, component: Component) -> None:
+        component.state = "starting"
+        try:
+            await component.start()
+        except Exception as exc:
+            log.exception("component %s failed to start", component.name)
+            component.state, component.error = "failed", f"start failed: {exc}"
+
+    async def _shutdown(self) -> None:
+        async def stop_one(component: Component) -> None:
+            try:
+                await component.stop()
+            except Exception:
+                log.exception("component %s failed to stop", component.name)
+
+        stops = [stop_one(c) for c in reversed(self.components)]
+        try:
+            await asyncio.wait_for(asyncio.gather(*stops), STOP_TIMEOUT)
+        except TimeoutError:
+            log.warning("components did not stop within %.0fs; exiting anyway", STOP_TIMEOUT)
+        await self.server.stop()
+        for task in list(self._tasks):
+            task.cancel()
+        self.notifier.close()
+
+    async def _watchdog(self, interval: float) -> None:
+        # Sent from the serving loop itself: a stalled loop stops the pings.
+        while True:
+            self.notifier.send("WATCHDOG=1")
+            await asyncio.sleep(interval / 2)
+
+    # -------------------------------------------------------------------- reload
+    async def reload(self, trigger: str) -> dict[str, Any]:
+        """Load the config file again and hand it to every component, or refuse it."""
+        async with self._reload_lock:
+            self.notifier.send("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec()}",
+                               "STATUS=reloading configuration")
+            try:
+                result = await self._reload(trigger)
+            finally:
+                self.notifier.send("READY=1", f"STATUS={self._status_line()}")
+            return result
+
+    async def _reload(self, trigger: str) -> dict[str, Any]:
+        now = time.time()
+        try:
+            new = await run_blocking(load_config, self.config_path, timeout=10.0)
+        except (ConfigError, TimeoutError) as exc:
+            issues = getattr(exc, "issues", [])
+            message = str(exc) if issues else f"reading {self.config_path} timed out"
+            self.last_reload = {"time": now, "trigger": trigger, "ok": False, "error": message,
+                                "errors": [str(i) for i in issues], "refused": {}}
+            log.error("config reload (%s) refused, keeping the running config: %s",
+                      trigger, message)
+            self.bus.publish("config.reload_failed", {"trigger": trigger, "error": message})
+            return {"applied": False, **self.last_reload}
+
+        refused: dict[str, str] = {}
+        for component in self.components:
+            try:
+                await component.reconfigure(new)
+            except ReconfigureRefused as exc:
+                refused[component.name] = str(exc)
+            except Exception as exc:
+                log.exception("component %s failed to reconfigure", component.name)
+                refused[component.name] = f"{type(exc).__name__}: {exc}"
+        notes = []
+        if new.control.socket != self.config.control.socket:
+            notes.append("control.socket takes effect at the next restart")
+        self.config = new
+        self.server.reconfigure(new.control)
+        set_level(self.log_level_override or new.log.level)
+        self.last_reload = {"time": now, "trigger": trigger, "ok": True, "error": None,
+                            "errors": [], "refused": refused, "notes": notes}
+        for name, reason in refused.items():
+            log.warning("component %s kept its previous config: %s", name, reason)
+        log.info("config reloaded (%s)", trigger)
+        self.bus.publish("config.reloaded", {"trigger": trigger, "refused": refused})
+        return {"applied": True, **self.last_reload}
+
+    # -------------------------------------------------------------------- control methods
+    def _status_line(self) -> str:
+        states = ", ".join(f"{c.name} {c.state}" for c in self.components)
+        return f"serving on {self.server.path}; {states}" if states else "serving"
+
+    def _own_methods(self) -> list[Method]:
+        return [
+            Method("system.hello", self._hello, summary="name, version, protocol, methods"),
+            Method("system.ping", self._ping, summary="liveness check"),
+            Method("system.status", self._status, summary="daemon and component status"),
+            Method("system.shutdown", self._shutdown_method, admin=True, summary="stop velod"),
+            Method("config.get", self._config_get, summary="the running config"),
+            Method("config.validate", self._config_validate, summary="validate config text"),
+            Method("config.reload", self._config_reload, admin=True,
+                   summary="reload the config file; returns once applied or refused"),
+            Method("events.subscribe", self._subscribe,
+                   summary="stream events as 'event' notifications"),
+        ]
+
+    async def _hello(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        return {"name": "velod", "version": __version__, "protocol": PROTOCOL_VERSION,
+                "methods": self.registry.names(), "admin": ctx.peer.admin}
+
+    async def _ping(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        return {"pong": True, "time": time.time()}
+
+    async def _status(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        components = {}
+        for component in self.components:
+            try:
+                components[component.name] = component.status()
+            except Exception as exc:
+                components[component.name] = {"state": "failed", "error": f"status: {exc}"}
+        return {
+            "name": "velod", "version": __version__, "pid": os.getpid(),
+            "uptime": time.monotonic() - self.started_monotonic, "started_at": self.started_at,
+            "config_path": str(self.config_path), "state_dir": str(self.state_dir),
+            "socket": str(self.server.path) if self.server.path else None,
+            "last_reload": self.last_reload, "components": components,
+            "control": self.server.status(), "systemd": self.notifier.enabled,
+        }
+
+    async def _shutdown_method(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        asyncio.get_running_loop().call_later(0.05, self.request_stop)
+        return {"stopping": True}
+
+    async def _config_get(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        return {"path": str(self.config_path), "config": to_plain(self.config)}
+
+    async def _config_validate(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        text = param(params, "text", str)
+        name = param(params, "name", str, "<text>")
+        return validate_text(text, name)
+
+    async def _config_reload(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        return await self.reload("control request")
+
+    async def _subscribe(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        topics = param(params, "topics", list, ["*"])
+        if not topics or not all(isinstance(t, str) and t for t in topics):
+            raise RpcError("invalid_params", "topics must be a non-empty list of strings "
+                           "such as 'hardware.*' or '*'", {"field": "topics"})
+        ctx.streaming = True  # type: ignore[misc]
+
+        def forward(event: Any) -> None:
+            if not ctx.notify("event", [event.to_wire()]):
+                unsubscribe()
+
+        unsubscribe = self.bus.subscribe(topics, forward)
+        ctx.on_close(unsubscribe)
+        return {"subscribed": topics}
+
+
+def validate_text(text: str, name: str) -> dict[str, Any]:
+    """Validate config text the way the daemon would load it (for config.validate)."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(text)
+        parse_config(raw, name)
+    except yaml.YAMLError as exc:
+        return {"valid": False, "errors": [f"YAML syntax error: {exc}"]}
+    except ConfigError as exc:
+        return {"valid": False, "errors": [str(i) for i in exc.issues]}
+    return {"valid": True, "errors": []}
+
+
+# ------------------------------------------------------------------------ command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="velod", description="velod: the autopilot for local "
+                                     "LLM inference (runs in the foreground).")
+    parser.add_argument("--config", metavar="FILE",
+                        help=f"config file (default {paths.default_config()}; missing = "
+                        "built-in defaults)")
+    parser.add_argument("--socket", metavar="PATH", help="control socket path (overrides "
+                        "control.socket)")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                        help="overrides log.level")
+    parser.add_argument("--check-config", metavar="FILE", help="validate FILE and exit "
+                        "(0 = valid, 1 = the list of errors)")
+    parser.add_argument("--version", action="version", version=f"velod {__version__}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.check_config:
+        try:
+            load_config_strict(Path(args.check_config))
+        except ConfigError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        print(f"{args.check_config}: valid")
+        return 0
+
+    config_path = Path(args.config or paths.default_config()).absolute()
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(f"velod: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    setup_logging(args.log_level or config.log.level)
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)
+    daemon = Daemon(config, config_path, socket_override=args.socket,
+                    log_level_override=args.log_level)
+    try:
+        code = asyncio.run(daemon.run())
+    except KeyboardInterrupt:
+        code = 0
+    logging.shutdown()
+    return code
+
+
+def load_config_strict(path: Path) -> Config:
+    """Like load_config, but a missing file is an error (for --check-config)."""
+    if not path.exists():
+        raise ConfigError(str(path), [])
+    return load_config(path)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main())
