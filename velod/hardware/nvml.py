@@ -62,12 +62,16 @@ def nvml_query(nvml: ModuleType, fn: Callable[..., T], *args: Any) -> T | None:
         return None
 
 
+_code_names: dict[int, dict[int, str]] = {}
+
+
 def _error_name(nvml: ModuleType, exc: Exception) -> str:
-    value = getattr(exc, "value", None)
-    for name in dir(nvml):
-        if name.startswith("NVML_ERROR_") and getattr(nvml, name) == value:
-            return name
-    return "NVML_ERROR_UNKNOWN"
+    """``NVML_ERROR_NOT_SUPPORTED``-style name of an NVMLError's code."""
+    names = _code_names.get(id(nvml))
+    if names is None:
+        names = {getattr(nvml, n): n for n in dir(nvml) if n.startswith("NVML_ERROR_")}
+        _code_names[id(nvml)] = names
+    return names.get(getattr(exc, "value", None), "NVML_ERROR_UNKNOWN")
 
 
 def _text(value: str | bytes | None) -> str | None:
@@ -91,7 +95,7 @@ class NvmlReading:
 
     gpus: list[Gpu] = field(default_factory=list)
     note: str | None = None
-    xids: list[tuple[int, int]] = field(default_factory=list)  # (gpu index, Xid code)
+    xids: list[tuple[int | None, int]] = field(default_factory=list)  # (gpu index, Xid)
 
 
 class NvmlSource:
@@ -139,17 +143,19 @@ class NvmlSource:
     def close(self) -> None:
         """Free the event set and shut NVML down (once per successful init)."""
         with self._lock:
-            nvml, self._nvml = self._nvml, None
-            if nvml is None:
-                return
-            try:
-                if self._event_set is not None:
-                    nvml_query(nvml, nvml.nvmlEventSetFree, self._event_set)
-                nvml.nvmlShutdown()
-            except nvml.NVMLError:
-                pass
-            finally:
-                self._event_set = None
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        nvml, event_set = self._nvml, self._event_set
+        self._nvml, self._event_set = None, None
+        if nvml is None:
+            return
+        try:
+            if event_set is not None:
+                nvml_query(nvml, nvml.nvmlEventSetFree, event_set)
+            nvml.nvmlShutdown()
+        except nvml.NVMLError:
+            pass
 
     # ------------------------------------------------------------------ reading
 
@@ -160,14 +166,18 @@ class NvmlSource:
                 nvml = self._open()
             except NvmlUnavailable as exc:
                 return NvmlReading(note=str(exc))
-            count = nvml.nvmlDeviceGetCount()
-            driver = _text(nvml_query(nvml, nvml.nvmlSystemGetDriverVersion))
-            cuda_fn = getattr(nvml, "nvmlSystemGetCudaDriverVersion_v2", None) or \
-                nvml.nvmlSystemGetCudaDriverVersion
-            cuda = _cuda_version(nvml_query(nvml, cuda_fn))
+            try:
+                count = nvml.nvmlDeviceGetCount()
+                driver = _text(nvml_query(nvml, nvml.nvmlSystemGetDriverVersion))
+                cuda_fn = getattr(nvml, "nvmlSystemGetCudaDriverVersion_v2", None) or \
+                    nvml.nvmlSystemGetCudaDriverVersion
+                cuda = _cuda_version(nvml_query(nvml, cuda_fn))
+            except nvml.NVMLError:
+                self._shutdown()  # start afresh with nvmlInit on the next try
+                raise
             gpus = [self._read_gpu(nvml, i, driver, cuda) for i in range(count)]
             note = None if gpus else "NVML found no NVIDIA GPU"
-            return NvmlReading(gpus, note, self._drain_xids(nvml, count))
+            return NvmlReading(gpus, note, self._drain_xids(nvml))
 
     def _read_gpu(self, nvml: ModuleType, index: int, driver: str | None,
                   cuda: str | None) -> Gpu:
@@ -203,7 +213,7 @@ class NvmlSource:
         if supported & xid:
             nvml_query(nvml, nvml.nvmlDeviceRegisterEvents, handle, xid, self._event_set)
 
-    def _drain_xids(self, nvml: ModuleType, count: int) -> list[tuple[int, int]]:
+    def _drain_xids(self, nvml: ModuleType) -> list[tuple[int | None, int]]:
         """Critical Xid errors since the last poll, without waiting (timeout 0)."""
         if self._event_set is None or not self._registered:
             return []
@@ -214,8 +224,11 @@ class NvmlSource:
             except nvml.NVMLError:  # NVML_ERROR_TIMEOUT: nothing pending (or events broke)
                 break
             if data.eventType & nvml.nvmlEventTypeXidCriticalError:
-                index = nvml_query(nvml, nvml.nvmlDeviceGetIndex, data.device)
-                found.append((index if index is not None else -1, int(data.eventData)))
+                try:
+                    index = nvml_query(nvml, nvml.nvmlDeviceGetIndex, data.device)
+                except nvml.NVMLError:
+                    index = None
+                found.append((index, int(data.eventData)))
         return found
 
 
