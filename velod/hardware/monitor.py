@@ -269,11 +269,24 @@ class HardwareMonitor(Component):
 
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
-        return {"state": self.state, "error": self.error, "enabled": self._hw.enabled,
+        return {"state": self.state, "error": self.error, "summary": self._summary(),
+                "enabled": self._hw.enabled,
                 "interval": self._hw.interval,
                 "gpus": len(self._latest.gpus) if self._latest else None,
                 "last_poll": self._latest.time if self._latest else None,
                 "sources": {n: s.to_dict(now) for n, s in self._status.items()}}
+
+    def _summary(self) -> str:
+        if not self._hw.enabled:
+            return "disabled (hardware.enabled: false)"
+        if self._latest is None:
+            return "waiting for the first poll"
+        gpus = self._latest.gpus
+        if not gpus:
+            why = "; ".join(self._latest.gpu_notes.values())
+            return f"no GPU ({why})" if why else "no GPU"
+        names = ", ".join(f"{g.index}: {g.name or g.vendor}" for g in gpus)
+        return f"{len(gpus)} GPU{'s' if len(gpus) > 1 else ''} ({names})"
 
     def methods(self) -> list[Method]:
         return [
