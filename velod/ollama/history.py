@@ -1,0 +1,82 @@
+"""The tuner's append-only decision history: one JSON object per line in the state dir.
+
+A line is ``{"time": unix seconds, "decision": kind, ...details}``. Appends are single
+``write`` calls of one line to a file opened with O_APPEND, so a crash leaves at most one
+torn last line, which reading skips. Reading the last N lines reads only the file's tail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+DECISIONS = ("planned", "applied", "skipped-busy", "skipped-rate-limited", "verified",
+             "rolled-back", "error")
+FILE_NAME = "tuner-history.jsonl"
+_TAIL_CHUNK = 64 * 1024
+
+
+class History:
+    """The history file; blocking I/O (small writes; call through run_blocking if in doubt)."""
+
+    def __init__(self, state_dir: str | Path, name: str = FILE_NAME) -> None:
+        self.path = Path(state_dir) / name
+
+    def append(self, decision: str, **details: Any) -> dict[str, Any]:
+        """Record one decision; returns the entry written."""
+        if decision not in DECISIONS:
+            raise ValueError(f"unknown decision {decision!r} (one of {', '.join(DECISIONS)})")
+        entry = {"time": round(time.time(), 3), "decision": decision, **details}
+        line = json.dumps(entry, sort_keys=False, default=str, separators=(",", ":")) + "\n"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        try:
+            if self._ends_torn(fd):
+                line = "\n" + line  # never glue a new entry onto a torn one
+            os.write(fd, line.encode("utf-8"))
+        finally:
+            os.close(fd)
+        return entry
+
+    @staticmethod
+    def _ends_torn(fd: int) -> bool:
+        size = os.fstat(fd).st_size
+        return size > 0 and os.pread(fd, 1, size - 1) != b"\n"
+
+    def last(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The newest ``limit`` entries, oldest first; unparseable lines are skipped."""
+        if limit <= 0:
+            return []
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                end = f.tell()
+                data, start = b"", end
+                while start > 0 and data.count(b"\n") <= limit:
+                    start = max(0, start - _TAIL_CHUNK)
+                    f.seek(start)
+                    data = f.read(end - start)
+        except FileNotFoundError:
+            return []
+        lines = data.split(b"\n")
+        if start > 0:
+            lines = lines[1:]  # the first line may be cut in the middle
+        entries = []
+        for raw in lines:
+            try:
+                entry = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and isinstance(entry.get("decision"), str):
+                entries.append(entry)
+        return entries[-limit:]
+
+    def latest(self, *decisions: str, scan: int = 500) -> dict[str, Any] | None:
+        """The newest entry of one of ``decisions`` among the last ``scan`` entries."""
+        for entry in reversed(self.last(scan)):
+            if entry["decision"] in decisions:
+                return entry
+        return None
