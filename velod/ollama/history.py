@@ -32,7 +32,7 @@ class History:
         entry = {"time": round(time.time(), 3), "decision": decision, **details}
         line = json.dumps(entry, sort_keys=False, default=str, separators=(",", ":")) + "\n"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
         try:
             if self._ends_torn(fd):
                 line = "\n" + line  # never glue a new entry onto a torn one
