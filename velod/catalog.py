@@ -4,7 +4,7 @@ Used to plan for models a machine does not have (``velodctl tune plan --model ll
 and as geometry presets for the engine. Geometry comes from each model's ``config.json`` on
 its official Hugging Face repository (``num_hidden_layers``, ``num_attention_heads``,
 ``num_key_value_heads``, ``hidden_size``, ``head_dim`` where given, else hidden/heads;
-``max_position_embeddings``), which is what Ollama's GGUF metadata carries as
+``max_position_embeddings``, ``vocab_size``), which is what Ollama's GGUF metadata carries as
 ``<arch>.block_count``, ``.attention.head_count``, ``.attention.head_count_kv``,
 ``.embedding_length``, ``.attention.key_length``/``value_length`` and ``.context_length``.
 Sizes are the weight sizes ollama.com/library shows for the default (4-bit) tag, rounded
@@ -51,15 +51,16 @@ class CatalogModel:
             f"{arch}.attention.value_length": g.value_length,
             f"{arch}.embedding_length": g.embedding_length,
             f"{arch}.context_length": g.context_length,
+            f"{arch}.vocab_size": g.vocab_size,
         }
 
 
 def _geometry(arch: str, layers: int, heads: int, kv_heads: int, embedding: int,
-              context: int, head_dim: int | None = None) -> Geometry:
+              context: int, vocab: int, head_dim: int | None = None) -> Geometry:
     dim = head_dim if head_dim is not None else embedding // heads
     return Geometry(architecture=arch, layers=layers, heads=heads, kv_heads=kv_heads,
                     key_length=dim, value_length=dim, embedding_length=embedding,
-                    context_length=context)
+                    context_length=context, vocab_size=vocab)
 
 
 def _entry(name: str, family: str, params: str, size: int, geometry: Geometry,
@@ -74,63 +75,63 @@ CATALOG: dict[str, CatalogModel] = {m.name: m for m in (
     # meta-llama/Llama-3.2-1B: 16 layers, 32 heads, 8 KV heads, hidden 2048 (head_dim 64),
     # 131072 positions. ollama.com/library/llama3.2:1b: 1.3 GB.
     _entry("llama3.2:1b", "llama", "1.2B", round(1.3 * GB),
-           _geometry("llama", 16, 32, 8, 2048, 131072, head_dim=64),
+           _geometry("llama", 16, 32, 8, 2048, 131072, 128256, head_dim=64),
            _HF.format("meta-llama/Llama-3.2-1B")),
     # meta-llama/Llama-3.2-3B: 28 layers, 24 heads, 8 KV heads, hidden 3072, head_dim 128,
     # 131072 positions. ollama.com/library/llama3.2:3b: 2.0 GB.
     _entry("llama3.2:3b", "llama", "3.2B", round(2.0 * GB),
-           _geometry("llama", 28, 24, 8, 3072, 131072, head_dim=128),
+           _geometry("llama", 28, 24, 8, 3072, 131072, 128256, head_dim=128),
            _HF.format("meta-llama/Llama-3.2-3B")),
     # meta-llama/Llama-3.1-8B: 32 layers, 32 heads, 8 KV heads, hidden 4096, 131072
     # positions. ollama.com/library/llama3.1:8b: 4.9 GB.
     _entry("llama3.1:8b", "llama", "8.0B", round(4.9 * GB),
-           _geometry("llama", 32, 32, 8, 4096, 131072),
+           _geometry("llama", 32, 32, 8, 4096, 131072, 128256),
            _HF.format("meta-llama/Llama-3.1-8B")),
     # meta-llama/Llama-3.1-70B: 80 layers, 64 heads, 8 KV heads, hidden 8192, 131072
     # positions. ollama.com/library/llama3.1:70b: 43 GB.
     _entry("llama3.1:70b", "llama", "70.6B", 43 * GB,
-           _geometry("llama", 80, 64, 8, 8192, 131072),
+           _geometry("llama", 80, 64, 8, 8192, 131072, 128256),
            _HF.format("meta-llama/Llama-3.1-70B")),
     # Qwen/Qwen2.5-0.5B: 24 layers, 14 heads, 2 KV heads, hidden 896 (head 64), 32768
     # positions. ollama.com/library/qwen2.5:0.5b: 398 MB.
     _entry("qwen2.5:0.5b", "qwen2", "494M", 398 * MB,
-           _geometry("qwen2", 24, 14, 2, 896, 32768),
+           _geometry("qwen2", 24, 14, 2, 896, 32768, 151936),
            _HF.format("Qwen/Qwen2.5-0.5B")),
     # Qwen/Qwen2.5-1.5B: 28 layers, 12 heads, 2 KV heads, hidden 1536 (head 128), 32768.
     # ollama.com/library/qwen2.5:1.5b: 986 MB.
     _entry("qwen2.5:1.5b", "qwen2", "1.5B", 986 * MB,
-           _geometry("qwen2", 28, 12, 2, 1536, 32768),
+           _geometry("qwen2", 28, 12, 2, 1536, 32768, 151936),
            _HF.format("Qwen/Qwen2.5-1.5B")),
     # Qwen/Qwen2.5-3B: 36 layers, 16 heads, 2 KV heads, hidden 2048 (head 128), 32768.
     # ollama.com/library/qwen2.5:3b: 1.9 GB.
     _entry("qwen2.5:3b", "qwen2", "3.1B", round(1.9 * GB),
-           _geometry("qwen2", 36, 16, 2, 2048, 32768),
+           _geometry("qwen2", 36, 16, 2, 2048, 32768, 151936),
            _HF.format("Qwen/Qwen2.5-3B")),
     # Qwen/Qwen2.5-7B: 28 layers, 28 heads, 4 KV heads, hidden 3584 (head 128), 32768
     # (Ollama's GGUF says 32768). ollama.com/library/qwen2.5:7b: 4.7 GB.
     _entry("qwen2.5:7b", "qwen2", "7.6B", round(4.7 * GB),
-           _geometry("qwen2", 28, 28, 4, 3584, 32768),
+           _geometry("qwen2", 28, 28, 4, 3584, 32768, 151936),
            _HF.format("Qwen/Qwen2.5-7B")),
     # mistralai/Mistral-7B-Instruct-v0.3: 32 layers, 32 heads, 8 KV heads, hidden 4096,
     # 32768 positions; its GGUF architecture is "llama". ollama.com/library/mistral:7b: 4.1 GB.
     _entry("mistral:7b", "llama", "7.2B", round(4.1 * GB),
-           _geometry("llama", 32, 32, 8, 4096, 32768),
+           _geometry("llama", 32, 32, 8, 4096, 32768, 32768),
            _HF.format("mistralai/Mistral-7B-Instruct-v0.3")),
     # google/gemma-2-9b: 42 layers, 16 heads, 8 KV heads, hidden 3584 but head_dim 256
     # (not 3584/16 = 224), 8192 positions. ollama.com/library/gemma2:9b: 5.4 GB.
     _entry("gemma2:9b", "gemma2", "9.2B", round(5.4 * GB),
-           _geometry("gemma2", 42, 16, 8, 3584, 8192, head_dim=256),
+           _geometry("gemma2", 42, 16, 8, 3584, 8192, 256000, head_dim=256),
            _HF.format("google/gemma-2-9b")),
     # microsoft/Phi-3-mini-128k-instruct: 32 layers, 32 heads, 32 KV heads (no GQA), hidden
     # 3072 (head 96), 131072 positions (the 4k variant: 4096). Which variant Ollama's
     # phi3:mini carries today is unverified here. ollama.com/library/phi3:mini: 2.2 GB.
     _entry("phi3:mini", "phi3", "3.8B", round(2.2 * GB),
-           _geometry("phi3", 32, 32, 32, 3072, 131072),
+           _geometry("phi3", 32, 32, 32, 3072, 131072, 32064),
            _HF.format("microsoft/Phi-3-mini-128k-instruct")),
     # meta-llama/Llama-2-7b-hf: 32 layers, 32 heads, 32 KV heads (no GQA), hidden 4096,
     # 4096 positions. ollama.com/library/llama2:7b: 3.8 GB.
     _entry("llama2:7b", "llama", "6.7B", round(3.8 * GB),
-           _geometry("llama", 32, 32, 32, 4096, 4096),
+           _geometry("llama", 32, 32, 32, 4096, 4096, 32000),
            _HF.format("meta-llama/Llama-2-7b-hf")),
 )}
 

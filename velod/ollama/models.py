@@ -36,6 +36,7 @@ class Geometry:
     value_length: int
     embedding_length: int
     context_length: int
+    vocab_size: int | None = None  # sizes the output logits buffer; None = unknown
 
     def kv_bytes_per_token(self, cache_type: str = "f16") -> float:
         """Bytes of K and V cache one token takes over all layers, for ``cache_type``."""
@@ -100,13 +101,14 @@ class Geometry:
             raise UnknownArchitecture("key_length and value_length must be greater than 0", arch)
         return cls(architecture=arch, layers=layers, heads=heads, kv_heads=kv_heads,
                    key_length=key_length, value_length=value_length,
-                   embedding_length=embedding, context_length=context)
+                   embedding_length=embedding, context_length=context,
+                   vocab_size=read("vocab_size", required=False) or None)
 
     def to_dict(self) -> dict[str, Any]:
         return {"architecture": self.architecture, "layers": self.layers, "heads": self.heads,
                 "kv_heads": self.kv_heads, "key_length": self.key_length,
                 "value_length": self.value_length, "embedding_length": self.embedding_length,
-                "context_length": self.context_length}
+                "context_length": self.context_length, "vocab_size": self.vocab_size}
 
 
 def _is_int(value: Any) -> bool:
