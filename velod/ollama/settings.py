@@ -50,7 +50,7 @@ class Version:
     patch: int
     pre: str = ""
 
-    _PATTERN = re.compile(r"^v?(\d+)\.(\d+)(?:\.(\d+))?(?:[-+~]?([0-9A-Za-z.\-+]*))?$")
+    _PATTERN = re.compile(r"^v?(\d+)\.(\d+)(?:\.(\d+))?(?:[-+~]([0-9A-Za-z.\-+]+))?$")
 
     @classmethod
     def parse(cls, text: str) -> Version:
