@@ -215,6 +215,7 @@ def test_fake_error_codes_and_classes_match_the_real_module(table: Path) -> None
         assert str(ours.NVMLError(value)) == str(real.NVMLError(value)) or \
             value not in real.NVMLError._errcode_to_string
     assert ours.NVML_TEMPERATURE_GPU == real.NVML_TEMPERATURE_GPU
+    assert ours.nvmlMemory_v2 == real.nvmlMemory_v2
     assert ours.nvmlEventTypeXidCriticalError == real.nvmlEventTypeXidCriticalError
 
 
@@ -235,3 +236,18 @@ def test_fake_memory_info_and_uuid_have_the_real_shapes(table: Path) -> None:
     with pytest.raises(nvml.NVMLError_Timeout):
         nvml.nvmlEventSetWait(nvml.nvmlEventSetCreate(), 0)
     nvml.nvmlShutdown()
+
+
+def test_used_memory_leaves_out_driver_reserved_memory_like_nvidia_smi(table: Path) -> None:
+    nvml = fake(table, [gpu(memory_total=80 * GiB, memory_used=10 * GiB,
+                            memory_reserved=512 * MiB)])
+    (g,) = NvmlSource(nvml).read().gpus
+    assert (g.memory_used, g.memory_free) == (10 * GiB, 70 * GiB - 512 * MiB)
+
+
+def test_drivers_without_memory_info_v2_fall_back_to_v1(table: Path) -> None:
+    nvml = fake(table, [gpu(memory_total=80 * GiB, memory_used=10 * GiB,
+                            memory_reserved=512 * MiB,
+                            raise_={"nvmlDeviceGetMemoryInfo_v2": "FunctionNotFound"})])
+    (g,) = NvmlSource(nvml).read().gpus
+    assert (g.memory_used, g.memory_free) == (10 * GiB + 512 * MiB, 70 * GiB - 512 * MiB)

@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, TypeVar
 
-import psutil
-
 from velod.hardware.snapshot import Gpu, GpuProcess
 
 T = TypeVar("T")
@@ -83,6 +81,10 @@ def _cuda_version(value: int | None) -> str | None:
 
 
 def _process_name(pid: int) -> str | None:
+    try:
+        import psutil  # here, so that NVML alone is enough for tests/gpu
+    except ImportError:
+        return None
     try:
         return psutil.Process(pid).name()
     except (psutil.Error, OSError):
@@ -233,7 +235,13 @@ class NvmlSource:
 
 
 def _memory(nvml: ModuleType, handle: Any) -> dict[str, int | None]:
-    info = nvml_query(nvml, nvml.nvmlDeviceGetMemoryInfo, handle)
+    """Total/used/free; v2 where the driver has it, so "used" leaves out the memory the
+    driver reserves for itself, as nvidia-smi does (v1 counts it as used)."""
+    info = None
+    if hasattr(nvml, "nvmlMemory_v2"):
+        info = nvml_query(nvml, nvml.nvmlDeviceGetMemoryInfo, handle, nvml.nvmlMemory_v2)
+    if info is None:
+        info = nvml_query(nvml, nvml.nvmlDeviceGetMemoryInfo, handle)
     if info is None:
         return {}
     return {"memory_total": int(info.total), "memory_used": int(info.used),

@@ -28,6 +28,7 @@ Table format (JSON; every key optional)::
         "uuid": "GPU-...",                     # default derived from the index
         "memory_total": 25757220864,           # bytes
         "memory_used": 1073741824,             # default: the processes' memory
+        "memory_reserved": 0,                  # driver-reserved; v1 "used" includes it
         "utilization_gpu": 12, "utilization_memory": 3,   # percent
         "temperature": 41,                     # °C
         "power_usage": 35000,                  # mW
@@ -94,6 +95,7 @@ NVML_ERROR_RESET_TYPE_NOT_SUPPORTED = 30
 NVML_ERROR_UNKNOWN = 999
 
 NVML_TEMPERATURE_GPU = 0
+nvmlMemory_v2 = 0x02000028
 
 nvmlEventTypeSingleBitEccError = 0x0000000000000001
 nvmlEventTypeDoubleBitEccError = 0x0000000000000002
@@ -356,17 +358,25 @@ def nvmlDeviceGetUUID(handle: c_nvmlDevice_t) -> bytes:
     return str(gpu.get("uuid", default)).encode()
 
 
-def _memory(gpu: dict[str, Any]) -> tuple[int, int]:
+def _memory(gpu: dict[str, Any]) -> tuple[int, int, int]:
+    """(total, used, reserved) with the v2 meaning of used: reserved memory left out."""
     total = int(gpu.get("memory_total", 8 * 1024**3))
     used = gpu.get("memory_used")
     if used is None:
         used = sum(int(p.get("used_memory") or 0) for p in gpu.get("processes", []))
-    return total, int(used)
+    return total, int(used), int(gpu.get("memory_reserved", 0))
 
 
 def nvmlDeviceGetMemoryInfo(handle: c_nvmlDevice_t, version: int | None = None):
-    total, used = _memory(_gpu(handle, "nvmlDeviceGetMemoryInfo"))
-    return nvmlFriendlyObject({"total": total, "free": total - used, "used": used})
+    if not version:  # v1: the driver's reserved memory counts as used
+        total, used, reserved = _memory(_gpu(handle, "nvmlDeviceGetMemoryInfo"))
+        return nvmlFriendlyObject({"total": total, "free": total - used - reserved,
+                                   "used": used + reserved})
+    total, used, reserved = _memory(_gpu(handle, "nvmlDeviceGetMemoryInfo_v2"))
+    if version != nvmlMemory_v2:
+        raise NVMLError(NVML_ERROR_ARGUMENT_VERSION_MISMATCH)
+    return nvmlFriendlyObject({"version": version, "total": total, "reserved": reserved,
+                               "free": total - reserved - used, "used": used})
 
 
 def nvmlDeviceGetUtilizationRates(handle: c_nvmlDevice_t):
