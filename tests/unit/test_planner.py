@@ -197,6 +197,29 @@ def test_cpu_only_machine_gets_threads_and_a_modest_context(profile: str) -> Non
     assert p.ram.fits and p.ram.free_after >= 0
 
 
+def test_cpu_only_model_too_big_for_ram_is_reported() -> None:
+    snapshot = Snapshot(time=0.0, gpus=(), cpu=Cpu("cpu", 4, 8), memory=Memory(16 * GIB, GIB),
+                        os=OsInfo("Linux", "6.1", "x86_64"))
+    p = plan(snapshot, installed("llama3.1:70b", "llama3.2:3b"), Policy())
+    assert p.ram is not None and not p.ram.fits and not p.fits
+    assert p.ram.weights == 43 * 1000**3
+    assert any("llama3.1:70b" in n and "RAM" in n for n in p.notes)
+
+
+def test_a_model_no_setting_fits_gets_the_smallest_setting_and_says_why() -> None:
+    p = make_plan(8, 1, ["llama3.1:70b"])
+    assert p.server["OLLAMA_CONTEXT_LENGTH"].value == "2048"
+    assert "does not fit the GPU even so" in p.server["OLLAMA_CONTEXT_LENGTH"].reason
+    assert p.model_params["llama3.1:70b"]["num_ctx"].value == "2048"
+
+
+def test_unreachable_ollama_is_noted() -> None:
+    state = OllamaState(version=None, models=[], loaded=[], reachable=False,
+                        error="connection refused")
+    p = plan(what_if_snapshot(24 * GIB, 1, 64 * GIB), state, Policy())
+    assert any("not reachable (connection refused)" in n for n in p.notes)
+
+
 @pytest.mark.parametrize("cc", [(7, 2), (5, 2)])
 def test_no_flash_attention_and_no_quantized_cache_on_unsupported_gpus(
         cc: tuple[int, int]) -> None:
@@ -368,6 +391,7 @@ def test_a_plan_matching_the_running_settings_is_a_noop() -> None:
     p = make_plan(24, 1, ["llama3.1:8b"])
     current = {name: rec.value for name, rec in p.server.items()}
     assert p.changes(current) == {} and p.is_noop(current)
+    assert p.verdict(current).startswith("nothing to change")
     # Same meaning, other spelling; and a variable left unset equal to Ollama's default.
     current["OLLAMA_FLASH_ATTENTION"] = "1"
     del current["OLLAMA_KEEP_ALIVE"]
@@ -382,6 +406,8 @@ def test_changes_list_what_differs_from_the_running_settings() -> None:
     assert p.changes(current) == {"OLLAMA_NUM_PARALLEL": ("4", "2"),
                                   "OLLAMA_GPU_OVERHEAD": (None, str(512 * MIB))}
     assert not p.is_noop(current)
+    assert p.verdict(current) == ("2 setting(s) to change: OLLAMA_GPU_OVERHEAD (unset) -> "
+                                  f"{512 * MIB}, OLLAMA_NUM_PARALLEL 4 -> 2")
 
 
 def test_plan_to_dict_is_plain_data() -> None:

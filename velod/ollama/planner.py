@@ -205,6 +205,15 @@ class Plan:
         """True when Ollama already runs with every planned server setting."""
         return not self.changes(current)
 
+    def verdict(self, current: dict[str, str]) -> str:
+        """One line for humans: nothing to change, or which settings change and how."""
+        changes = self.changes(current)
+        if not changes:
+            return "nothing to change: Ollama already runs with every planned setting"
+        parts = [f"{name} {now if now is not None else '(unset)'} -> {new}"
+                 for name, (now, new) in sorted(changes.items())]
+        return f"{len(changes)} setting(s) to change: " + ", ".join(parts)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain data (msgpack/JSON)."""
         return {
@@ -490,7 +499,8 @@ def _plan_gpu(ctx: _Context, rooms: list[GpuRoom], gpu_names: dict[int, str | No
                for load in placement.loads]
 
     _sizing_notes(ctx, resident, alone, partial, sizing, chosen, model_plans)
-    server = _server_gpu(ctx, chosen, fa, fa_reason, resident, sizing, rooms)
+    squeezed = bool(partial) and not (resident or alone)
+    server = _server_gpu(ctx, chosen, fa, fa_reason, resident, sizing, squeezed, rooms)
     params = {name: _model_params(ctx, mp, chosen.context, cpu_only=False)
               for name, mp in model_plans.items()}
     return Plan(version=str(ctx.version) if ctx.version else None, profile=policy.profile,
@@ -572,10 +582,12 @@ def _sizing_notes(ctx: _Context, resident: list[ModelInfo], alone: list[ModelInf
 
 
 def _server_gpu(ctx: _Context, cand: _Candidate, fa: bool, fa_reason: str,
-                resident: list[ModelInfo], sizing: list[ModelInfo], rooms: list[GpuRoom]
-                ) -> dict[str, Recommendation]:
+                resident: list[ModelInfo], sizing: list[ModelInfo], squeezed: bool,
+                rooms: list[GpuRoom]) -> dict[str, Recommendation]:
+    """Server rows for a GPU machine. ``sizing``: the models the budget is for;
+    ``squeezed``: none of them fits, so the smallest setting keeps most layers on the GPU."""
     policy = ctx.policy
-    who = sizing[0].name if sizing else "the models"
+    who = ", ".join(m.name for m in sizing) or "the models"
     slots = (f"{cand.parallel} slots" if cand.parallel > 1 else "1 slot")
     profile_why = {
         "balanced": "the largest context of the balanced profile",
@@ -596,9 +608,13 @@ def _server_gpu(ctx: _Context, cand: _Candidate, fa: bool, fa_reason: str,
                   if policy.models and resident else
                   "Ollama's default (3 per GPU): it unloads idle models when memory is short")
     margin_mib = max(r.margin for r in rooms) // MIB
+    context_why = f"{profile_why} that keeps {who} fully on the GPU ({slots})"
+    if squeezed:
+        context_why = (f"the smallest context: {who} does not fit the GPU even so; this keeps "
+                       "the most layers there (see notes)")
+        kv_why = f"{cand.kv_cache_type}: the most compact cache the {policy.profile} profile allows"
     rows = [
-        ("OLLAMA_CONTEXT_LENGTH", str(cand.context),
-         f"{profile_why} that keeps {who} fully on the GPU ({slots})"),
+        ("OLLAMA_CONTEXT_LENGTH", str(cand.context), context_why),
         ("OLLAMA_NUM_PARALLEL", str(cand.parallel),
          f"{slots} of {cand.context} tokens; the KV cache holds context x slots"),
         ("OLLAMA_FLASH_ATTENTION", "true" if fa else "false", fa_reason),
@@ -689,8 +705,8 @@ def _plan_cpu(ctx: _Context) -> Plan:
             ctx.notes.append(f"{m.name} needs {format_size(fp.total)} even at {fp.context} "
                              f"tokens, more than the {format_size(usable)} of RAM velod counts "
                              "on: Ollama may refuse to load it or swap")
-    largest = _largest(ctx, fitting_models or ctx.models, chosen, False)
-    fp = ctx.footprint(largest[0], chosen, False) if largest else None
+    fp = max((ctx.footprint(m, chosen if m in fitting_models else smallest, False)
+              for m in ctx.models), key=lambda f: f.total, default=None)
     ram = RamBudget(total=memory.total, reserve=reserve,
                     weights=fp.weights if fp else 0, kv_cache=fp.kv_cache if fp else 0,
                     overhead=fp.overhead if fp else 0,
