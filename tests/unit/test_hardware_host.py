@@ -7,7 +7,7 @@ from pathlib import Path
 
 import psutil
 
-from velod.hardware.host import HostSource, parse_cpuinfo, parse_os_release
+from velod.hardware.host import HostSource, parse_cpuinfo, parse_meminfo, parse_os_release
 
 XEON_CPUINFO = """\
 processor\t: 0
@@ -82,3 +82,18 @@ def test_unknown_frequency_is_none_not_zero() -> None:
     reading = HostSource().read()
     for mhz in (reading.cpu.freq_current_mhz, reading.cpu.freq_max_mhz):
         assert mhz is None or mhz > 0
+
+
+def test_meminfo_fields_are_bytes() -> None:
+    text = "MemTotal:       32768000 kB\nSwapTotal:       8388604 kB\nSwapFree:  100 kB\n" \
+           "HugePages_Total:       0\n"
+    fields = parse_meminfo(text)
+    assert fields["SwapTotal"] == 8388604 * 1024 and fields["SwapFree"] == 102400
+    assert fields["HugePages_Total"] == 0
+
+
+def test_swap_figures_equal_psutil_swap_memory() -> None:
+    reading = HostSource().read()
+    swap = psutil.swap_memory()
+    assert reading.memory.swap_total == swap.total
+    assert abs(reading.memory.swap_used - swap.used) < 64 * 1024**2

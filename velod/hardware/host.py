@@ -39,6 +39,17 @@ def parse_cpuinfo(text: str) -> tuple[str | None, tuple[str, ...]]:
     return model, tuple(f for f in SIMD_FLAGS if f in present)
 
 
+def parse_meminfo(text: str) -> dict[str, int]:
+    """/proc/meminfo as bytes per field ("SwapTotal:  8388604 kB" → 8589930496)."""
+    out = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        parts = value.split()
+        if parts and parts[0].isdigit():
+            out[key.strip()] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
+    return out
+
+
 def parse_os_release(text: str) -> str | None:
     """PRETTY_NAME from /etc/os-release, unquoted."""
     for line in text.splitlines():
@@ -88,14 +99,23 @@ class HostSource:
         cpu, os_info = self._static_info()
         freq = _cpu_freq()
         vm = psutil.virtual_memory()
-        swap = psutil.swap_memory()
+        swap_total, swap_used = self._swap()
         cpu = Cpu(model=cpu.model, physical_cores=cpu.physical_cores, threads=cpu.threads,
                   freq_current_mhz=_positive(freq.current) if freq else None,
                   freq_max_mhz=_positive(freq.max) if freq else None,
                   flags=cpu.flags, utilization=psutil.cpu_percent(interval=None))
         memory = Memory(total=vm.total, available=vm.available,
-                        swap_total=swap.total, swap_used=swap.used)
+                        swap_total=swap_total, swap_used=swap_used)
         return HostReading(cpu, memory, os_info)
+
+    def _swap(self) -> tuple[int, int]:
+        """Swap (total, used) from /proc/meminfo: the same figures as psutil.swap_memory(),
+        which also reads /proc/vmstat for counters we do not need (it doubles the cost)."""
+        fields = parse_meminfo(_read(f"{self._proc_root}/meminfo"))
+        if "SwapTotal" in fields and "SwapFree" in fields:
+            return fields["SwapTotal"], fields["SwapTotal"] - fields["SwapFree"]
+        swap = psutil.swap_memory()
+        return swap.total, swap.used
 
     def close(self) -> None:
         pass
