@@ -33,6 +33,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -548,8 +549,10 @@ def main(argv: list[str] | None = None) -> int:
     host, port = _listen_address(os.environ)
     print(f"fake ollama {fake.version} on {args.host or host}:{args.port or port} "
           f"settings={fake.settings.raw} gpus={fake.gpus}", file=sys.stderr, flush=True)
+    # Ollama exits promptly on SIGTERM; a graceful aiohttp shutdown would slow every restart.
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     web.run_app(fake.app, host=args.host or host, port=args.port or port, print=None,
-                shutdown_timeout=0.5, handle_signals=True)
+                handle_signals=False)
     return 0
 
 

@@ -1,0 +1,215 @@
+"""A fake ``systemctl`` for tests: put ``tests/fakes/bin`` first on PATH.
+
+It records every call (one line of JSON argv per call in ``$FAKE_SYSTEMCTL_LOG``) and
+manages services described by ``$FAKE_SYSTEMCTL_STATE/<unit>.json``
+(``{"argv": [...], "env": {...}, "log": "path"}``) the way systemd would:
+
+- ``daemon-reload`` re-reads the unit's ``Environment=`` lines from
+  ``$FAKE_SYSTEMCTL_SYSTEMD_DIR/<unit>`` and ``<unit>.d/*.conf`` (lexical order, later wins,
+  an empty ``Environment=`` resets); ``start``/``restart`` use what the *last* reload read,
+  so a changed drop-in without a daemon-reload is not seen, as with systemd;
+- ``start``, ``stop``, ``restart`` run the service as a process (pid in ``<unit>.pid``)
+  with the unit's ``env`` plus the loaded environment;
+- ``is-active``, ``show -p Environment|MainPID|ActiveState [--value]``.
+
+Failure injection: a file ``$FAKE_SYSTEMCTL_STATE/<unit>.next-restart`` containing ``fail``
+makes the next start/restart fail (exit 1, service stopped); ``no-come-back`` starts a
+process that never answers. The file is consumed by the start it affects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+STATE = Path(os.environ.get("FAKE_SYSTEMCTL_STATE", "/tmp/fake-systemctl"))
+SYSTEMD_DIR = Path(os.environ.get("FAKE_SYSTEMCTL_SYSTEMD_DIR", "/etc/systemd/system"))
+
+
+def log_call(argv: list[str]) -> None:
+    path = os.environ.get("FAKE_SYSTEMCTL_LOG")
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"time": time.time(), "argv": argv}) + "\n")
+
+
+def unit_name(name: str) -> str:
+    return name if "." in name else f"{name}.service"
+
+
+def read_environment(unit: str) -> dict[str, str]:
+    files = [SYSTEMD_DIR / unit] if (SYSTEMD_DIR / unit).is_file() else []
+    dropins = SYSTEMD_DIR / f"{unit}.d"
+    if dropins.is_dir():
+        files += sorted(p for p in dropins.iterdir() if p.name.endswith(".conf"))
+    env: dict[str, str] = {}
+    for path in files:
+        section = ""
+        text = path.read_text(encoding="utf-8").replace("\\\n", " ")
+        for raw in text.splitlines():
+            line = raw.strip()
+            if not line or line[0] in "#;":
+                continue
+            if line.startswith("["):
+                section = line.strip("[]")
+                continue
+            key, _, value = line.partition("=")
+            if section != "Service" or key.strip() != "Environment":
+                continue
+            if not value.strip():
+                env.clear()
+                continue
+            for word in shlex.split(value):
+                name, _, val = word.partition("=")
+                env[name] = val.replace("%%", "%")
+    return env
+
+
+def loaded_env_path(unit: str) -> Path:
+    return STATE / f"{unit}.loaded-env.json"
+
+
+def loaded_environment(unit: str) -> dict[str, str]:
+    path = loaded_env_path(unit)
+    if not path.exists():  # as at boot: the first start reads the files
+        daemon_reload_unit(unit)
+    return json.loads(path.read_text())
+
+
+def daemon_reload_unit(unit: str) -> None:
+    STATE.mkdir(parents=True, exist_ok=True)
+    loaded_env_path(unit).write_text(json.dumps(read_environment(unit)))
+
+
+def pid_of(unit: str) -> int | None:
+    try:
+        pid = int((STATE / f"{unit}.pid").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    # A zombie (exited child of a dead parent) is not running.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().split(") ", 1)[1].startswith("Z"):
+                return None
+    except (OSError, IndexError):
+        return None
+    return pid
+
+
+def stop(unit: str) -> None:
+    pid = pid_of(unit)
+    if pid is None:
+        return
+    os.killpg(pid, signal.SIGTERM)
+    deadline = time.time() + 5
+    while time.time() < deadline and pid_of(unit) == pid:
+        time.sleep(0.02)
+    if pid_of(unit) == pid:
+        os.killpg(pid, signal.SIGKILL)
+    (STATE / f"{unit}.pid").unlink(missing_ok=True)
+
+
+def start(unit: str) -> int:
+    if pid_of(unit) is not None:
+        return 0
+    spec_path = STATE / f"{unit}.json"
+    if not spec_path.exists():
+        print(f"Failed to start {unit}: Unit {unit} not found.", file=sys.stderr)
+        return 5
+    spec = json.loads(spec_path.read_text())
+    flag = STATE / f"{unit}.next-restart"
+    failure = flag.read_text().strip() if flag.exists() else ""
+    flag.unlink(missing_ok=True)
+    if failure == "fail":
+        print(f"Job for {unit} failed because the control process exited with error code.\n"
+              f"See \"systemctl status {unit}\" and \"journalctl -xeu {unit}\" for details.",
+              file=sys.stderr)
+        return 1
+    argv = spec["argv"]
+    if failure == "no-come-back":
+        argv = [sys.executable, "-c", "import time; time.sleep(3600)"]
+    env = {**spec.get("env", {}), **loaded_environment(unit)}
+    log = open(spec.get("log", os.devnull), "ab")  # noqa: SIM115 (handed to the child)
+    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                            start_new_session=True, cwd=spec.get("cwd"))
+    (STATE / f"{unit}.pid").write_text(str(proc.pid))
+    return 0
+
+
+def show(unit: str, props: list[str], value_only: bool) -> int:
+    pid = pid_of(unit)
+    env = loaded_environment(unit) if (STATE / f"{unit}.json").exists() else {}
+    values = {"Environment": " ".join(shlex.quote(f"{k}={v}") for k, v in env.items()),
+              "MainPID": str(pid or 0), "ActiveState": "active" if pid else "inactive",
+              "Id": unit}
+    for prop in props or list(values):
+        value = values.get(prop, "")
+        print(value if value_only else f"{prop}={value}")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    log_call(argv)
+    args = [a for a in argv if a not in ("--no-pager", "--quiet", "-q", "--no-block", "--system")]
+    if not args:
+        print("fake systemctl: a command is required", file=sys.stderr)
+        return 1
+    verb, rest = args[0], args[1:]
+    STATE.mkdir(parents=True, exist_ok=True)
+    if verb == "daemon-reload":
+        for spec in STATE.glob("*.json"):
+            if not spec.name.endswith(".loaded-env.json"):
+                daemon_reload_unit(spec.name.removesuffix(".json"))
+        return 0
+    if verb in ("start", "stop", "restart", "is-active") and not rest:
+        print(f"Too few arguments for {verb}.", file=sys.stderr)
+        return 1
+    if verb == "start":
+        return max(start(unit_name(u)) for u in rest)
+    if verb == "stop":
+        for u in rest:
+            stop(unit_name(u))
+        return 0
+    if verb == "restart":
+        code = 0
+        for u in rest:
+            stop(unit_name(u))
+            code = max(code, start(unit_name(u)))
+        return code
+    if verb == "is-active":
+        active = pid_of(unit_name(rest[0])) is not None
+        if "--quiet" not in argv and "-q" not in argv:
+            print("active" if active else "inactive")
+        return 0 if active else 3
+    if verb == "show":
+        props, value_only, units = [], False, []
+        i = 0
+        while i < len(rest):
+            if rest[i] in ("-p", "--property"):
+                props += rest[i + 1].split(",")
+                i += 2
+                continue
+            if rest[i].startswith("--property="):
+                props += rest[i].split("=", 1)[1].split(",")
+            elif rest[i] == "--value":
+                value_only = True
+            else:
+                units.append(rest[i])
+            i += 1
+        return show(unit_name(units[0]) if units else "ollama.service", props, value_only)
+    print(f"Unknown command verb {verb}.", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
