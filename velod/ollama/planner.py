@@ -14,7 +14,7 @@ Memory arithmetic and multi-GPU placement live in ``velod.ollama.fitting``.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from velod import catalog
@@ -22,6 +22,7 @@ from velod.hardware.snapshot import Cpu, Gpu, Memory, OsInfo, Snapshot
 from velod.ollama import fitting
 from velod.ollama.fitting import Footprint, GpuRoom
 from velod.ollama.models import KV_BYTES_PER_ELEMENT, ModelInfo, OllamaState
+from velod.ollama.plan import GpuBudget, ModelPlan, Plan, RamBudget, Recommendation
 from velod.ollama.settings import (
     NOT_ENVIRONMENT,
     SETTINGS,
@@ -100,140 +101,6 @@ class Policy:
 
     def margin_for(self, total: int) -> int:
         return max(self.min_margin, int(total * self.margin_fraction))
-
-
-# --------------------------------------------------------------------------- plan types
-
-
-@dataclass(frozen=True)
-class Recommendation:
-    """One setting's planned value, why, Ollama's default for it, and whether it is pinned."""
-
-    name: str
-    value: str
-    reason: str
-    default: str | None
-    pinned: bool = False
-
-
-@dataclass(frozen=True)
-class GpuBudget:
-    """Bytes on one GPU: ``free_after = total - reserve - weights - kv - overhead - margin``."""
-
-    index: int
-    name: str | None
-    total: int
-    reserve: int
-    weights: int
-    kv_cache: int
-    overhead: int
-    margin: int
-    free_after: int
-    fits: bool
-    models: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class RamBudget:
-    """The CPU-only counterpart of GpuBudget, over system RAM."""
-
-    total: int
-    reserve: int
-    weights: int
-    kv_cache: int
-    overhead: int
-    free_after: int
-    fits: bool
-
-
-@dataclass(frozen=True)
-class ModelPlan:
-    """How one model runs under the plan."""
-
-    name: str
-    source: str  # "installed" | "catalog"
-    context: int
-    parallel: int
-    kv_cache_type: str
-    weights: int
-    kv_cache: int
-    overhead: int
-    gpus: list[int]
-    gpu_layers: int
-    layers: int
-    fully_on_gpu: bool
-    trained_context: int
-
-
-@dataclass
-class Plan:
-    """The recommendation: server settings, model parameters, budgets, skipped, notes."""
-
-    version: str | None
-    profile: str
-    cpu_only: bool
-    server: dict[str, Recommendation]
-    model_params: dict[str, dict[str, Recommendation]]
-    budgets: list[GpuBudget]
-    models: dict[str, ModelPlan]
-    skipped: dict[str, str]
-    notes: list[str]
-    resident: list[str] = field(default_factory=list)
-    ram: RamBudget | None = None
-
-    @property
-    def fits(self) -> bool:
-        """True when every budget fits and every planned model runs fully on its device."""
-        budgets_fit = all(b.fits for b in self.budgets) and (self.ram is None or self.ram.fits)
-        return budgets_fit and all(m.fully_on_gpu or self.cpu_only for m in self.models.values())
-
-    def changes(self, current: dict[str, str]) -> dict[str, tuple[str | None, str]]:
-        """Settings whose planned value differs from ``current`` (Ollama's environment).
-
-        A variable absent from ``current`` is worth Ollama's default. Values compare in
-        normalised form ("1" equals "true"). Maps name -> (current or None, planned).
-        """
-        out: dict[str, tuple[str | None, str]] = {}
-        for name, rec in self.server.items():
-            now = current.get(name)
-            effective = now if now is not None else rec.default
-            if effective is None or not _same(name, effective, rec.value):
-                out[name] = (now, rec.value)
-        return out
-
-    def is_noop(self, current: dict[str, str]) -> bool:
-        """True when Ollama already runs with every planned server setting."""
-        return not self.changes(current)
-
-    def verdict(self, current: dict[str, str]) -> str:
-        """One line for humans: nothing to change, or which settings change and how."""
-        changes = self.changes(current)
-        if not changes:
-            return "nothing to change: Ollama already runs with every planned setting"
-        parts = [f"{name} {now if now is not None else '(unset)'} -> {new}"
-                 for name, (now, new) in sorted(changes.items())]
-        return f"{len(changes)} setting(s) to change: " + ", ".join(parts)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data (msgpack/JSON)."""
-        return {
-            "version": self.version, "profile": self.profile, "cpu_only": self.cpu_only,
-            "fits": self.fits, "resident": list(self.resident),
-            "server": {k: asdict(v) for k, v in self.server.items()},
-            "model_params": {m: {k: asdict(v) for k, v in p.items()}
-                             for m, p in self.model_params.items()},
-            "budgets": [asdict(b) for b in self.budgets],
-            "ram": asdict(self.ram) if self.ram else None,
-            "models": {k: asdict(v) for k, v in self.models.items()},
-            "skipped": dict(self.skipped), "notes": list(self.notes),
-        }
-
-
-def _same(name: str, a: str, b: str) -> bool:
-    try:
-        return normalize(name, a) == normalize(name, b)
-    except ValueError:
-        return a.strip() == b.strip()
 
 
 @dataclass(frozen=True)
@@ -763,3 +630,7 @@ def what_if_state(model_names: list[str], version: str | None = None) -> OllamaS
         else:
             models.append(entry.model_info())
     return OllamaState(version=version, models=models, loaded=[], reachable=True)
+
+
+__all__ = ["PROFILES", "GpuBudget", "ModelPlan", "Plan", "Policy", "RamBudget",
+           "Recommendation", "plan", "what_if_snapshot", "what_if_state"]
