@@ -396,6 +396,12 @@ def test_a_plan_matching_the_running_settings_is_a_noop() -> None:
     current["OLLAMA_FLASH_ATTENTION"] = "1"
     del current["OLLAMA_KEEP_ALIVE"]
     assert p.is_noop(current)
+    # Ollama's "use the default" spellings: 0 = by VRAM (32768 on 24 GiB), 0 = 3 per GPU.
+    current["OLLAMA_CONTEXT_LENGTH"] = "0"
+    current["OLLAMA_MAX_LOADED_MODELS"] = "0"
+    current["OLLAMA_FLASH_ATTENTION"] = ""
+    assert p.server["OLLAMA_CONTEXT_LENGTH"].value == "32768"
+    assert p.is_noop(current)
 
 
 def test_changes_list_what_differs_from_the_running_settings() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from velod.ollama.settings import normalize
+from velod.ollama.settings import SETTINGS, normalize
 
 
 @dataclass(frozen=True)
@@ -97,13 +97,16 @@ class Plan:
     def changes(self, current: dict[str, str]) -> dict[str, tuple[str | None, str]]:
         """Settings whose planned value differs from ``current`` (Ollama's environment).
 
-        A variable absent from ``current`` is worth Ollama's default. Values compare in
-        normalised form ("1" equals "true"). Maps name -> (current or None, planned).
+        Effective values compare, so nothing restarts Ollama for a mere respelling: a
+        variable absent from ``current``, or set to Ollama's own "use the default" value
+        (OLLAMA_CONTEXT_LENGTH=0, OLLAMA_MAX_LOADED_MODELS=0, an empty
+        OLLAMA_FLASH_ATTENTION), is worth Ollama's default for this machine; values compare
+        normalised ("1" equals "true"). Maps name -> (current or None, planned).
         """
         out: dict[str, tuple[str | None, str]] = {}
         for name, rec in self.server.items():
             now = current.get(name)
-            effective = now if now is not None else rec.default
+            effective = rec.default if now is None or _means_default(name, now) else now
             if effective is None or not _same(name, effective, rec.value):
                 out[name] = (now, rec.value)
         return out
@@ -134,6 +137,11 @@ class Plan:
             "models": {k: asdict(v) for k, v in self.models.items()},
             "skipped": dict(self.skipped), "notes": list(self.notes),
         }
+
+
+def _means_default(name: str, value: str) -> bool:
+    spec = SETTINGS.get(name)
+    return spec is not None and _same(name, value, spec.default)
 
 
 def _same(name: str, a: str, b: str) -> bool:
