@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# GPU check for velod: install PyCUDA offline, run the GPU tests and the benchmarks.
+#
+# usage: tools/gpu_check.sh OUTDIR [--install-only]
+#
+# Needs: Linux, an NVIDIA GPU, the CUDA toolkit (nvcc + headers), a C++ compiler, python3
+# with numpy (and optionally torch). No network: PyCUDA is built from the source archive in
+# .gpu/ at the repository root, its dependencies come from the wheels beside it (fill .gpu/
+# with `pip download`, see BENCHMARKS.md). Everything it writes goes to OUTDIR:
+#   install.log           PyCUDA build and install
+#   env.txt               GPU, driver, CUDA, python versions
+#   pytest_gpu.log        pytest tests/gpu -v
+#   attention.json/.log   bench/attention.py
+#   engine.json/.log      bench/engine.py --gpu (only when that file exists)
+#   summary.txt           one line per step with its exit status
+# Budget: about 8 minutes on a 16-core H100/H200 machine (PyCUDA build ~2-3 min in parallel).
+set -uo pipefail
+
+OUT=${1:?usage: tools/gpu_check.sh OUTDIR [--install-only]}
+INSTALL_ONLY=${2:-}
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+PY=${PYTHON:-python3}
+JOBS=$(nproc 2>/dev/null || echo 4)
+SUMMARY="$OUT/summary.txt"
+: >"$SUMMARY"
+
+note() { echo "[gpu_check $(date -u +%H:%M:%S)] $*" | tee -a "$SUMMARY"; }
+
+find_cuda_root() {
+    local nvcc
+    for candidate in "${CUDA_ROOT:-}" "${CUDA_HOME:-}" "${CUDA_PATH:-}"; do
+        if [[ -n "$candidate" && -f "$candidate/include/cuda.h" ]]; then
+            echo "$candidate"; return 0
+        fi
+    done
+    nvcc=$(command -v nvcc || true)
+    [[ -z "$nvcc" && -x /usr/local/cuda/bin/nvcc ]] && nvcc=/usr/local/cuda/bin/nvcc
+    if [[ -n "$nvcc" ]]; then
+        candidate=$(dirname "$(dirname "$(readlink -f "$nvcc")")")
+        if [[ -f "$candidate/include/cuda.h" ]]; then echo "$candidate"; return 0; fi
+    fi
+    for candidate in /usr/local/cuda /usr/local/cuda-*; do
+        if [[ -f "$candidate/include/cuda.h" ]]; then echo "$candidate"; return 0; fi
+    done
+    return 1
+}
+
+# Directory holding a libcuda.so to link against: the toolkit's stub, or a link to the
+# driver's libcuda.so.1 (driver packages often ship no unversioned libcuda.so).
+# $LIBCUDA names a libcuda.so file explicitly.
+libcuda_dir() {
+    local cuda_root=$1 dir lib
+    for dir in "$cuda_root/lib64/stubs" "$cuda_root/targets/x86_64-linux/lib/stubs" \
+               "$cuda_root/lib/stubs"; do
+        [[ -z "${LIBCUDA:-}" && -f "$dir/libcuda.so" ]] && { echo "$dir"; return 0; }
+    done
+    lib=${LIBCUDA:-$( (ldconfig -p 2>/dev/null | awk '/libcuda\.so(\.1)? /{print $NF}'; \
+        ls /usr/lib/x86_64-linux-gnu/libcuda.so* /usr/lib64/libcuda.so* 2>/dev/null) | head -n 1)}
+    [[ -n "$lib" && -e "$lib" ]] || return 1
+    dir=$(mktemp -d)
+    ln -s "$(readlink -f "$lib")" "$dir/libcuda.so"
+    echo "$dir"
+}
+
+install_pycuda() {
+    if "$PY" -c "import pycuda.driver" 2>/dev/null; then
+        note "pycuda already importable: $("$PY" -c 'import pycuda; print(pycuda.VERSION_TEXT)')"
+        return 0
+    fi
+    local cuda_root src archive libdir
+    cuda_root=$(find_cuda_root) || { note "FAIL no CUDA toolkit (cuda.h) found"; return 1; }
+    libdir=$(libcuda_dir "$cuda_root") || { note "FAIL no libcuda.so (driver) found"; return 1; }
+    archive=$(ls "$ROOT"/.gpu/pycuda-*.tar.gz 2>/dev/null | sort -V | tail -n 1)
+    [[ -n "$archive" ]] || { note "FAIL no .gpu/pycuda-*.tar.gz beside the checkout"; return 1; }
+    note "building $(basename "$archive") against $cuda_root, libcuda in $libdir, $JOBS jobs"
+    # Build tools, only if the machine lacks them (the wheels are in .gpu/ too).
+    "$PY" -c "import setuptools, wheel" 2>/dev/null \
+        || "$PY" -m pip install --no-index --find-links "$ROOT/.gpu" setuptools wheel
+    "$PY" -m pip install --no-index --find-links "$ROOT/.gpu" pytools platformdirs mako \
+        || return 1
+    src=$(mktemp -d)
+    tar xzf "$archive" -C "$src" && src=$(echo "$src"/pycuda-*)
+    # configure.py writes siteconf.py (so setup.py skips its 10-second countdown); curand off
+    # because velod never uses it and some toolkits ship without it. The stub libcuda in
+    # lib64/stubs is enough to link; the driver's libcuda.so.1 is used at run time.
+    (cd "$src" && "$PY" configure.py --cuda-root="$cuda_root" --no-cuda-enable-curand \
+        --cuda-inc-dir="$cuda_root/include" --cudadrv-lib-dir="$libdir,$cuda_root/lib64") || return 1
+    printf '\n[build_ext]\nparallel = %s\n' "$JOBS" >>"$src/setup.cfg"
+    PATH="$cuda_root/bin:$PATH" "$PY" -m pip install -v --no-build-isolation --no-index \
+        --find-links "$ROOT/.gpu" "$src" || return 1
+    rm -rf "$src"
+    "$PY" -c "import pycuda; print('pycuda', pycuda.VERSION_TEXT)"
+}
+
+step() {  # step NAME LOGFILE TIMEOUT_S CMD...
+    local name=$1 log=$2 limit=$3 rc start
+    shift 3
+    start=$(date +%s)
+    note "start $name"
+    timeout --signal=INT --kill-after=15 "$limit" "$@" >"$log" 2>&1
+    rc=$?
+    note "$name rc=$rc in $(( $(date +%s) - start ))s (log: $(basename "$log"))"
+    return $rc
+}
+
+{
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "host: $(uname -a)"
+    echo "python: $("$PY" -V 2>&1)  numpy: $("$PY" -c 'import numpy; print(numpy.__version__)' 2>&1)"
+    echo "torch: $("$PY" -c 'import torch; print(torch.__version__, torch.version.cuda)' 2>&1 | tail -n 1)"
+    echo "nvcc: $( (command -v nvcc >/dev/null && nvcc --version || /usr/local/cuda/bin/nvcc --version) 2>&1 | tail -n 1)"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem \
+        --format=csv 2>&1
+} >"$OUT/env.txt"
+
+note "start install"
+install_pycuda >"$OUT/install.log" 2>&1 || { note "FAIL PyCUDA install (see install.log)"; exit 1; }
+note "install done"
+"$PY" -c "import pytest" 2>/dev/null \
+    || "$PY" -m pip install --no-index --find-links "$ROOT/.gpu" pytest >>"$OUT/install.log" 2>&1 \
+    || { note "FAIL pytest missing and not installable from .gpu/"; exit 1; }
+[[ "$INSTALL_ONLY" == "--install-only" ]] && exit 0
+
+cd "$ROOT"
+export VELOD_KERNEL_CACHE="$OUT/kernel-cache"   # fresh compile cache; timings exclude it
+overall=0
+# Every GPU test under tests/gpu (other issues add theirs there).
+step pytest_gpu "$OUT/pytest_gpu.log" 240 "$PY" -m pytest tests/gpu -v -rs -p no:cacheprovider \
+    || overall=1
+step bench_attention "$OUT/attention.log" 180 "$PY" bench/attention.py --out "$OUT/attention.json" \
+    || overall=1
+if [[ -f bench/engine.py ]]; then
+    step bench_engine "$OUT/engine.log" 120 \
+        bash -c "\"$PY\" bench/engine.py --gpu > \"$OUT/engine.json\"" || overall=1
+else
+    note "skip bench_engine: bench/engine.py not present"
+fi
+tail -n 3 "$OUT/pytest_gpu.log" | tee -a "$SUMMARY"
+note "done overall=$overall"
+exit $overall

@@ -1,0 +1,134 @@
+"""Paged-attention kernels behind one front: CUDA through PyCUDA when it can run, NumPy otherwise.
+
+``get_backend("auto")`` returns a backend with the same calls either way::
+
+    backend = get_backend()
+    out = backend.paged_attention(query, key_cache, value_cache, block_tables, context_lens,
+                                  scale)
+    backend.write_cache(key, value, key_cache, value_cache, slot_mapping)
+    backend.copy_blocks(key_cache, value_cache, block_pairs)
+
+Layouts are documented in ``velod.kernels.layout``. Importing this package never imports
+PyCUDA; only building a CUDA backend does.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from velod.kernels import reference
+from velod.kernels.layout import AttentionArgumentError
+
+__all__ = [
+    "AttentionArgumentError",
+    "AttentionBackend",
+    "BackendUnavailable",
+    "NumpyBackend",
+    "cuda_unavailable_reason",
+    "get_backend",
+]
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run on this machine."""
+
+
+class AttentionBackend(Protocol):
+    """What the engine calls; arrays are NumPy (numpy backend) or PyCUDA GPUArrays (cuda)."""
+
+    name: str
+
+    def paged_attention(self, query: Any, key_cache: Any, value_cache: Any, block_tables: Any,
+                        context_lens: Any, scale: float, *, partition_size: int | None = None,
+                        out: Any = None, stream: Any = None) -> Any: ...
+
+    def write_cache(self, key: Any, value: Any, key_cache: Any, value_cache: Any,
+                    slot_mapping: Any, *, stream: Any = None) -> None: ...
+
+    def copy_blocks(self, key_cache: Any, value_cache: Any, block_pairs: Any, *,
+                    stream: Any = None) -> None: ...
+
+    def to_device(self, array: np.ndarray) -> Any: ...
+
+    def to_host(self, array: Any) -> np.ndarray: ...
+
+    def empty(self, shape: tuple[int, ...], dtype: Any) -> Any: ...
+
+    def synchronize(self) -> None: ...
+
+
+class NumpyBackend:
+    """The NumPy path: host arrays, float32 math, results ready on return."""
+
+    name = "numpy"
+
+    def paged_attention(self, query, key_cache, value_cache, block_tables, context_lens, scale,
+                        *, partition_size=None, out=None, stream=None):
+        result = reference.paged_attention(query, key_cache, value_cache, block_tables,
+                                           context_lens, scale, partition_size=partition_size)
+        if out is None:
+            return result
+        out[...] = result
+        return out
+
+    def write_cache(self, key, value, key_cache, value_cache, slot_mapping, *, stream=None):
+        reference.write_cache(key, value, key_cache, value_cache, slot_mapping)
+
+    def copy_blocks(self, key_cache, value_cache, block_pairs, *, stream=None):
+        reference.copy_blocks(key_cache, value_cache, block_pairs)
+
+    def to_device(self, array: np.ndarray) -> np.ndarray:
+        return np.array(array, copy=True, order="C")
+
+    def to_host(self, array: np.ndarray) -> np.ndarray:
+        return np.asarray(array)
+
+    def empty(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+        return np.empty(shape, dtype)
+
+    def synchronize(self) -> None:
+        return None
+
+
+def cuda_unavailable_reason(device: int = 0) -> str | None:
+    """Why the CUDA backend cannot run here, or None when it can."""
+    if importlib.util.find_spec("pycuda") is None:
+        return "PyCUDA is not installed (pip install 'velod[cuda]')"
+    from velod.kernels.cuda import find_nvcc
+
+    try:
+        import pycuda.driver as drv
+
+        drv.init()
+        count = drv.Device.count()
+    except Exception as exc:  # driver missing, no device node, version mismatch
+        return f"CUDA driver unavailable: {exc}"
+    if count <= device:
+        return f"no CUDA device {device} (found {count})"
+    if find_nvcc() is None:
+        return "nvcc not found (set CUDA_HOME to the CUDA toolkit)"
+    return None
+
+
+def get_backend(device: str = "auto", *, cache_dir: Path | None = None) -> AttentionBackend:
+    """A backend for ``device``: "auto" (CUDA if it can run, else NumPy), "cpu"/"numpy",
+    "cuda" or "cuda:N". Raises BackendUnavailable when CUDA is asked for and cannot run."""
+    if device in ("cpu", "numpy"):
+        return NumpyBackend()
+    if device == "auto":
+        if cuda_unavailable_reason() is not None:
+            return NumpyBackend()
+        device = "cuda"
+    if device == "cuda" or device.startswith("cuda:"):
+        index = int(device.partition(":")[2] or 0)
+        reason = cuda_unavailable_reason(index)
+        if reason is not None:
+            raise BackendUnavailable(reason)
+        from velod.kernels.cuda import CudaBackend
+
+        return CudaBackend(index, cache_dir=cache_dir)
+    raise ValueError(f"unknown device {device!r}: use auto, cpu, numpy, cuda or cuda:N")

@@ -1,0 +1,338 @@
+"""CUDA path: compile paged_attention.cu with nvcc, cache the cubin, launch through PyCUDA.
+
+Compilation needs only nvcc (no PyCUDA, no device), so it is tested on any development machine;
+loading and launching need PyCUDA and a device. The cubin for one architecture is cached on
+disk under a key made of the source hash, the architecture, the options and the nvcc version,
+so a restart loads it without compiling.
+
+Arrays on the device are ``pycuda.gpuarray.GPUArray``; the launch wrappers also accept NumPy
+arrays for the small index arguments (block tables, lengths, slots, pairs) and the query, and
+upload them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from velod.kernels.layout import (
+    DTYPE_NAMES,
+    KERNEL_THREADS,
+    SUPPORTED_BLOCK_SIZES,
+    SUPPORTED_HEAD_DIMS,
+    AttentionArgumentError,
+    check_attention_args,
+    check_block_pairs,
+    check_cache_write_args,
+    check_context_lens,
+    check_slots,
+    choose_partition_size,
+    kernel_geometry,
+)
+
+SOURCE = Path(__file__).with_name("paged_attention.cu")
+NVCC_OPTIONS = ("-O3", "-std=c++17")
+COMPILE_TIMEOUT_S = 600.0
+
+
+class KernelCompileError(RuntimeError):
+    """nvcc is missing or rejected the kernel source."""
+
+
+def find_nvcc() -> str | None:
+    """Path of nvcc: $CUDA_HOME/bin, $CUDA_PATH/bin, PATH, then /usr/local/cuda/bin."""
+    for env in ("CUDA_HOME", "CUDA_PATH", "CUDA_ROOT"):
+        root = os.environ.get(env)
+        if root and os.access(Path(root, "bin", "nvcc"), os.X_OK):
+            return str(Path(root, "bin", "nvcc"))
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    fallback = Path("/usr/local/cuda/bin/nvcc")
+    return str(fallback) if os.access(fallback, os.X_OK) else None
+
+
+@lru_cache(maxsize=8)
+def nvcc_version(nvcc: str) -> str:
+    """The last line of ``nvcc --version`` (the build string)."""
+    result = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60,
+                            check=True)
+    return result.stdout.strip().splitlines()[-1]
+
+
+def default_cache_dir() -> Path:
+    """$VELOD_KERNEL_CACHE, else $XDG_CACHE_HOME/velod/kernels, else ~/.cache/velod/kernels."""
+    explicit = os.environ.get("VELOD_KERNEL_CACHE")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "velod" / "kernels"
+
+
+def nvcc_command(nvcc: str, arch: str, source: Path, output: Path,
+                 options: Sequence[str] = ()) -> list[str]:
+    """The nvcc command line that builds one cubin."""
+    return [nvcc, "-cubin", f"-arch={arch}", *NVCC_OPTIONS, *options, "-o", str(output),
+            str(source)]
+
+
+def cache_key(source: bytes, arch: str, options: Sequence[str], compiler: str) -> str:
+    """Hex digest naming a cubin: source, architecture, options and compiler version."""
+    digest = hashlib.sha256(source)
+    for part in (arch, *NVCC_OPTIONS, *options, compiler):
+        digest.update(b"\0" + part.encode())
+    return digest.hexdigest()[:24]
+
+
+def compile_cubin(arch: str, options: Sequence[str] = (), *, cache_dir: Path | None = None,
+                  nvcc: str | None = None, source: Path = SOURCE) -> Path:
+    """Path of the cubin for ``arch`` (e.g. ``sm_90``), compiling it once per cache key."""
+    nvcc = nvcc or find_nvcc()
+    if nvcc is None:
+        raise KernelCompileError(
+            "nvcc not found: install the CUDA toolkit or set CUDA_HOME to its directory")
+    text = source.read_bytes()
+    key = cache_key(text, arch, options, nvcc_version(nvcc))
+    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = directory / f"{source.stem}-{arch}-{key}.cubin"
+    if target.exists():
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory) as scratch:
+        partial = Path(scratch) / target.name
+        command = nvcc_command(nvcc, arch, source, partial, options)
+        try:
+            result = subprocess.run(command, capture_output=True, text=True,
+                                    timeout=COMPILE_TIMEOUT_S)
+        except subprocess.TimeoutExpired as exc:
+            raise KernelCompileError(f"nvcc took over {COMPILE_TIMEOUT_S:.0f}s") from exc
+        if result.returncode != 0:
+            raise KernelCompileError(
+                f"nvcc failed ({result.returncode}) for {arch}: {result.stderr.strip()[-4000:]}")
+        os.replace(partial, target)  # atomic: a concurrent loader sees all or nothing
+    return target
+
+
+def attention_kernel_name(dtype: np.dtype, head_dim: int, block_size: int) -> str:
+    return f"velod_paged_attention_{DTYPE_NAMES[np.dtype(dtype).name]}_d{head_dim}_b{block_size}"
+
+
+def _index_name(dtype: np.dtype) -> str:
+    return "i32" if np.dtype(dtype) == np.int32 else "i64"
+
+
+def _host(array) -> np.ndarray:
+    """A NumPy copy of a host or device array (for the small index arrays)."""
+    return array.get() if hasattr(array, "get") else np.asarray(array)
+
+
+class CudaBackend:
+    """Paged attention, cache writes and block copies on one CUDA device through PyCUDA."""
+
+    name = "cuda"
+
+    def __init__(self, device: int = 0, cache_dir: Path | None = None) -> None:
+        import pycuda.driver as drv  # lazy: velod works without PyCUDA
+        import pycuda.gpuarray as gpuarray
+
+        self._drv = drv
+        self._gpuarray = gpuarray
+        drv.init()
+        self.device = drv.Device(device)
+        self.device_name = self.device.name()
+        major, minor = self.device.compute_capability()
+        self.arch = f"sm_{major}{minor}"
+        self.num_sms = self.device.get_attribute(drv.device_attribute.MULTIPROCESSOR_COUNT)
+        self._context = self.device.retain_primary_context()
+        self._cache_dir = cache_dir
+        self._lock = threading.Lock()
+        self._modules: dict[tuple[str, ...], object] = {}
+        self._functions: dict[str, object] = {}
+        self._workspace: dict[str, object] = {}
+
+    # ---- context, memory -------------------------------------------------------------------
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        """Makes the device's primary context current in this thread for the block."""
+        self._context.push()
+        try:
+            yield
+        finally:
+            self._drv.Context.pop()
+
+    def to_device(self, array: np.ndarray):
+        with self.active():
+            return self._gpuarray.to_gpu(np.ascontiguousarray(array))
+
+    def to_host(self, array) -> np.ndarray:
+        if isinstance(array, np.ndarray):
+            return array
+        with self.active():
+            return array.get()
+
+    def empty(self, shape: tuple[int, ...], dtype) -> object:
+        with self.active():
+            return self._gpuarray.empty(shape, dtype)
+
+    def synchronize(self) -> None:
+        with self.active():
+            self._drv.Context.synchronize()
+
+    def _device(self, array):
+        """A device array for ``array`` (uploads NumPy input; caller holds the context)."""
+        if isinstance(array, np.ndarray):
+            return self._gpuarray.to_gpu(np.ascontiguousarray(array))
+        if not array.flags.c_contiguous:
+            raise AttentionArgumentError("device arrays must be C-contiguous")
+        return array
+
+    # ---- modules ---------------------------------------------------------------------------
+
+    def _function(self, name: str, dtype_name: str):
+        """Kernel ``name`` from this device's module for one cache dtype (caller holds context).
+
+        Each dtype gets its own module (a third of the first compile); the cache-write and
+        block-copy kernels are in every module.
+        """
+        with self._lock:
+            if name in self._functions:
+                return self._functions[name]
+            options = (f"-DVELOD_ONLY_{dtype_name.upper()}",)
+            module = self._modules.get(options)
+            if module is None:
+                cubin = compile_cubin(self.arch, options, cache_dir=self._cache_dir)
+                module = self._drv.module_from_file(str(cubin))
+                self._modules[options] = module
+            function = module.get_function(name)
+            self._functions[name] = function
+            return function
+
+    def _scratch(self, name: str, count: int):
+        """A float32 device buffer of at least ``count`` elements, grown on demand."""
+        buffer = self._workspace.get(name)
+        if buffer is None or buffer.size < count:
+            buffer = self._gpuarray.empty(max(count, 1), np.float32)
+            self._workspace[name] = buffer
+        return buffer
+
+    # ---- kernels ---------------------------------------------------------------------------
+
+    def paged_attention(self, query, key_cache, value_cache, block_tables, context_lens,
+                        scale: float, *, partition_size: int | None = None, out=None,
+                        stream=None):
+        """Decode attention output ``[num_seqs, num_heads, head_dim]`` as a device array.
+
+        ``partition_size`` overrides the automatic choice (tests use it to hit partition
+        boundaries); the call returns when the work is queued on ``stream``.
+        """
+        lens_host = _host(context_lens).astype(np.int32, copy=False)
+        shape = check_attention_args(query, key_cache, value_cache, block_tables, lens_host)
+        check_context_lens(lens_host, shape)
+        dtype = np.dtype(key_cache.dtype)
+        if shape.head_dim not in SUPPORTED_HEAD_DIMS:
+            raise AttentionArgumentError(
+                f"head_dim {shape.head_dim} has no CUDA kernel; supported: {SUPPORTED_HEAD_DIMS}")
+        if shape.block_size not in SUPPORTED_BLOCK_SIZES:
+            raise AttentionArgumentError(
+                f"block_size {shape.block_size} has no CUDA kernel; "
+                f"supported: {SUPPORTED_BLOCK_SIZES}")
+        geometry = kernel_geometry(dtype.itemsize, shape.head_dim)
+        heads_per_block = min(shape.group_size, geometry.groups)
+        chunks = -(-shape.group_size // heads_per_block)
+        max_context = int(lens_host.max()) if lens_host.size else 0
+        blocks_per_partition = shape.num_seqs * shape.num_kv_heads * chunks
+        if partition_size is None:
+            partition_size = choose_partition_size(max_context, blocks_per_partition, self.num_sms)
+        if partition_size < 1:
+            raise AttentionArgumentError(f"partition_size must be >= 1, got {partition_size}")
+        max_parts = max(1, math.ceil(max_context / partition_size))
+        if shape.num_seqs == 0:
+            return out if out is not None else self.empty(tuple(query.shape), dtype)
+        with self.active():
+            q = self._device(query)
+            k, v = self._device(key_cache), self._device(value_cache)
+            tables = self._device(block_tables)
+            lens = self._device(context_lens if not isinstance(context_lens, np.ndarray)
+                                else lens_host)
+            if out is None:
+                out = self._gpuarray.empty(tuple(query.shape), dtype)
+            rows = shape.num_seqs * shape.num_heads * max_parts
+            part_out = part_max = part_sum = 0
+            if max_parts > 1:
+                part_out = self._scratch("part_out", rows * shape.head_dim).gpudata
+                part_max = self._scratch("part_max", rows).gpudata
+                part_sum = self._scratch("part_sum", rows).gpudata
+            dtype_option = DTYPE_NAMES[dtype.name]
+            kernel = self._function(
+                attention_kernel_name(dtype, shape.head_dim, shape.block_size), dtype_option)
+            if not hasattr(kernel, "arg_format"):
+                kernel.prepare([np.uintp] * 9 + [np.float32] + [np.int32] * 6)
+            kernel.prepared_async_call(
+                (max_parts, shape.num_kv_heads * chunks, shape.num_seqs), (KERNEL_THREADS, 1, 1),
+                stream, int(out.gpudata), int(part_out), int(part_max), int(part_sum),
+                int(q.gpudata), int(k.gpudata), int(v.gpudata), int(tables.gpudata),
+                int(lens.gpudata), np.float32(scale * math.log2(math.e)), shape.num_heads,
+                shape.num_kv_heads, heads_per_block, shape.max_blocks_per_seq, partition_size,
+                max_parts, shared_size=geometry.smem_bytes)
+            if max_parts > 1:
+                merge = self._function(f"velod_merge_partitions_{dtype_option}", dtype_option)
+                if not hasattr(merge, "arg_format"):
+                    merge.prepare([np.uintp] * 5 + [np.int32] * 4)
+                merge.prepared_async_call(
+                    (shape.num_heads, shape.num_seqs), (KERNEL_THREADS, 1, 1), stream,
+                    int(out.gpudata), int(part_out), int(part_max), int(part_sum),
+                    int(lens.gpudata), shape.num_heads, shape.head_dim, partition_size, max_parts)
+        return out
+
+    def write_cache(self, key, value, key_cache, value_cache, slot_mapping, *, stream=None):
+        """Scatters K and V rows into their cache slots (negative slots are skipped)."""
+        slots_host = _host(slot_mapping)
+        check_cache_write_args(key, value, key_cache, value_cache, slots_host)
+        num_blocks, block_size = key_cache.shape[:2]
+        check_slots(slots_host, num_blocks * block_size)
+        if slots_host.size == 0:
+            return
+        row_bytes = int(np.prod(key_cache.shape[2:])) * np.dtype(key_cache.dtype).itemsize
+        with self.active():
+            k, v = self._device(key), self._device(value)
+            slots = self._device(slot_mapping if not isinstance(slot_mapping, np.ndarray)
+                                 else slots_host)
+            kernel = self._function(f"velod_write_cache_{_index_name(slots_host.dtype)}",
+                                    DTYPE_NAMES[np.dtype(key_cache.dtype).name])
+            if not hasattr(kernel, "arg_format"):
+                kernel.prepare([np.uintp] * 5 + [np.int64] * 3)
+            kernel.prepared_async_call(
+                (slots_host.shape[0], 2), (KERNEL_THREADS, 1, 1), stream,
+                int(self._device(key_cache).gpudata), int(self._device(value_cache).gpudata),
+                int(k.gpudata), int(v.gpudata), int(slots.gpudata), row_bytes, row_bytes,
+                row_bytes)
+
+    def copy_blocks(self, key_cache, value_cache, block_pairs, *, stream=None):
+        """Copies whole blocks source -> destination for each row of ``block_pairs``."""
+        pairs_host = np.ascontiguousarray(_host(block_pairs))
+        check_block_pairs(pairs_host, key_cache.shape[0])
+        if pairs_host.size == 0:
+            return
+        block_bytes = int(np.prod(key_cache.shape[1:])) * np.dtype(key_cache.dtype).itemsize
+        with self.active():
+            pairs = self._device(pairs_host)
+            kernel = self._function(f"velod_copy_blocks_{_index_name(pairs_host.dtype)}",
+                                    DTYPE_NAMES[np.dtype(key_cache.dtype).name])
+            if not hasattr(kernel, "arg_format"):
+                kernel.prepare([np.uintp] * 3 + [np.int64])
+            kernel.prepared_async_call(
+                (pairs_host.shape[0], 2), (KERNEL_THREADS, 1, 1), stream,
+                int(self._device(key_cache).gpudata), int(self._device(value_cache).gpudata),
+                int(pairs.gpudata), block_bytes)

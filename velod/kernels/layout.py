@@ -1,0 +1,241 @@
+"""Array layouts, argument checks and launch geometry shared by the NumPy and CUDA paths.
+
+Layouts (row-major, one query token per sequence):
+
+- ``query``, output: ``[num_seqs, num_heads, head_dim]``
+- ``key_cache``, ``value_cache``: ``[num_blocks, block_size, num_kv_heads, head_dim]``;
+  token ``i`` of a sequence lives in block ``block_tables[s, i // block_size]`` at offset
+  ``i % block_size``; its cache slot is ``block * block_size + offset``.
+- ``block_tables``: int32 ``[num_seqs, max_blocks_per_seq]``; entries past a sequence's last
+  block are never read (they may hold anything).
+- ``context_lens``: int32 ``[num_seqs]``; 0 gives an all-zero output row.
+- ``slot_mapping``: int32 or int64 ``[num_tokens]``; a negative slot skips that token (padding).
+- ``block_pairs``: int32 or int64 ``[num_pairs, 2]`` of (source, destination) block ids.
+
+Element types: float32, float16 and bfloat16. NumPy has no bfloat16, so bfloat16 arrays travel
+as uint16 bit patterns (``bf16_bits``/``bf16_to_float32`` convert). Query, caches and output
+share one element type; arithmetic is float32.
+
+Grouped-query attention: ``num_heads`` is a multiple of ``num_kv_heads`` and query head ``h``
+reads kv head ``h // (num_heads // num_kv_heads)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+SUPPORTED_HEAD_DIMS = (64, 80, 96, 112, 128, 256)
+SUPPORTED_BLOCK_SIZES = (8, 16, 32)
+DTYPE_NAMES = {"float32": "f32", "float16": "f16", "uint16": "bf16"}  # uint16 = bfloat16 bits
+
+# Mirrors of the constants in paged_attention.cu.
+KERNEL_THREADS = 128
+STAGE_BYTES = 16384
+DEFAULT_PARTITION = 512
+MIN_PARTITION = 64
+MAX_PARTITIONS = 64
+
+
+class AttentionArgumentError(ValueError):
+    """Arguments whose shapes, dtypes or values the kernels cannot take."""
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """The sizes that one paged-attention call works with."""
+
+    num_seqs: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_blocks: int
+    block_size: int
+    max_blocks_per_seq: int
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclass(frozen=True)
+class KernelGeometry:
+    """Compile-time geometry of one kernel instantiation (see ``Geometry`` in the .cu file)."""
+
+    lanes: int            # threads that share one head_dim row
+    groups: int           # thread groups per block = most query heads one block serves
+    tile_tokens: int      # tokens per shared-memory pipeline stage
+    smem_bytes: int       # dynamic shared memory per block
+
+
+def _pow2_ceil(x: int) -> int:
+    return 1 if x <= 1 else 1 << (x - 1).bit_length()
+
+
+def _pow2_floor(x: int) -> int:
+    return 1 if x < 2 else 1 << (x.bit_length() - 1)
+
+
+def kernel_geometry(itemsize: int, head_dim: int) -> KernelGeometry:
+    """Geometry of the attention kernel for an element size and head_dim."""
+    vec = 16 // itemsize
+    row_vecs = head_dim // vec
+    lanes = min(32, _pow2_ceil(row_vecs))
+    row_bytes = head_dim * itemsize
+    tile = min(64, _pow2_floor(STAGE_BYTES // (2 * row_bytes)))
+    return KernelGeometry(lanes, KERNEL_THREADS // lanes, tile, 2 * 2 * tile * row_bytes)
+
+
+def choose_partition_size(
+    max_context: int, blocks_per_partition: int, num_sms: int
+) -> int:
+    """Tokens per partition; a value >= max_context means a single pass.
+
+    512 tokens keeps the merge traffic under 1% of the K/V bytes and gives many thread blocks,
+    so the last wave is short. Small batches use smaller partitions until there are at least
+    two blocks per multiprocessor; very long contexts use larger ones so that no sequence has
+    more than MAX_PARTITIONS (which bounds the workspace).
+    """
+    if max_context <= DEFAULT_PARTITION and blocks_per_partition >= 2 * num_sms:
+        return max(max_context, 1)
+    size = DEFAULT_PARTITION
+    while size > MIN_PARTITION and blocks_per_partition * -(-max_context // size) < 2 * num_sms:
+        size //= 2
+    return max(size, _pow2_ceil(-(-max_context // MAX_PARTITIONS)))
+
+
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 values rounded to bfloat16 (nearest even), as uint16 bit patterns."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+    out = (rounded >> np.uint32(16)).astype(np.uint16)
+    nan = np.isnan(x)
+    out[nan] = np.uint16(0x7FC0)
+    return out
+
+
+def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """uint16 bfloat16 bit patterns as float32 values."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def to_float32(x: np.ndarray) -> np.ndarray:
+    """Any supported element type as float32 (uint16 is read as bfloat16 bits)."""
+    if x.dtype == np.uint16:
+        return bf16_to_float32(x)
+    return np.asarray(x, dtype=np.float32)
+
+
+def from_float32(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """float32 values in the given element type (uint16 = bfloat16 bits)."""
+    if np.dtype(dtype) == np.uint16:
+        return bf16_bits(x)
+    return x.astype(dtype)
+
+
+def check_attention_args(
+    query, key_cache, value_cache, block_tables, context_lens
+) -> AttentionShape:
+    """The call's sizes, or AttentionArgumentError naming what is wrong."""
+    if query.ndim != 3:
+        raise AttentionArgumentError(
+            f"query must be [num_seqs, num_heads, head_dim], got shape {tuple(query.shape)}")
+    if key_cache.ndim != 4:
+        raise AttentionArgumentError(
+            "key_cache must be [num_blocks, block_size, num_kv_heads, head_dim], "
+            f"got shape {tuple(key_cache.shape)}")
+    if tuple(value_cache.shape) != tuple(key_cache.shape):
+        raise AttentionArgumentError(
+            f"value_cache shape {tuple(value_cache.shape)} differs from key_cache "
+            f"{tuple(key_cache.shape)}")
+    num_seqs, num_heads, head_dim = (int(n) for n in query.shape)
+    num_blocks, block_size, num_kv_heads, cache_dim = (int(n) for n in key_cache.shape)
+    if cache_dim != head_dim:
+        raise AttentionArgumentError(
+            f"query head_dim {head_dim} differs from the cache's {cache_dim}")
+    if num_kv_heads == 0 or num_heads % num_kv_heads:
+        raise AttentionArgumentError(
+            f"num_heads {num_heads} must be a multiple of num_kv_heads {num_kv_heads}")
+    dtypes = {np.dtype(a.dtype) for a in (query, key_cache, value_cache)}
+    if len(dtypes) != 1 or next(iter(dtypes)).name not in DTYPE_NAMES:
+        raise AttentionArgumentError(
+            "query, key_cache and value_cache must share one dtype of float32, float16 or "
+            f"uint16 (bfloat16 bits); got {sorted(d.name for d in dtypes)}")
+    if block_tables.ndim != 2 or block_tables.shape[0] != num_seqs:
+        raise AttentionArgumentError(
+            f"block_tables must be [num_seqs={num_seqs}, max_blocks_per_seq], "
+            f"got shape {tuple(block_tables.shape)}")
+    if tuple(context_lens.shape) != (num_seqs,):
+        raise AttentionArgumentError(
+            f"context_lens must be [num_seqs={num_seqs}], got shape {tuple(context_lens.shape)}")
+    for name, arr in (("block_tables", block_tables), ("context_lens", context_lens)):
+        if np.dtype(arr.dtype) != np.int32:
+            raise AttentionArgumentError(f"{name} must be int32, got {np.dtype(arr.dtype).name}")
+    return AttentionShape(num_seqs, num_heads, num_kv_heads, head_dim, num_blocks, block_size,
+                          int(block_tables.shape[1]))
+
+
+def check_context_lens(context_lens: np.ndarray, shape: AttentionShape) -> None:
+    """Refuses lengths that are negative or need more blocks than the block table holds."""
+    if context_lens.size == 0:
+        return
+    if int(context_lens.min()) < 0:
+        raise AttentionArgumentError("context_lens must be >= 0")
+    longest = int(context_lens.max())
+    if math.ceil(longest / shape.block_size) > shape.max_blocks_per_seq:
+        raise AttentionArgumentError(
+            f"a context of {longest} tokens needs {math.ceil(longest / shape.block_size)} blocks "
+            f"of {shape.block_size}, but block_tables has {shape.max_blocks_per_seq} per sequence")
+
+
+def check_cache_write_args(key, value, key_cache, value_cache, slot_mapping) -> None:
+    """Refuses a write_cache call whose shapes or dtypes do not match."""
+    if key_cache.ndim != 4 or tuple(value_cache.shape) != tuple(key_cache.shape):
+        raise AttentionArgumentError(
+            "key_cache and value_cache must both be [num_blocks, block_size, num_kv_heads, "
+            f"head_dim]; got {tuple(key_cache.shape)} and {tuple(value_cache.shape)}")
+    row = tuple(key_cache.shape[2:])
+    num_tokens = slot_mapping.shape[0] if slot_mapping.ndim == 1 else -1
+    for name, arr in (("key", key), ("value", value)):
+        if tuple(arr.shape) != (num_tokens, *row):
+            raise AttentionArgumentError(
+                f"{name} must be [num_tokens={num_tokens}, {row[0]}, {row[1]}], "
+                f"got shape {tuple(arr.shape)}")
+        if np.dtype(arr.dtype) != np.dtype(key_cache.dtype):
+            raise AttentionArgumentError(
+                f"{name} dtype {np.dtype(arr.dtype).name} differs from the cache's "
+                f"{np.dtype(key_cache.dtype).name}")
+    if np.dtype(slot_mapping.dtype) not in (np.int32, np.int64):
+        raise AttentionArgumentError(
+            f"slot_mapping must be int32 or int64, got {np.dtype(slot_mapping.dtype).name}")
+
+
+def check_slots(slot_mapping: np.ndarray, num_slots: int) -> None:
+    """Refuses slots past the cache or used twice (negative slots are padding)."""
+    used = slot_mapping[slot_mapping >= 0]
+    if used.size and int(used.max()) >= num_slots:
+        raise AttentionArgumentError(
+            f"slot {int(used.max())} is past the cache's {num_slots} slots")
+    if np.unique(used).size != used.size:
+        raise AttentionArgumentError("slot_mapping names a slot twice")
+
+
+def check_block_pairs(block_pairs: np.ndarray, num_blocks: int) -> None:
+    """Refuses pairs out of range, or whose destinations repeat or are also sources."""
+    if block_pairs.ndim != 2 or block_pairs.shape[1] != 2:
+        raise AttentionArgumentError(
+            f"block_pairs must be [num_pairs, 2], got shape {tuple(block_pairs.shape)}")
+    if np.dtype(block_pairs.dtype) not in (np.int32, np.int64):
+        raise AttentionArgumentError(
+            f"block_pairs must be int32 or int64, got {np.dtype(block_pairs.dtype).name}")
+    if block_pairs.size == 0:
+        return
+    if int(block_pairs.min()) < 0 or int(block_pairs.max()) >= num_blocks:
+        raise AttentionArgumentError(f"block ids must be in [0, {num_blocks})")
+    sources, destinations = block_pairs[:, 0], block_pairs[:, 1]
+    if np.unique(destinations).size != destinations.size:
+        raise AttentionArgumentError("a destination block appears twice in block_pairs")
+    if np.intersect1d(sources, destinations).size:
+        raise AttentionArgumentError("a block is both a source and a destination")

@@ -1,0 +1,465 @@
+// velod paged-attention kernels (decode: one query token per sequence).
+//
+// Layouts (row-major, see velod/kernels/layout.py):
+//   query, out     [num_seqs, num_heads, head_dim]                     T
+//   key/value cache [num_blocks, block_size, num_kv_heads, head_dim]   T
+//   block_tables   [num_seqs, max_blocks_per_seq]                      int32
+//   context_lens   [num_seqs]                                          int32
+//   part_out       [num_seqs, num_heads, max_parts, head_dim]          float32 (split mode)
+//   part_max/sum   [num_seqs, num_heads, max_parts]                    float32 (split mode)
+//
+// Design (flash-decoding):
+// - One thread block per (sequence, kv head, partition of the context). The block serves all
+//   query heads that share the kv head (up to kGroups of them; larger groups are split into
+//   head chunks along grid.y), so each K/V byte leaves device memory once.
+// - K and V rows of a tile of tokens are staged in shared memory with 16-byte cp.async copies
+//   (two stages: the next tile loads while this one is used). Tokens past the context are
+//   zero-filled, never read, so garbage or NaN in unused slots cannot leak.
+// - Thread group = kLanes lanes that together hold one head_dim row as 16-byte vectors.
+//   Each group owns one query head and a strided subset of the tile's tokens, and keeps an
+//   online softmax (running max m, sum l, accumulator) in registers; scores are never stored
+//   per token position. Groups of the same head are merged through shared memory at the end.
+// - Sequences longer than one partition write (o, m, l) per partition; a second kernel merges
+//   them with the log-sum-exp trick. Scores are kept in the log2 domain (exp2f).
+// No atomics anywhere; every output element is written by exactly one thread.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace velod {
+
+constexpr int kThreads = 128;        // threads per attention block
+constexpr int kStageBytes = 16384;   // K + V bytes per pipeline stage
+constexpr int kUnroll = 4;           // tokens per online-softmax step in one group
+
+__host__ __device__ constexpr int pow2_ceil(int x) { return x <= 1 ? 1 : 2 * pow2_ceil((x + 1) / 2); }
+__host__ __device__ constexpr int pow2_floor(int x) { return x < 2 ? 1 : 2 * pow2_floor(x / 2); }
+__host__ __device__ constexpr int cmin(int a, int b) { return a < b ? a : b; }
+__host__ __device__ constexpr int cmax(int a, int b) { return a > b ? a : b; }
+__device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// Compile-time geometry of one instantiation. velod/kernels/layout.py mirrors it.
+template <typename T, int HEAD_DIM>
+struct Geometry {
+    static constexpr int kVec = 16 / static_cast<int>(sizeof(T));      // elements / 16 bytes
+    static constexpr int kRowVecs = HEAD_DIM / kVec;                    // vectors per row
+    static constexpr int kLanes = cmin(32, pow2_ceil(kRowVecs));        // lanes per row
+    static constexpr int kVecsPerLane = (kRowVecs + kLanes - 1) / kLanes;
+    static constexpr int kGroups = kThreads / kLanes;                   // max heads per block
+    static constexpr int kRowBytes = HEAD_DIM * static_cast<int>(sizeof(T));
+    static constexpr int kTileTokens = cmin(64, pow2_floor(kStageBytes / (2 * kRowBytes)));
+    static constexpr int kSmemBytes = 2 * 2 * kTileTokens * kRowBytes;  // 2 stages of K + V
+    static_assert(HEAD_DIM % kVec == 0, "head_dim must be a multiple of 16 bytes");
+    static_assert(kGroups * (HEAD_DIM + 2) * 4 <= kSmemBytes, "merge buffer must fit");
+};
+
+template <typename T>
+__device__ __forceinline__ void load_vec(const T* p, float (&f)[16 / sizeof(T)]);
+
+template <>
+__device__ __forceinline__ void load_vec<float>(const float* p, float (&f)[4]) {
+    const float4 v = *reinterpret_cast<const float4*>(p);
+    f[0] = v.x; f[1] = v.y; f[2] = v.z; f[3] = v.w;
+}
+
+template <>
+__device__ __forceinline__ void load_vec<__half>(const __half* p, float (&f)[8]) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const __half2* h = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float2 t = __half22float2(h[i]);
+        f[2 * i] = t.x; f[2 * i + 1] = t.y;
+    }
+}
+
+template <>
+__device__ __forceinline__ void load_vec<__nv_bfloat16>(const __nv_bfloat16* p, float (&f)[8]) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float2 t = __bfloat1622float2(h[i]);
+        f[2 * i] = t.x; f[2 * i + 1] = t.y;
+    }
+}
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_float<__half>(float x) {
+    return __float2half_rn(x);
+}
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+    return __float2bfloat16_rn(x);
+}
+
+// 16-byte global -> shared copy; valid == false writes zeros and reads nothing.
+__device__ __forceinline__ void copy16_async(void* smem, const void* gmem, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    const int src_bytes = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                 :: "r"(dst), "l"(gmem), "r"(src_bytes) : "memory");
+#else
+    *reinterpret_cast<uint4*>(smem) =
+        valid ? *reinterpret_cast<const uint4*>(gmem) : make_uint4(0u, 0u, 0u, 0u);
+#endif
+}
+
+__device__ __forceinline__ void copy_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void copy_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory");
+#endif
+}
+
+template <typename T, int HEAD_DIM, int BLOCK_SIZE>
+__device__ __forceinline__ void paged_attention(
+    T* __restrict__ out, float* __restrict__ part_out, float* __restrict__ part_max,
+    float* __restrict__ part_sum, const T* __restrict__ query,
+    const T* __restrict__ key_cache, const T* __restrict__ value_cache,
+    const int* __restrict__ block_tables, const int* __restrict__ context_lens,
+    const float scale_log2, const int num_heads, const int num_kv_heads,
+    const int heads_per_block, const int max_blocks_per_seq, const int partition_size,
+    const int max_parts) {
+    using G = Geometry<T, HEAD_DIM>;
+    constexpr int kVec = G::kVec;
+    constexpr int kLanes = G::kLanes;
+    constexpr int kTile = G::kTileTokens;
+    constexpr int kTileVecs = kTile * G::kRowVecs;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* const smem = reinterpret_cast<T*>(smem_raw);  // [stage][K|V][kTile][HEAD_DIM]
+
+    const int seq = blockIdx.z;
+    const int part = blockIdx.x;
+    const int ctx = context_lens[seq];
+    const int num_parts = ctx <= 0 ? 1 : ceil_div(ctx, partition_size);
+    if (part >= num_parts) return;  // uniform for the block, before any barrier
+    const int start = part * partition_size;
+    const int end = min(ctx, start + partition_size);
+
+    const int group_size = num_heads / num_kv_heads;
+    const int chunks = ceil_div(group_size, heads_per_block);
+    const int kv_head = blockIdx.y / chunks;
+    const int chunk = blockIdx.y % chunks;
+    const int head0 = kv_head * group_size + chunk * heads_per_block;
+    const int heads_here = min(heads_per_block, group_size - chunk * heads_per_block);
+
+    const int tid = threadIdx.x;
+    const int lane = tid % kLanes;
+    const int group = tid / kLanes;
+    const int z_count = G::kGroups / heads_per_block;  // groups sharing one head
+    const int h_local = group % heads_per_block;
+    const int z = group / heads_per_block;
+    const bool active = z < z_count && h_local < heads_here;
+    const int head = head0 + h_local;
+
+    float q[G::kVecsPerLane][kVec];
+    float acc[G::kVecsPerLane][kVec];
+#pragma unroll
+    for (int v = 0; v < G::kVecsPerLane; ++v) {
+        const int col = (lane + v * kLanes) * kVec;
+        if (active && col < HEAD_DIM) {
+            load_vec<T>(query + (static_cast<int64_t>(seq) * num_heads + head) * HEAD_DIM + col,
+                        q[v]);
+        } else {
+#pragma unroll
+            for (int e = 0; e < kVec; ++e) q[v][e] = 0.f;
+        }
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) {
+            q[v][e] *= scale_log2;
+            acc[v][e] = 0.f;
+        }
+    }
+    float m = -INFINITY;  // running max of log2-domain scores
+    float l = 0.f;        // running sum of exp2(score - m)
+
+    const int* const table = block_tables + static_cast<int64_t>(seq) * max_blocks_per_seq;
+
+    auto load_tile = [&](int tile, int stage) {
+        const int t0 = start + tile * kTile;
+        const int n = min(kTile, end - t0);
+        T* const ks = smem + stage * 2 * kTile * HEAD_DIM;
+        T* const vs = ks + kTile * HEAD_DIM;
+        for (int i = tid; i < kTileVecs; i += kThreads) {
+            const int tok = i / G::kRowVecs;
+            const int col = (i % G::kRowVecs) * kVec;
+            const bool valid = tok < n;
+            int64_t offset = 0;
+            if (valid) {
+                const int pos = t0 + tok;
+                const int64_t slot = static_cast<int64_t>(table[pos / BLOCK_SIZE]) * BLOCK_SIZE +
+                                     pos % BLOCK_SIZE;
+                offset = (slot * num_kv_heads + kv_head) * HEAD_DIM + col;
+            }
+            copy16_async(ks + tok * HEAD_DIM + col, key_cache + offset, valid);
+            copy16_async(vs + tok * HEAD_DIM + col, value_cache + offset, valid);
+        }
+    };
+
+    // Lanes of one group shuffle among themselves only: groups of a warp can diverge.
+    const unsigned group_mask =
+        kLanes == 32 ? 0xffffffffu
+                     : (((1u << kLanes) - 1u) << ((threadIdx.x % 32) / kLanes * kLanes));
+
+    const int num_tiles = end > start ? ceil_div(end - start, kTile) : 0;
+    if (num_tiles > 0) load_tile(0, 0);
+    copy_commit();
+    for (int tile = 0; tile < num_tiles; ++tile) {
+        if (tile + 1 < num_tiles) load_tile(tile + 1, (tile + 1) & 1);
+        copy_commit();
+        copy_wait<1>();
+        __syncthreads();
+        if (active) {
+            const T* const ks = smem + (tile & 1) * 2 * kTile * HEAD_DIM;
+            const T* const vs = ks + kTile * HEAD_DIM;
+            const int n = min(kTile, end - (start + tile * kTile));
+            for (int t = z; t < n; t += z_count * kUnroll) {
+                float s[kUnroll];
+#pragma unroll
+                for (int u = 0; u < kUnroll; ++u) {
+                    const int tok = t + u * z_count;
+                    float partial = 0.f;
+                    if (tok < n) {
+#pragma unroll
+                        for (int v = 0; v < G::kVecsPerLane; ++v) {
+                            const int col = (lane + v * kLanes) * kVec;
+                            if (col < HEAD_DIM) {
+                                float k[kVec];
+                                load_vec<T>(ks + tok * HEAD_DIM + col, k);
+#pragma unroll
+                                for (int e = 0; e < kVec; ++e) partial = fmaf(q[v][e], k[e], partial);
+                            }
+                        }
+                    }
+#pragma unroll
+                    for (int off = kLanes / 2; off > 0; off /= 2)
+                        partial += __shfl_xor_sync(group_mask, partial, off);
+                    s[u] = tok < n ? partial : -INFINITY;
+                }
+                float m_new = m;
+#pragma unroll
+                for (int u = 0; u < kUnroll; ++u) m_new = fmaxf(m_new, s[u]);  // s[0] is finite
+                const float correction = exp2f(m - m_new);
+                l *= correction;
+#pragma unroll
+                for (int v = 0; v < G::kVecsPerLane; ++v)
+#pragma unroll
+                    for (int e = 0; e < kVec; ++e) acc[v][e] *= correction;
+#pragma unroll
+                for (int u = 0; u < kUnroll; ++u) {
+                    const int tok = t + u * z_count;
+                    if (tok < n) {
+                        const float p = exp2f(s[u] - m_new);
+                        l += p;
+#pragma unroll
+                        for (int v = 0; v < G::kVecsPerLane; ++v) {
+                            const int col = (lane + v * kLanes) * kVec;
+                            if (col < HEAD_DIM) {
+                                float val[kVec];
+                                load_vec<T>(vs + tok * HEAD_DIM + col, val);
+#pragma unroll
+                                for (int e = 0; e < kVec; ++e) acc[v][e] = fmaf(p, val[e], acc[v][e]);
+                            }
+                        }
+                    }
+                }
+                m = m_new;
+            }
+        }
+        __syncthreads();  // the next iteration refills this stage
+    }
+    copy_wait<0>();
+    __syncthreads();
+
+    // Merge the z_count groups of each head through shared memory (the tiles are done).
+    float* const red_m = reinterpret_cast<float*>(smem_raw);
+    float* const red_l = red_m + G::kGroups;
+    float* const red_acc = red_l + G::kGroups;  // [kGroups][HEAD_DIM]
+    if (active) {
+        if (lane == 0) {
+            red_m[group] = m;
+            red_l[group] = l;
+        }
+#pragma unroll
+        for (int v = 0; v < G::kVecsPerLane; ++v) {
+            const int col = (lane + v * kLanes) * kVec;
+            if (col < HEAD_DIM) {
+#pragma unroll
+                for (int e = 0; e < kVec; ++e) red_acc[group * HEAD_DIM + col + e] = acc[v][e];
+            }
+        }
+    }
+    __syncthreads();
+
+    const bool split = num_parts > 1;
+    for (int i = tid; i < heads_here * HEAD_DIM; i += kThreads) {
+        const int h = i / HEAD_DIM;
+        const int d = i % HEAD_DIM;
+        float m_all = -INFINITY;
+        for (int zz = 0; zz < z_count; ++zz) m_all = fmaxf(m_all, red_m[zz * heads_per_block + h]);
+        float l_all = 0.f;
+        float o = 0.f;
+        for (int zz = 0; zz < z_count; ++zz) {
+            const int g = zz * heads_per_block + h;
+            const float w = red_m[g] == -INFINITY ? 0.f : exp2f(red_m[g] - m_all);
+            l_all = fmaf(red_l[g], w, l_all);
+            o = fmaf(red_acc[g * HEAD_DIM + d], w, o);
+        }
+        const float result = l_all > 0.f ? o / l_all : 0.f;
+        const int64_t row = static_cast<int64_t>(seq) * num_heads + head0 + h;
+        if (split) {
+            const int64_t slot = row * max_parts + part;
+            part_out[slot * HEAD_DIM + d] = result;
+            if (d == 0) {
+                part_max[slot] = m_all;
+                part_sum[slot] = l_all;
+            }
+        } else {
+            out[row * HEAD_DIM + d] = from_float<T>(result);
+        }
+    }
+}
+
+// Merges the partitions of sequences that were split; others were written directly.
+template <typename T>
+__device__ __forceinline__ void merge_partitions(
+    T* __restrict__ out, const float* __restrict__ part_out, const float* __restrict__ part_max,
+    const float* __restrict__ part_sum, const int* __restrict__ context_lens, const int num_heads,
+    const int head_dim, const int partition_size, const int max_parts) {
+    const int head = blockIdx.x;
+    const int seq = blockIdx.y;
+    const int ctx = context_lens[seq];
+    const int num_parts = ctx <= 0 ? 1 : ceil_div(ctx, partition_size);
+    if (num_parts <= 1) return;
+    const int64_t row = static_cast<int64_t>(seq) * num_heads + head;
+    const float* const pm = part_max + row * max_parts;
+    const float* const ps = part_sum + row * max_parts;
+    float m_all = -INFINITY;
+    for (int p = 0; p < num_parts; ++p) m_all = fmaxf(m_all, pm[p]);
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float l_all = 0.f;
+        float o = 0.f;
+        for (int p = 0; p < num_parts; ++p) {
+            const float w = ps[p] * exp2f(pm[p] - m_all);  // every partition has >= 1 token
+            l_all += w;
+            o = fmaf(w, part_out[(row * max_parts + p) * head_dim + d], o);
+        }
+        out[row * head_dim + d] = from_float<T>(o / l_all);
+    }
+}
+
+// Copies count bytes; 16 bytes at a time when everything is 16-byte aligned.
+__device__ __forceinline__ void copy_bytes(unsigned char* dst, const unsigned char* src,
+                                           int64_t count) {
+    const bool wide = ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src) |
+                        static_cast<uintptr_t>(count)) & 15u) == 0;
+    if (wide) {
+        uint4* const d = reinterpret_cast<uint4*>(dst);
+        const uint4* const s = reinterpret_cast<const uint4*>(src);
+        for (int64_t i = threadIdx.x; i < count / 16; i += blockDim.x) d[i] = s[i];
+    } else {
+        for (int64_t i = threadIdx.x; i < count; i += blockDim.x) dst[i] = src[i];
+    }
+}
+
+// Scatters one token's K and V rows (row_bytes each) into cache slot slot_mapping[token].
+template <typename I>
+__device__ __forceinline__ void write_cache(
+    unsigned char* __restrict__ key_cache, unsigned char* __restrict__ value_cache,
+    const unsigned char* __restrict__ key, const unsigned char* __restrict__ value,
+    const I* __restrict__ slot_mapping, const int64_t row_bytes, const int64_t key_stride,
+    const int64_t value_stride) {
+    const int64_t token = blockIdx.x;
+    const int64_t slot = static_cast<int64_t>(slot_mapping[token]);
+    if (slot < 0) return;  // padding token
+    if (blockIdx.y == 0) {
+        copy_bytes(key_cache + slot * row_bytes, key + token * key_stride, row_bytes);
+    } else {
+        copy_bytes(value_cache + slot * row_bytes, value + token * value_stride, row_bytes);
+    }
+}
+
+// Copies whole blocks (K in grid.y == 0, V in grid.y == 1) for (source, destination) pairs.
+template <typename I>
+__device__ __forceinline__ void copy_blocks(
+    unsigned char* __restrict__ key_cache, unsigned char* __restrict__ value_cache,
+    const I* __restrict__ pairs, const int64_t block_bytes) {
+    const int64_t src = static_cast<int64_t>(pairs[2 * static_cast<int64_t>(blockIdx.x)]);
+    const int64_t dst = static_cast<int64_t>(pairs[2 * static_cast<int64_t>(blockIdx.x) + 1]);
+    unsigned char* const cache = blockIdx.y == 0 ? key_cache : value_cache;
+    copy_bytes(cache + dst * block_bytes, cache + src * block_bytes, block_bytes);
+}
+
+}  // namespace velod
+
+// ---- extern "C" entry points, looked up by name from velod/kernels/cuda.py ----------------
+
+#define VELOD_ATTENTION(TNAME, T, D, BS)                                                      \
+    extern "C" __global__ void __launch_bounds__(velod::kThreads)                             \
+        velod_paged_attention_##TNAME##_d##D##_b##BS(                                         \
+            T* out, float* part_out, float* part_max, float* part_sum, const T* query,        \
+            const T* key_cache, const T* value_cache, const int* block_tables,                \
+            const int* context_lens, float scale_log2, int num_heads, int num_kv_heads,       \
+            int heads_per_block, int max_blocks_per_seq, int partition_size, int max_parts) { \
+        velod::paged_attention<T, D, BS>(out, part_out, part_max, part_sum, query, key_cache, \
+                                         value_cache, block_tables, context_lens, scale_log2, \
+                                         num_heads, num_kv_heads, heads_per_block,            \
+                                         max_blocks_per_seq, partition_size, max_parts);      \
+    }
+
+#define VELOD_ATTENTION_BS(TNAME, T, D) \
+    VELOD_ATTENTION(TNAME, T, D, 8)     \
+    VELOD_ATTENTION(TNAME, T, D, 16)    \
+    VELOD_ATTENTION(TNAME, T, D, 32)
+
+#define VELOD_ATTENTION_ALL(TNAME, T)                                                         \
+    VELOD_ATTENTION_BS(TNAME, T, 64)                                                          \
+    VELOD_ATTENTION_BS(TNAME, T, 80)                                                          \
+    VELOD_ATTENTION_BS(TNAME, T, 96)                                                          \
+    VELOD_ATTENTION_BS(TNAME, T, 112)                                                         \
+    VELOD_ATTENTION_BS(TNAME, T, 128)                                                         \
+    VELOD_ATTENTION_BS(TNAME, T, 256)                                                         \
+    extern "C" __global__ void velod_merge_partitions_##TNAME(                                \
+        T* out, const float* part_out, const float* part_max, const float* part_sum,          \
+        const int* context_lens, int num_heads, int head_dim, int partition_size,             \
+        int max_parts) {                                                                      \
+        velod::merge_partitions<T>(out, part_out, part_max, part_sum, context_lens, num_heads, \
+                                   head_dim, partition_size, max_parts);                      \
+    }
+
+// -DVELOD_ONLY_F32 / _F16 / _BF16 narrow a build to one cache dtype (faster first compile).
+#if !defined(VELOD_ONLY_F16) && !defined(VELOD_ONLY_BF16)
+VELOD_ATTENTION_ALL(f32, float)
+#endif
+#if !defined(VELOD_ONLY_F32) && !defined(VELOD_ONLY_BF16)
+VELOD_ATTENTION_ALL(f16, __half)
+#endif
+#if !defined(VELOD_ONLY_F32) && !defined(VELOD_ONLY_F16)
+VELOD_ATTENTION_ALL(bf16, __nv_bfloat16)
+#endif
+
+#define VELOD_CACHE_OPS(INAME, I)                                                             \
+    extern "C" __global__ void velod_write_cache_##INAME(                                     \
+        unsigned char* key_cache, unsigned char* value_cache, const unsigned char* key,       \
+        const unsigned char* value, const I* slot_mapping, long long row_bytes,               \
+        long long key_stride, long long value_stride) {                                       \
+        velod::write_cache<I>(key_cache, value_cache, key, value, slot_mapping, row_bytes,    \
+                              key_stride, value_stride);                                      \
+    }                                                                                         \
+    extern "C" __global__ void velod_copy_blocks_##INAME(                                     \
+        unsigned char* key_cache, unsigned char* value_cache, const I* pairs,                 \
+        long long block_bytes) {                                                              \
+        velod::copy_blocks<I>(key_cache, value_cache, pairs, block_bytes);                    \
+    }
+
+VELOD_CACHE_OPS(i32, int)
+VELOD_CACHE_OPS(i64, long long)
