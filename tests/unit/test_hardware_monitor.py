@@ -236,3 +236,38 @@ async def test_hardware_get_waits_for_the_first_poll(tmp_path: Path, nvml) -> No
     result = await h.call("hardware.get")  # called before the first poll has finished
     assert len(result["snapshot"]["gpus"]) == 2
     await h.monitor.stop()
+
+
+async def test_disabling_by_reload_releases_nvml_and_enabling_resumes(tmp_path: Path,
+                                                                      nvml) -> None:
+    h = Harness(tmp_path, nvml, interval=0.1)
+    await h.monitor.start()
+    await h.call("hardware.get")
+    assert nvml._state.refcount == 1
+    await h.monitor.reconfigure(Config(hardware=HardwareConfig(enabled=False)))
+    assert nvml._state.refcount == 0
+    with pytest.raises(RpcError) as err:
+        await h.call("hardware.get")  # no stale snapshot is served
+    assert err.value.code == "unavailable"
+    await h.monitor.reconfigure(Config(hardware=HardwareConfig(interval=0.1)))
+    result = await h.call("hardware.get")
+    assert len(result["snapshot"]["gpus"]) == 2 and nvml._state.refcount == 1
+    await h.monitor.stop()
+    assert nvml._state.refcount == 0
+
+
+async def test_stop_does_not_wait_for_a_hung_driver(tmp_path: Path, table: Path,
+                                                    nvml) -> None:
+    h = Harness(tmp_path, nvml, timeout=0.2)
+    await h.monitor.poll()
+    write_gpu_table(table, [gpu("A")], hang_seconds={"nvmlDeviceGetCount": 1.5})
+    await h.monitor.poll()  # times out; the call stays hung in its thread
+    hung = h.monitor._status["nvidia"]
+    started = time.monotonic()
+    await h.monitor.stop()
+    assert time.monotonic() - started < 1.2  # gave up on NVML's shutdown after 1 s
+    assert h.monitor.state == "stopped"
+    # Let the hung call and the late shutdown end while this test's event loop still runs.
+    while hung.running or nvml._state.refcount:
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)

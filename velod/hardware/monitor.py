@@ -125,10 +125,18 @@ class HardwareMonitor(Component):
             self._history = deque(self._history, maxlen=new.history_size)
         if new.enabled and self._task is None:
             self._task = asyncio.create_task(self._loop(), name="hardware-monitor")
-        elif not new.enabled:
-            await self._stop_loop()
-            self._refresh_state()
+        elif not new.enabled and old.enabled:
+            await self._disable()
         self._wake.set()  # poll now with the new settings, then keep the new interval
+
+    async def _disable(self) -> None:
+        """Stop polling, release NVML and forget the snapshot (it would only grow stale)."""
+        await self._stop_loop()
+        for name in list(self._sources):
+            await self._close_source(name)
+        self._latest = self._reference = None
+        self._polled.clear()
+        self._refresh_state()
 
     def _build_sources(self, hw: HardwareConfig) -> None:
         if "host" not in self._sources:

@@ -142,10 +142,17 @@ class NvmlSource:
     def _mark_absent(self, reason: str) -> None:
         self._absent, self._absent_since = reason, self._clock()
 
-    def close(self) -> None:
-        """Free the event set and shut NVML down (once per successful init)."""
-        with self._lock:
+    def close(self, wait: float = 2.0) -> None:
+        """Free the event set and shut NVML down (once per successful init).
+
+        A read hung in the driver holds the lock; after ``wait`` seconds NVML is left as is.
+        """
+        if not self._lock.acquire(timeout=wait):
+            return
+        try:
             self._shutdown()
+        finally:
+            self._lock.release()
 
     def _shutdown(self) -> None:
         nvml, event_set = self._nvml, self._event_set
