@@ -284,6 +284,10 @@ def _candidates(ctx: _Context, pairs: list[tuple[int, int]], kv_types: list[str]
 def _kv_types(ctx: _Context, fa: bool) -> list[str]:
     pinned = ctx.pins.get("OLLAMA_KV_CACHE_TYPE")
     if pinned in KV_BYTES_PER_ELEMENT:
+        if pinned != "f16" and not fa:
+            ctx.notes.append(f"pinned OLLAMA_KV_CACHE_TYPE={pinned} has no effect without flash "
+                             "attention: Ollama keeps an f16 cache")
+            return ["f16"]
         return [pinned]
     if not fa or "OLLAMA_KV_CACHE_TYPE" not in ctx.known:
         return ["f16"]
