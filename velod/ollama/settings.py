@@ -13,8 +13,11 @@ Sources (checked with velod's code search, Nov 2026):
   ``num_ctx`` comes from total VRAM minus OLLAMA_GPU_OVERHEAD per GPU: >= 47 GiB -> 262144,
   >= 23 GiB -> 32768, else 4096 ("slightly lower thresholds (47/23 GiB vs. 48/24 GiB)").
   docs/context-length.mdx states the same tiers as < 24 / 24-48 / >= 48 GiB.
-- ollama/ollama ``ml/device.go`` (``FlashAttentionSupported``): CUDA needs compute capability
-  >= 6.0 and not 7.2 (Jetson Xavier); ROCm, Metal, Vulkan and CPU count as supported.
+- ollama/ollama ``ml/device.go`` (``FlashAttentionSupported``): every device must support it;
+  CUDA except compute capability 7.2 (Jetson Xavier), ROCm, Metal, Vulkan and CPU do. The
+  ">= 6.0" CUDA floor is the issue's statement; the ml/device.go versions found spell the
+  CUDA test differently (one checks ``ComputeMajor < 6`` explicitly, an older one a
+  ``DriverMajor >= 7`` field), so velod keeps the issue's rule.
 - llama.cpp ``common/arg.cpp``/``common.h``: LLAMA_ARG_FIT_TARGET, free-memory margin per device
   for ``--fit`` in MiB, default 1024 (read by the llama-server engine Ollama uses since 0.30).
 Version boundaries that the search could not confirm are marked "per issue 4" (taken from the
