@@ -7,8 +7,10 @@ its official Hugging Face repository (``num_hidden_layers``, ``num_attention_hea
 ``max_position_embeddings``, ``vocab_size``), which is what Ollama's GGUF metadata carries as
 ``<arch>.block_count``, ``.attention.head_count``, ``.attention.head_count_kv``,
 ``.embedding_length``, ``.attention.key_length``/``value_length`` and ``.context_length``.
-Sizes are the weight sizes ollama.com/library shows for the default (4-bit) tag, rounded
-there to 0.1 GB (decimal); an installed model's exact ``/api/tags`` size always replaces them.
+Geometry was checked against those config.json files (or copies of them) with velod's code
+search. Sizes are the weight sizes ollama.com/library lists for the default (4-bit) tag,
+rounded there to 0.1 GB (decimal); they could not be re-checked from here, so they serve
+what-if planning only: an installed model's exact ``/api/tags`` size always replaces them.
 """
 
 from __future__ import annotations
