@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from velod.engine import Scheduler, SchedulerConfig  # noqa: E402
+from velod.engine import Scheduler, SchedulerConfig
 
 
 def make_config(args: argparse.Namespace, **overrides: object) -> SchedulerConfig:

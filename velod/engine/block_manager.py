@@ -14,11 +14,11 @@ evicted least recently used first when the free stack is empty), or *used* (refe
 count = number of rows holding it). ``num_free_blocks`` counts free and cached blocks,
 since both can be allocated.
 
-Prefix caching: a full block is identified by a hash chain,
-``hash((parent_hash, *token_ids))``. A hit is only taken when the stored key (parent hash
-and token ids) is equal *and* the block's recorded parent is the very block (same content
-generation) the new sequence already holds, so a hash collision can never hand out a block
-with other content.
+Prefix caching: a full block is identified by a hash chain, ``hash((parent_hash, ids))``
+where ``ids`` are its token ids as int32 bytes. A hit is only taken when the stored key
+(parent hash and token ids) is equal *and* the block's recorded parent is the very block
+(same content generation) the new sequence already holds, so a hash collision can never
+hand out a block with other content.
 """
 
 from __future__ import annotations
@@ -47,6 +47,9 @@ ROOT_HASH = 0x7E10D
 _NO_PARENT = -1
 
 
+TokenIds = np.ndarray | Sequence[int]
+
+
 class BlockManager:
     """Allocates KV-cache blocks to sequences and keeps their block tables."""
 
@@ -67,33 +70,31 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.max_seqs = max_seqs
-        self.max_blocks_per_seq = -(-max_seq_len // block_size)
         self.max_seq_len = max_seq_len
+        self.max_blocks_per_seq = -(-max_seq_len // block_size)
         self.enable_prefix_caching = enable_prefix_caching
         self._shift = block_size.bit_length() - 1
         self._mask = block_size - 1
+        self._stride = block_size * 4  # bytes of one block's int32 token ids
 
         self._ref = [0] * num_blocks
         self._free = list(range(num_blocks - 1, -1, -1))  # stack: pop() returns block 0 first
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, ref 0, LRU first
         self._cache: dict[int, int] = {}  # chain hash -> block
-        self._key: list[tuple[int, ...] | None] = [None] * num_blocks
+        self._key: list[tuple[int, bytes] | None] = [None] * num_blocks  # (parent hash, ids)
         self._hash = [0] * num_blocks
         self._parent = [_NO_PARENT] * num_blocks
         self._parent_gen = [0] * num_blocks
-        self._gen = [0] * num_blocks  # bumped each time a block gets new content
+        self._gen = [0] * num_blocks  # bumped whenever a block's registered content is dropped
 
         self._rows: dict[int, int] = {}
+        self._row_ids = [-1] * max_seqs
         self._free_rows = list(range(max_seqs - 1, -1, -1))
-        self._blocks: list[list[int]] = [[] for _ in range(max_seqs)]
         self._tables = np.full((max_seqs, self.max_blocks_per_seq), PAD_BLOCK, dtype=np.int32)
         self._lens = np.zeros(max_seqs, dtype=np.int32)  # slots written (context length)
         self._caps = np.zeros(max_seqs, dtype=np.int32)  # slots reserved (blocks * size)
         self._hashed = [0] * max_seqs  # leading full blocks already registered
         self._cow: set[int] = set()  # rows that may share a partly filled last block
-
-        self.hit_tokens = 0
-        self.query_tokens = 0
 
     # ------------------------------------------------------------------ queries
 
@@ -130,11 +131,11 @@ class BlockManager:
 
     def can_append(self, seq_id: int, num_tokens: int) -> bool:
         """Whether ``seq_id`` can grow by ``num_tokens`` (copy-on-write included)."""
-        return self._needed(self.row(seq_id), num_tokens) <= self.num_free_blocks
+        return self.blocks_needed_row(self.row(seq_id), num_tokens) <= self.num_free_blocks
 
     def blocks_needed(self, seq_id: int, num_tokens: int) -> int:
         """New blocks ``ensure(seq_id, num_tokens)`` would allocate."""
-        return self._needed(self.row(seq_id), num_tokens)
+        return self.blocks_needed_row(self.row(seq_id), num_tokens)
 
     def row(self, seq_id: int) -> int:
         """The block-table row of a registered sequence."""
@@ -151,12 +152,12 @@ class BlockManager:
         return int(self._lens[self.row(seq_id)])
 
     def block_ids(self, seq_id: int) -> list[int]:
-        return list(self._blocks[self.row(seq_id)])
+        return self.block_table(seq_id).tolist()
 
     def block_table(self, seq_id: int) -> np.ndarray:
         """The sequence's block ids as an int32 array."""
         row = self.row(seq_id)
-        return self._tables[row, : len(self._blocks[row])].copy()
+        return self._tables[row, : int(self._caps[row]) >> self._shift].copy()
 
     def slot_mapping(self, seq_id: int, start: int, end: int) -> np.ndarray:
         """Slots (block * block_size + offset) of token positions ``start..end-1``."""
@@ -170,7 +171,7 @@ class BlockManager:
         return self._ref[block]
 
     def free_block_ids(self) -> list[int]:
-        """Blocks on the free stack, next to be reused last."""
+        """Blocks on the free stack (the last one is reused first)."""
         return list(self._free)
 
     def cached_block_ids(self) -> list[int]:
@@ -179,7 +180,7 @@ class BlockManager:
 
     # ------------------------------------------------------------------ sequences
 
-    def add(self, seq_id: int, token_ids: Sequence[int] | None = None) -> int:
+    def add(self, seq_id: int, token_ids: TokenIds | None = None) -> int:
         """Register a sequence; returns its row.
 
         With ``token_ids`` and prefix caching on, the longest cached prefix of full blocks
@@ -192,30 +193,34 @@ class BlockManager:
             raise OutOfSequenceSlots(self.max_seqs)
         row = self._free_rows.pop()
         self._rows[seq_id] = row
-        blocks = self._blocks[row]
-        if token_ids and self.enable_prefix_caching:
-            self._match_prefix(token_ids, blocks)
-            if blocks:
-                self._tables[row, : len(blocks)] = blocks
-        num_cached = len(blocks) << self._shift
-        self._lens[row] = self._caps[row] = num_cached
-        self._hashed[row] = len(blocks)
+        self._row_ids[row] = seq_id
+        hits = 0
+        if token_ids is not None and self.enable_prefix_caching and len(token_ids) > 1:
+            blocks = self._match_prefix(token_ids)
+            hits = len(blocks)
+            if hits:
+                self._tables[row, :hits] = blocks
+        self._lens[row] = self._caps[row] = hits << self._shift
+        self._hashed[row] = hits
         return row
 
-    def _match_prefix(self, token_ids: Sequence[int], blocks: list[int]) -> None:
-        size = self.block_size
+    def _match_prefix(self, token_ids: TokenIds) -> list[int]:
         limit = (len(token_ids) - 1) >> self._shift
-        self.query_tokens += len(token_ids)
-        cache, keys, ref, gen = self._cache, self._key, self._ref, self._gen
+        if not limit:
+            return []
+        data = _as_bytes(token_ids, 0, limit << self._shift)
+        stride = self._stride
+        cache, keys, ref, gen, parents = self._cache, self._key, self._ref, self._gen, self._parent
+        blocks: list[int] = []
         parent, parent_hash = _NO_PARENT, ROOT_HASH
-        for start in range(0, limit * size, size):
-            key = (parent_hash, *token_ids[start : start + size])
+        for offset in range(0, len(data), stride):
+            key = (parent_hash, data[offset : offset + stride])
             block_hash = hash(key)
             block = cache.get(block_hash)
             if (
                 block is None
                 or keys[block] != key
-                or self._parent[block] != parent
+                or parents[block] != parent
                 or (parent != _NO_PARENT and self._parent_gen[block] != gen[parent])
             ):
                 break
@@ -224,19 +229,31 @@ class BlockManager:
             ref[block] += 1
             blocks.append(block)
             parent, parent_hash = block, block_hash
-        self.hit_tokens += len(blocks) * size
+        return blocks
 
     def free(self, seq_id: int) -> None:
         """Drop a sequence; its blocks go back to the pool (cached content stays reusable)."""
         row = self.row(seq_id)
         del self._rows[seq_id]
-        blocks = self._blocks[row]
-        # Tail first: the deepest blocks are the least shareable, so they are evicted first.
-        for block in reversed(blocks):
-            self._release(block)
-        if blocks:
-            self._tables[row, : len(blocks)] = PAD_BLOCK
-            blocks.clear()
+        self._row_ids[row] = -1
+        count = int(self._caps[row]) >> self._shift
+        if count:
+            blocks = self._tables[row, :count].tolist()
+            self._tables[row, :count] = PAD_BLOCK
+            ref, keys, hashes, cache = self._ref, self._key, self._hash, self._cache
+            # Tail first: the deepest blocks are the least shareable, so they go first.
+            for block in reversed(blocks):
+                left = ref[block] - 1
+                ref[block] = left
+                if left:
+                    continue
+                if keys[block] is None:
+                    self._free.append(block)
+                elif cache.get(hashes[block]) == block:
+                    self._evictable[block] = None
+                else:  # a duplicate of content cached elsewhere: drop its registration
+                    self._forget(block)
+                    self._free.append(block)
         self._lens[row] = self._caps[row] = 0
         self._hashed[row] = 0
         self._cow.discard(row)
@@ -252,11 +269,12 @@ class BlockManager:
         if child_id in self._rows:
             raise DuplicateSequence(child_id)
         row = self.add(child_id)
-        blocks = self._blocks[parent_row]
-        for block in blocks:
-            self._ref[block] += 1
-        self._blocks[row] = list(blocks)
-        self._tables[row, : len(blocks)] = self._tables[parent_row, : len(blocks)]
+        count = int(self._caps[parent_row]) >> self._shift
+        blocks = self._tables[parent_row, :count]
+        self._tables[row, :count] = blocks
+        ref = self._ref
+        for block in blocks.tolist():
+            ref[block] += 1
         length = self._lens[parent_row]
         self._lens[row], self._caps[row] = length, self._caps[parent_row]
         self._hashed[row] = self._hashed[parent_row]
@@ -272,48 +290,39 @@ class BlockManager:
         return self.ensure_row(self.row(seq_id), num_tokens)
 
     def ensure_row(self, row: int, num_tokens: int) -> list[tuple[int, int]]:
-        """:meth:`ensure` by row (the scheduler's hot path)."""
+        """:meth:`ensure` by row."""
         length = int(self._lens[row])
         total = length + num_tokens
         if total > self.max_seq_len:
-            raise SequenceTooLong(self._seq_of(row), total, self.max_seq_len)
-        blocks = self._blocks[row]
+            raise SequenceTooLong(self._row_ids[row], total, self.max_seq_len)
+        count = int(self._caps[row]) >> self._shift
         cow = num_tokens > 0 and row in self._cow
-        copy = cow and length & self._mask and self._ref[blocks[-1]] > 1
-        new = ((total + self._mask) >> self._shift) - len(blocks)
-        needed = max(new, 0) + (1 if copy else 0)
+        source = int(self._tables[row, count - 1]) if cow and length & self._mask else -1
+        copy = source >= 0 and self._ref[source] > 1
+        new = max(((total + self._mask) >> self._shift) - count, 0)
+        needed = new + copy
         if needed > len(self._free) + len(self._evictable):
             raise OutOfBlocks(needed, self.num_free_blocks, self.num_blocks)
         copies = []
         if cow:
             self._cow.discard(row)
             if copy:
-                source = blocks[-1]
-                target = self._allocate()
+                (target,) = self._take(1)
                 self._ref[source] -= 1
-                blocks[-1] = target
-                self._tables[row, len(blocks) - 1] = target
+                self._tables[row, count - 1] = target
                 copies.append((source, target))
-        if new > 0:
-            table = self._tables[row]
-            for _ in range(new):
-                block = self._allocate()
-                table[len(blocks)] = block
-                blocks.append(block)
-            self._caps[row] = len(blocks) << self._shift
+        if new:
+            self._tables[row, count : count + new] = self._take(new)
+            self._caps[row] = (count + new) << self._shift
         return copies
 
-    def _needed(self, row: int, num_tokens: int) -> int:
+    def blocks_needed_row(self, row: int, num_tokens: int) -> int:
+        """:meth:`blocks_needed` by row."""
         length = int(self._lens[row])
-        blocks = self._blocks[row]
-        new = max(((length + num_tokens + self._mask) >> self._shift) - len(blocks), 0)
-        if (
-            num_tokens > 0
-            and row in self._cow
-            and length & self._mask
-            and self._ref[blocks[-1]] > 1
-        ):
-            new += 1
+        count = int(self._caps[row]) >> self._shift
+        new = max(((length + num_tokens + self._mask) >> self._shift) - count, 0)
+        if num_tokens > 0 and row in self._cow and length & self._mask:
+            new += self._ref[int(self._tables[row, count - 1])] > 1
         return new
 
     def append(self, seq_id: int, num_tokens: int) -> np.ndarray:
@@ -322,7 +331,7 @@ class BlockManager:
         _, slots = self.append_rows(np.array([row]), np.array([num_tokens]))
         return slots
 
-    def cache_full_blocks(self, seq_id: int, token_ids: Sequence[int]) -> None:
+    def cache_full_blocks(self, seq_id: int, token_ids: TokenIds) -> None:
         """Register the sequence's newly filled blocks for prefix reuse.
 
         ``token_ids`` must hold (at least) every token written so far. Call it once the
@@ -330,46 +339,89 @@ class BlockManager:
         """
         self.cache_full_blocks_row(self.row(seq_id), token_ids)
 
-    def cache_full_blocks_row(self, row: int, token_ids: Sequence[int]) -> None:
+    def cache_full_blocks_row(self, row: int, token_ids: TokenIds) -> None:
         """:meth:`cache_full_blocks` by row."""
         full = int(self._lens[row]) >> self._shift
         first = self._hashed[row]
         if first >= full or not self.enable_prefix_caching:
             return
-        size = self.block_size
-        blocks = self._blocks[row]
-        keys, hashes, cache = self._key, self._hash, self._cache
+        self._hashed[row] = full
+        keys, hashes, gen = self._key, self._hash, self._gen
+        blocks = self._tables[row, max(first - 1, 0) : full].tolist()
         if first:
-            parent = blocks[first - 1]
+            parent = blocks.pop(0)
             parent_hash = hashes[parent]
         else:
             parent, parent_hash = _NO_PARENT, ROOT_HASH
-        for index in range(first, full):
-            block = blocks[index]
+        data = _as_bytes(token_ids, first << self._shift, full << self._shift)
+        stride = self._stride
+        for offset, block in zip(range(0, len(data), stride), blocks, strict=True):
             if keys[block] is None:
-                start = index * size
-                key = (parent_hash, *token_ids[start : start + size])
+                key = (parent_hash, data[offset : offset + stride])
                 block_hash = hash(key)
                 keys[block] = key
                 hashes[block] = block_hash
                 self._parent[block] = parent
-                self._parent_gen[block] = self._gen[parent] if parent != _NO_PARENT else 0
-                cache[block_hash] = block
+                self._parent_gen[block] = gen[parent] if parent != _NO_PARENT else 0
+                self._map(block_hash, block)
             parent, parent_hash = block, hashes[block]
-        self._hashed[row] = full
+
+    def cache_last_blocks_rows(self, rows: np.ndarray, token_buffer: np.ndarray) -> None:
+        """Bulk :meth:`cache_full_blocks_row` for rows that each just filled one block.
+
+        ``token_buffer[row]`` holds each row's tokens (the decode path: a few NumPy calls
+        for all rows, then one short loop).
+        """
+        if not self.enable_prefix_caching or not len(rows):
+            return
+        full = self._lens[rows] >> self._shift
+        last = full - 1
+        blocks = self._tables[rows, last].tolist()
+        parents = self._tables[rows, np.maximum(last - 1, 0)].tolist()
+        columns = (last << self._shift)[:, None] + np.arange(self.block_size)
+        data = token_buffer[rows[:, None], columns].astype(np.int32, copy=False).tobytes()
+        stride = self._stride
+        keys, hashes, gen, hashed = self._key, self._hash, self._gen, self._hashed
+        for offset, row, index, block, parent in zip(
+            range(0, len(data), stride), rows.tolist(), last.tolist(), blocks, parents,
+            strict=True,
+        ):
+            if hashed[row] != index:  # not exactly one new block: take the general path
+                self.cache_full_blocks_row(row, token_buffer[row])
+                continue
+            hashed[row] = index + 1
+            if keys[block] is not None:
+                continue  # shared with a fork that registered it already
+            if index:
+                parent_hash, parent_gen = hashes[parent], gen[parent]
+            else:
+                parent, parent_hash, parent_gen = _NO_PARENT, ROOT_HASH, 0
+            key = (parent_hash, data[offset : offset + stride])
+            block_hash = hash(key)
+            keys[block] = key
+            hashes[block] = block_hash
+            self._parent[block] = parent
+            self._parent_gen[block] = parent_gen
+            self._map(block_hash, block)
 
     # ------------------------------------------------------------------ bulk (rows)
 
     def seq_lens(self, rows: np.ndarray) -> np.ndarray:
         return self._lens[rows]
 
-    def rows_needing_blocks(self, rows: np.ndarray) -> list[int]:
-        """Rows whose next single-token append needs a new block or a copy-on-write."""
-        needing = rows[(self._lens[rows] & self._mask) == 0].tolist()
-        if self._cow:
-            cow = np.fromiter(self._cow, dtype=rows.dtype, count=len(self._cow))
-            needing = rows[((self._lens[rows] & self._mask) == 0) | np.isin(rows, cow)].tolist()
-        return needing
+    def copy_pending_rows(self) -> list[int]:
+        """Rows that may share a partly filled last block (see :meth:`fork`)."""
+        return list(self._cow)
+
+    def grow_rows(self, rows: np.ndarray) -> None:
+        """Give each of ``rows`` (all full to the last slot, no copy pending) one new block."""
+        if len(rows) > len(self._free) + len(self._evictable):
+            raise OutOfBlocks(len(rows), self.num_free_blocks, self.num_blocks)
+        caps = self._caps[rows]
+        if (caps != self._lens[rows]).any() or (caps >= self.max_seq_len).any():
+            raise SlotsNotReserved([self._row_ids[r] for r in rows.tolist()])
+        self._tables[rows, caps >> self._shift] = self._take(len(rows))
+        self._caps[rows] = caps + self.block_size
 
     def append_rows(
         self, rows: np.ndarray, counts: np.ndarray | None = None
@@ -377,7 +429,7 @@ class BlockManager:
         """Mark tokens written for distinct ``rows``; returns (positions, slots), int32.
 
         ``counts`` tokens per row (None = one each, the decode case), in row order. Slots
-        must have been reserved with :meth:`ensure_row`.
+        must have been reserved (:meth:`ensure_row`, :meth:`grow_rows`).
         """
         start = self._lens[rows]
         if counts is None:
@@ -391,9 +443,9 @@ class BlockManager:
             shift = np.cumsum(counts) - counts - start  # position = token number - shift
             positions = np.arange(len(token_index), dtype=np.int32) - shift[token_index]
             positions = positions.astype(np.int32, copy=False)
-        if (end > self._caps[rows]).any():
-            late = rows[end > self._caps[rows]].tolist()
-            raise SlotsNotReserved([self._seq_of(r) for r in late])
+        late = end > self._caps[rows]
+        if late.any():
+            raise SlotsNotReserved([self._row_ids[r] for r in rows[late].tolist()])
         slots = self._tables[token_rows, positions >> self._shift]
         slots <<= self._shift
         slots += positions & self._mask
@@ -406,33 +458,57 @@ class BlockManager:
 
     # ------------------------------------------------------------------ blocks
 
-    def _allocate(self) -> int:
-        if self._free:
-            block = self._free.pop()
+    def _take(self, count: int) -> list[int]:
+        """Allocate ``count`` blocks (the caller checked there are enough)."""
+        free = self._free
+        if count <= len(free):
+            if count == 1:
+                blocks = [free.pop()]
+            else:
+                blocks = free[-count:]
+                del free[-count:]
+                blocks.reverse()
         else:
-            block, _ = self._evictable.popitem(last=False)
-            if self._cache.get(self._hash[block]) == block:
-                del self._cache[self._hash[block]]
+            blocks = free[::-1]
+            free.clear()
+            popitem, cache, keys, hashes, gen = (
+                self._evictable.popitem, self._cache, self._key, self._hash, self._gen
+            )
+            for _ in range(count - len(blocks)):
+                block, _ = popitem(last=False)
+                del cache[hashes[block]]  # evictable blocks are exactly the mapped ones
+                keys[block] = None
+                gen[block] += 1
+                blocks.append(block)
+        ref = self._ref
+        for block in blocks:
+            ref[block] = 1
+        return blocks
+
+    def _map(self, block_hash: int, block: int) -> None:
+        """Make ``block`` the cached copy of its content (the newest copy wins)."""
+        old = self._cache.get(block_hash)
+        if old is not None and old != block and self._ref[old] == 0:
+            # Keep "evictable == mapped with no references": the old copy becomes free.
+            del self._evictable[old]
+            self._forget(old)
+            self._free.append(old)
+        self._cache[block_hash] = block
+
+    def _forget(self, block: int) -> None:
+        """Drop a block's registered content (it is about to get new content)."""
+        block_hash = self._hash[block]
+        if self._cache.get(block_hash) == block:
+            del self._cache[block_hash]
         self._key[block] = None
-        self._ref[block] = 1
         self._gen[block] += 1
-        return block
 
-    def _release(self, block: int) -> None:
-        count = self._ref[block] - 1
-        self._ref[block] = count
-        if count:
-            return
-        if self._key[block] is not None and self._cache.get(self._hash[block]) == block:
-            self._evictable[block] = None
-        else:
-            self._free.append(block)
 
-    def _seq_of(self, row: int) -> int:
-        for seq_id, r in self._rows.items():
-            if r == row:
-                return seq_id
-        return -1
+def _as_bytes(token_ids: TokenIds, start: int, end: int) -> bytes:
+    part = token_ids[start:end]
+    if isinstance(part, np.ndarray) and part.dtype == np.int32:
+        return part.tobytes()
+    return np.asarray(part, dtype=np.int32).tobytes()
 
 
 def _check_positive(name: str, value: object) -> None:

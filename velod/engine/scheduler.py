@@ -26,6 +26,7 @@ no deadlock.
 
 from __future__ import annotations
 
+import array
 import heapq
 from collections.abc import Mapping
 from collections.abc import Sequence as SequenceLike
@@ -96,6 +97,10 @@ class Scheduler:
         self._row_id = np.full(rows, -1, dtype=np.int64)
         self._decoding = np.zeros(rows, dtype=bool)
         self._last_token = np.zeros(rows, dtype=np.int32)
+        # Token history of each row; np.zeros maps untouched pages lazily, so the real
+        # footprint follows the sequences' actual lengths, not max_model_len.
+        self._tokens = np.zeros((rows, config.max_model_len), dtype=np.int32)
+        self._num_tokens = np.zeros(rows, dtype=np.int64)
         self._remaining = np.zeros(rows, dtype=np.int32)
         self._eos = np.full(rows, -1, dtype=np.int64)
         self._num_eos = 0  # running sequences with an eos token
@@ -162,18 +167,22 @@ class Scheduler:
         self._submitted += 1
         return seq_id
 
-    def _validate_prompt(self, prompt: object) -> list[int]:
+    def _validate_prompt(self, prompt: object) -> np.ndarray:
         if isinstance(prompt, np.ndarray):
             if prompt.ndim != 1 or (prompt.size and prompt.dtype.kind not in "iu"):
                 raise InvalidRequest("prompt", "must be a 1-D array of integer token ids")
-            tokens = prompt.tolist()
+            tokens = prompt
         elif isinstance(prompt, list | tuple):
-            tokens = list(prompt)
-            if not set(map(type, tokens)) <= {int}:
-                raise InvalidRequest("prompt", "token ids must be integers")
+            try:  # strict and fast: ints only, within int32
+                tokens = np.frombuffer(array.array("i", prompt), dtype=np.int32)
+            except (TypeError, OverflowError):
+                raise InvalidRequest(
+                    "prompt", f"token ids must be integers in [0, {self._max_token()}]",
+                    limit=self._max_token(),
+                ) from None
         else:
             raise InvalidRequest("prompt", f"must be a list of token ids, not {type(prompt)}")
-        if not tokens:
+        if not len(tokens):
             raise InvalidRequest("prompt", "must hold at least one token id", limit=1)
         limit = self.config.max_model_len - 1
         if len(tokens) > limit:
@@ -181,12 +190,15 @@ class Scheduler:
                 "prompt", f"has {len(tokens)} tokens; max_model_len={limit + 1} leaves room "
                 f"for at most {limit} (one token must be generated)", limit=limit,
             )
-        if min(tokens) < 0 or max(tokens) > self._max_token():
+        if tokens.min() < 0 or (
+            (self.config.vocab_size is not None or tokens.dtype != np.int32)
+            and tokens.max() > self._max_token()
+        ):
             raise InvalidRequest(
                 "prompt", f"token ids must be in [0, {self._max_token()}]",
                 limit=self._max_token(),
             )
-        return tokens
+        return tokens.astype(np.int32, copy=False)
 
     def _max_token(self) -> int:
         vocab = self.config.vocab_size
@@ -227,7 +239,8 @@ class Scheduler:
             state = "unknown" if parent is None else parent.state.value
             raise UnknownSequence(parent_id, f"decoding request (it is {state})")
         limit = max_new_tokens if max_new_tokens is not None else parent.max_new_tokens
-        _check_int("max_new_tokens", limit, parent.num_generated + 1,
+        generated = int(self._num_tokens[parent.row]) - parent.num_prompt_tokens
+        _check_int("max_new_tokens", limit, generated + 1,
                    self.config.max_model_len - parent.num_prompt_tokens)
         if not self.block_manager.num_free_rows:
             raise QueueFull(
@@ -236,8 +249,8 @@ class Scheduler:
             )
         child_id = self._next_id
         self._next_id += 1
-        child = Sequence(child_id, list(parent.tokens), parent.num_prompt_tokens, limit,
-                         parent.priority, child_id, parent.sort_key, parent.eos_token_id)
+        child = Sequence(child_id, self.token_ids(parent_id), parent.num_prompt_tokens,
+                         limit, parent.priority, child_id, parent.sort_key, parent.eos_token_id)
         row = self.block_manager.fork(parent_id, child_id)
         self._occupy(child, row)
         child.state = _DECODING
@@ -263,10 +276,17 @@ class Scheduler:
         preempted: list[int] = []
 
         decode_rows = np.flatnonzero(self._decoding)
-        for row in bm.rows_needing_blocks(decode_rows):
-            seq = self._row_seq[row]
-            if seq is not None and seq.state is _DECODING:
-                self._reserve(seq, 1, copies, preempted)
+        if len(decode_rows):
+            boundary = decode_rows[(bm.seq_lens(decode_rows) & self._mask) == 0]
+            pending_copies = bm.copy_pending_rows()
+            if not pending_copies and len(boundary) <= bm.num_free_blocks:
+                if len(boundary):
+                    bm.grow_rows(boundary)  # the common case: one new block each, in bulk
+            else:
+                for row in boundary.tolist() + pending_copies:
+                    seq = self._row_seq[row]
+                    if seq is not None and seq.state is _DECODING:
+                        self._reserve(seq, 1, copies, preempted)
         budget = self.config.max_tokens_per_step - len(decode_rows)
 
         chunks: list[tuple[Sequence, int]] = []
@@ -310,7 +330,7 @@ class Scheduler:
                 break  # did not fit last time and nothing was freed since
             row = bm.add(seq.id, seq.tokens)
             cached = bm.seq_len(seq.id)
-            if bm.blocks_needed(seq.id, len(seq.tokens) - cached) > bm.num_free_blocks:
+            if bm.blocks_needed_row(row, len(seq.tokens) - cached) > bm.num_free_blocks:
                 bm.free(seq.id)
                 seq.retry_free = bm.num_free_blocks
                 break  # strict order: nothing overtakes the head, so it cannot starve
@@ -338,7 +358,7 @@ class Scheduler:
         Returns False when ``seq`` itself was the one preempted.
         """
         bm = self.block_manager
-        while bm.blocks_needed(seq.id, num_tokens) > bm.num_free_blocks:
+        while bm.blocks_needed_row(seq.row, num_tokens) > bm.num_free_blocks:
             victim = max(self._running.values(), key=_victim_order)
             self._preempt(victim)
             preempted.append(victim.id)
@@ -364,18 +384,18 @@ class Scheduler:
             rows = np.concatenate((decode_rows, prefill_rows))
             query_lens = np.concatenate((np.ones(num_decode, np.int32), prefill_lens))
             positions, slots = bm.append_rows(rows, query_lens)
-            prompt_tokens: list[int] = []
+            parts = [token_ids]
             sampled: list[int] = []
             for index, (seq, n) in enumerate(chunks, num_decode):
                 start = seq.num_computed
-                prompt_tokens += seq.tokens[start : start + n]
+                parts.append(self._tokens[seq.row, start : start + n])
                 seq.num_computed = start + n
                 if seq.num_computed == len(seq.tokens):
                     sampled.append(index)
                     seq.state = _DECODING
                     self._decoding[seq.row] = True
                     self._prefilling.remove(seq)
-            token_ids = np.concatenate((token_ids, np.array(prompt_tokens, dtype=np.int32)))
+            token_ids = np.concatenate(parts)
             query_start = np.zeros(len(rows) + 1, np.int32)
             np.cumsum(query_lens, out=query_start[1:])
             sample_pos = np.array(sampled, dtype=np.int64)
@@ -431,32 +451,30 @@ class Scheduler:
         row_seq = self._row_seq
         # The KV of this step is in the cache now: its full blocks become reusable prefixes.
         if bm.enable_prefix_caching and len(batch.commit_rows):
-            for row, seq_id in zip(batch.commit_rows.tolist(), batch.commit_ids.tolist(),
-                                   strict=True):
-                seq = row_seq[row]
-                if seq is not None and seq.id == seq_id:
-                    bm.cache_full_blocks_row(row, seq.tokens)
+            commit = batch.commit_rows
+            live_commit = self._row_id[commit] == batch.commit_ids
+            bm.cache_last_blocks_rows(commit[live_commit], self._tokens)
         rows = batch.sample_rows
         live = self._row_id[rows] == batch.sample_seq_ids
         if not live.all():  # aborted since step()
             rows, tokens = rows[live], tokens[live]
         self._last_token[rows] = tokens
+        counts = self._num_tokens[rows]
+        self._tokens[rows, counts] = tokens
+        self._num_tokens[rows] = counts + 1
         remaining = self._remaining[rows] - 1
         self._remaining[rows] = remaining
         done = remaining <= 0
         if self._num_eos:
             done |= tokens == self._eos[rows]
-        token_list = tokens.tolist()
-        for row, token in zip(rows.tolist(), token_list, strict=True):
-            row_seq[row].tokens.append(token)  # type: ignore[union-attr]
-        self._generated += len(token_list)
+        self._generated += len(rows)
         if not done.any():
             return []
         results = []
         for row in rows[done].tolist():
             seq = row_seq[row]
             assert seq is not None
-            reason = "length" if seq.num_generated >= seq.max_new_tokens else "stop"
+            reason = "length" if self._remaining[row] <= 0 else "stop"
             results.append(self._retire(seq, SequenceState.FINISHED, reason))
             self._freed.append(seq.id)
             self._finished += 1
@@ -497,14 +515,18 @@ class Scheduler:
         self._running[seq.id] = seq
         self._row_seq[row] = seq
         self._row_id[row] = seq.id
+        count = len(seq.tokens)
+        self._tokens[row, :count] = seq.tokens
+        self._num_tokens[row] = count
         self._last_token[row] = seq.tokens[-1]
-        self._remaining[row] = seq.max_new_tokens - seq.num_generated
+        self._remaining[row] = seq.max_new_tokens - (count - seq.num_prompt_tokens)
         if seq.eos_token_id is not None:
             self._eos[row] = seq.eos_token_id
             self._num_eos += 1
 
     def _vacate(self, seq: Sequence) -> None:
         row = seq.row
+        seq.tokens = self._tokens[row, : self._num_tokens[row]].copy()
         self.block_manager.free(seq.id)
         if seq.state is _PREFILLING:
             self._prefilling.remove(seq)
@@ -530,8 +552,8 @@ class Scheduler:
         self._vacate(seq)
         seq.state = state
         del self._live[seq.id]
-        return FinishedRequest(seq.id, reason, seq.output_token_ids, seq.num_prompt_tokens,
-                               seq.num_preemptions)
+        return FinishedRequest(seq.id, reason, seq.tokens[seq.num_prompt_tokens :].tolist(),
+                               seq.num_prompt_tokens, seq.num_preemptions)
 
     # ------------------------------------------------------------------ queries
 
@@ -548,6 +570,13 @@ class Scheduler:
         if seq is None:
             raise UnknownSequence(seq_id, "request")
         return seq
+
+    def token_ids(self, seq_id: int) -> np.ndarray:
+        """A live request's tokens so far (prompt + generated), int32 copy."""
+        seq = self.sequence(seq_id)
+        if seq.row >= 0:
+            return self._tokens[seq.row, : self._num_tokens[seq.row]].copy()
+        return seq.tokens.copy()
 
     def running_ids(self) -> list[int]:
         return list(self._running)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+import numpy as np
+
 
 class SequenceState(enum.Enum):
     WAITING = "waiting"  # queued, or preempted and queued again (holds no blocks)
@@ -16,11 +18,12 @@ class SequenceState(enum.Enum):
 
 @dataclass(slots=True, eq=False)
 class Sequence:
-    """One request. ``tokens`` is prompt + generated tokens: everything needed to recompute
-    its KV cache after a preemption."""
+    """One request. ``tokens`` (int32) is prompt + generated tokens: everything needed to
+    recompute its KV cache after a preemption. While the request holds a block-table row,
+    the scheduler's token buffer is the up-to-date copy (``Scheduler.token_ids``)."""
 
     id: int
-    tokens: list[int]
+    tokens: np.ndarray
     num_prompt_tokens: int
     max_new_tokens: int
     priority: int
@@ -33,14 +36,6 @@ class Sequence:
     num_computed: int = 0  # while PREFILLING: tokens whose KV is scheduled into the cache
     retry_free: int = -1  # free blocks when admission last failed (skip until more)
     num_preemptions: int = 0
-
-    @property
-    def num_generated(self) -> int:
-        return len(self.tokens) - self.num_prompt_tokens
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.tokens[self.num_prompt_tokens :]
 
 
 @dataclass(frozen=True, slots=True)
