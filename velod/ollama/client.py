@@ -20,6 +20,7 @@ from velod.ollama.models import (
     ModelInfo,
     OllamaState,
     UnknownArchitecture,
+    normalize_name,
 )
 
 DEFAULT_URL = "http://127.0.0.1:11434"
@@ -119,6 +120,7 @@ class OllamaClient:
         self.timeout = timeout
         self._session: Any = None
         self._show_cache: dict[tuple[str, str | None], dict[str, Any]] = {}
+        self.tag_names: set[str] = set()  # every installed name, variants included
 
     async def __aenter__(self) -> OllamaClient:
         return self
@@ -209,6 +211,8 @@ class OllamaClient:
         """
         version = await self.version()
         entries = await self.tags()
+        self.tag_names = {normalize_name(n) for e in entries
+                          if isinstance(n := e.get("name") or e.get("model"), str)}
         models = []
         for entry in entries:
             name = entry.get("name") or entry.get("model")

@@ -1,0 +1,492 @@
+"""The tuner component: watch Ollama and the hardware, plan, and (in apply mode) apply.
+
+One loop polls Ollama every ``tuner.interval`` (with exponential back-off while it does not
+answer) and re-plans; triggers wake it early: start-up, ``hardware.changed``, a config
+reload, a model with CPU spill in ``/api/ps``, a newly pulled model. A changed plan must
+stay the same for ``tuner.settle`` before it is applied (hysteresis); a plan that was rolled
+back is not retried by itself until the plan changes. ``observe`` mode never writes or
+restarts anything. Every decision goes to the history and out as event ``tuner.decision``.
+
+Manual apply (``tuner.apply``, admin) works in both modes: it skips the settle wait but
+still waits for Ollama to be idle and for ``min_restart_interval``; ``now: true`` skips
+those too and restarts Ollama at once (requests in flight are cut off).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from typing import TYPE_CHECKING, Any
+
+from velod.blocking import run_blocking
+from velod.component import Component, Context
+from velod.control.registry import CallContext, Method, RpcError, param
+from velod.hardware.snapshot import Snapshot
+from velod.ollama import planner
+from velod.ollama.applier import Applier, Outcome, server_environment
+from velod.ollama.client import OllamaClient, OllamaError, resolve_url
+from velod.ollama.dropin import DropinError, Effective
+from velod.ollama.history import History
+from velod.ollama.models import OllamaState
+from velod.units import parse_size
+
+if TYPE_CHECKING:
+    from velod.bus import Event
+    from velod.config import Config
+
+MAX_BACKOFF_S = 300.0
+EVENT = "tuner.decision"
+
+
+def backoff(interval: float, failures: int) -> float:
+    """Seconds before the next poll after ``failures`` failed polls in a row."""
+    if failures <= 0:
+        return interval
+    cap = max(interval, min(MAX_BACKOFF_S, 32 * interval))
+    return min(interval * 2 ** failures, cap)
+
+
+def _env_key(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted(env.items()))
+
+
+class Tuner(Component):
+    """Component ``tuner`` (``velod.ollama.tuner:Tuner``)."""
+
+    name = "tuner"
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self.history = History(ctx.state_dir)
+        self.client = self._make_client(ctx.config)
+        self.applier = Applier(ctx.config.ollama, ctx.config.tuner, self.client, self.history,
+                               self.log)
+        self.snapshot: Snapshot | None = None
+        self.ollama: OllamaState | None = None  # last good poll
+        self.last_poll: float | None = None
+        self.last_ok: float | None = None
+        self.ollama_error: str | None = None
+        self.failures = 0
+        self.next_poll_at: float | None = None
+        self.plan: planner.Plan | None = None
+        self.effective: Effective | None = None
+        self.pending: dict[str, Any] | None = None  # changed plan waiting to settle
+        self.rejected: tuple[tuple[str, str], ...] | None = self._rejected_from_history()
+        self.last_decision: dict[str, Any] | None = None
+        self._skips_recorded: set[tuple[str, Any]] = set()
+        self._digests: frozenset[tuple[str, str | None]] | None = None
+        self._spilling: frozenset[str] = frozenset()
+        self._triggers: list[str] = ["start-up"]
+        self._wake: asyncio.Event | None = None
+        self._lock: asyncio.Lock | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._unsubscribe: Any = None
+
+    @staticmethod
+    def _make_client(config: Config) -> OllamaClient:
+        return OllamaClient(resolve_url(config.ollama.url), config.ollama.request_timeout)
+
+    def _rejected_from_history(self) -> tuple[tuple[str, str], ...] | None:
+        last = self.history.latest("applied", "rolled-back")
+        if last and last["decision"] == "rolled-back" and isinstance(last.get("failed"), dict):
+            return _env_key(last["failed"])
+        return None
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._unsubscribe = self.ctx.bus.subscribe(["hardware.snapshot", "hardware.changed"],
+                                                   self._on_event)
+        self._task = asyncio.create_task(self._run(), name="tuner")
+        self.state = "running"
+
+    async def stop(self) -> None:
+        self.state = "stopping"
+        if self._unsubscribe:
+            self._unsubscribe()
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(self._task, 2.0)
+        await self.client.close()
+        self.state = "stopped"
+
+    async def reconfigure(self, config: Config) -> None:
+        old = self.config
+        self.config = config
+        if (old.ollama.url, old.ollama.request_timeout) != (config.ollama.url,
+                                                            config.ollama.request_timeout):
+            await self.client.close()
+            self.client = self._make_client(config)
+        self.applier.reconfigure(config.ollama, config.tuner, self.client)
+        self.pending = None
+        self.trigger("reconfigure")
+
+    def _on_event(self, event: Event) -> None:
+        if event.topic == "hardware.snapshot":
+            try:
+                self.snapshot = Snapshot.from_dict(event.data["snapshot"])
+            except (KeyError, TypeError, ValueError) as exc:
+                self.log.warning("ignoring a malformed hardware snapshot: %s", exc)
+                return
+            if self.plan is None:
+                self.trigger("hardware snapshot")
+        elif event.topic == "hardware.changed":
+            self.trigger("hardware.changed")
+
+    def trigger(self, reason: str) -> None:
+        """Wake the loop for a re-plan now, noting why."""
+        if reason not in self._triggers:
+            self._triggers.append(reason)
+        if self._wake is not None:
+            self._wake.set()
+
+    # ------------------------------------------------------------------ the loop
+    async def _run(self) -> None:
+        assert self._wake is not None and self._lock is not None
+        while True:
+            self._wake.clear()
+            try:
+                async with self._lock:
+                    await self._cycle()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the tuner must never take the daemon down
+                self.log.exception("tuner cycle failed")
+                self.state, self.error = "degraded", f"tuner cycle failed: {exc}"
+            delay = self._next_delay()
+            self.next_poll_at = time.monotonic() + delay
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+
+    def _next_delay(self) -> float:
+        tuner = self.config.tuner
+        delay = backoff(tuner.interval, self.failures)
+        if self.failures:
+            return delay
+        if self.pending is not None:
+            waited = time.monotonic() - self.pending["since"]
+            delay = min(delay, max(0.05, tuner.settle - waited + 0.01))
+            if self.pending.get("retry_in") is not None:
+                delay = min(delay, max(0.05, self.pending["retry_in"]))
+        return delay
+
+    async def poll(self) -> OllamaState | None:
+        """Ask Ollama for its state; on failure count it and keep the error for status."""
+        self.last_poll = time.time()
+        try:
+            state = await self.client.fetch_state(skip=(self.config.tuner.variant_suffix,))
+        except OllamaError as exc:
+            self.failures += 1
+            self.ollama_error = str(exc)
+            self.state, self.error = "degraded", f"Ollama unreachable: {exc}"
+            return None
+        if self.failures:
+            self.log.info("Ollama answers again at %s", self.client.base_url)
+        self.failures, self.ollama_error = 0, None
+        self.state, self.error = "running", None
+        self.ollama, self.last_ok = state, time.time()
+        self.applier.idle.observe(state.loaded, self.snapshot)
+        digests = frozenset((m.name, m.digest) for m in state.models)
+        if self._digests is not None and digests != self._digests:
+            self.trigger("model installed or changed")
+        self._digests = digests
+        spilling = frozenset(m.name for m in state.loaded if m.spills_to_cpu)
+        if spilling - self._spilling:
+            self.trigger("CPU spill in /api/ps: " + ", ".join(sorted(spilling - self._spilling)))
+        self._spilling = spilling
+        return state
+
+    def _planning_state(self) -> OllamaState:
+        if self.ollama is not None:
+            if self.failures:
+                return dataclasses.replace(self.ollama, reachable=False, error=self.ollama_error)
+            return self.ollama
+        return OllamaState(version=None, reachable=False, error=self.ollama_error or "not polled")
+
+    async def replan(self) -> planner.Plan | None:
+        """A fresh plan for this machine from the latest snapshot and Ollama state."""
+        if self.snapshot is None or not self.config.tuner.enabled:
+            return None
+        policy = planner.Policy.from_config(self.config.tuner)
+        self.plan = planner.plan(self.snapshot, self._planning_state(), policy)
+        try:
+            self.effective = await run_blocking(self.applier.dropins.effective, timeout=10)
+        except (OSError, TimeoutError) as exc:
+            self.effective = Effective({}, {}, {}, errors=[f"cannot read drop-ins: {exc}"])
+        return self.plan
+
+    async def _cycle(self) -> None:
+        state = await self.poll()
+        if state is None:
+            return  # back off; never act on a stale view of Ollama
+        if self.applier.pending_verification is not None and state.loaded:
+            outcome = await self.applier.verify(state.loaded)
+            if outcome is not None:
+                self._announce(outcome)
+        plan = await self.replan()
+        if plan is None:
+            return
+        reasons, self._triggers = self._triggers, []
+        await self._decide(plan, ", ".join(reasons) or "periodic check")
+        if self.config.tuner.mode == "apply" and self.config.tuner.model_variants:
+            for outcome in await self.applier.apply_variants(plan, self.client.tag_names):
+                self._announce(outcome)
+
+    async def _decide(self, plan: planner.Plan, reason: str) -> None:
+        assert self.effective is not None
+        changes = plan.changes(self.effective.environment)
+        desired = server_environment(plan)
+        key = _env_key(desired)
+        if not changes or self.effective.velod == desired:
+            # Nothing to do, or velod's file already says it and another file overrides it
+            # (a conflict shown by tuner.show; restarting would not help).
+            self.pending = None
+            return
+        if key == self.rejected:
+            self.pending = None
+            return
+        now = time.monotonic()
+        if self.pending is None or self.pending["key"] != key:
+            self.pending = {"key": key, "since": now, "changes": changes, "reason": reason}
+            self._skips_recorded.clear()
+            self._record(Outcome("planned", f"{len(changes)} setting(s) to change",
+                                 {"changes": changes, "reason": reason,
+                                  "mode": self.config.tuner.mode}))
+        if self.config.tuner.mode != "apply":
+            return
+        if now - self.pending["since"] < self.config.tuner.settle:
+            return
+        await self._apply(plan, self.pending["reason"], changes, force=False)
+
+    async def _apply(self, plan: planner.Plan, reason: str, changes: dict[str, Any],
+                     force: bool) -> Outcome:
+        skip = self.applier.gate(force=force)
+        if skip is not None:
+            if self.pending is not None:
+                self.pending["retry_in"] = skip.details.get("retry_in") or min(
+                    self.config.tuner.interval, max(0.05, self.config.tuner.restart_when_idle_for
+                                                    - skip.details.get("idle_for", 0.0)))
+            if (skip.decision, self.pending and self.pending["key"]) not in self._skips_recorded:
+                self._skips_recorded.add((skip.decision, self.pending and self.pending["key"]))
+                self._record(skip)
+            return skip
+        outcome = await self.applier.apply(plan, reason, changes)
+        self.pending = None
+        if outcome.decision == "rolled-back":
+            self.rejected = _env_key(server_environment(plan))
+        self._announce(outcome)
+        return outcome
+
+    def _record(self, outcome: Outcome) -> None:
+        try:
+            self.history.append(outcome.decision, message=outcome.message, **outcome.details)
+        except OSError as exc:
+            self.log.error("cannot write the tuner history: %s", exc)
+        self._announce(outcome)
+
+    def _announce(self, outcome: Outcome) -> None:
+        data = _plain(outcome.to_dict())
+        data["time"] = time.time()
+        self.last_decision = data
+        log = self.log.warning if outcome.decision in ("rolled-back", "error") else self.log.info
+        log("%s: %s", outcome.decision, outcome.message)
+        self.ctx.bus.publish(EVENT, data)
+
+    # ------------------------------------------------------------------ status
+    def status(self) -> dict[str, Any]:
+        tuner = self.config.tuner
+        retry = (max(0.0, self.next_poll_at - time.monotonic())
+                 if self.failures and self.next_poll_at else None)
+        return {"state": self.state, "error": self.error, "mode": tuner.mode,
+                "enabled": tuner.enabled, "profile": tuner.profile,
+                "ollama": {"url": self.client.base_url, "reachable": self._reachable(),
+                           "version": self.ollama.version if self.ollama else None,
+                           "error": self.ollama_error, "failures": self.failures,
+                           "retry_in": round(retry, 3) if retry is not None else None},
+                "pending": self._pending_dict(),
+                "changes": len(self.plan.changes(self.effective.environment))
+                if self.plan and self.effective else None,
+                "last_decision": self.last_decision}
+
+    def _reachable(self) -> bool | None:
+        if self.last_poll is None:
+            return None
+        return self.failures == 0
+
+    def _pending_dict(self) -> dict[str, Any] | None:
+        if self.pending is None:
+            return None
+        waited = time.monotonic() - self.pending["since"]
+        return {"changes": _plain(self.pending["changes"]), "reason": self.pending["reason"],
+                "settled_in": round(max(0.0, self.config.tuner.settle - waited), 3)}
+
+    # ------------------------------------------------------------------ methods
+    def methods(self) -> list[Method]:
+        return [
+            Method("ollama.status", self.m_ollama_status, summary="Is Ollama reachable; "
+                   "version; loaded models with CPU/GPU split and context"),
+            Method("tuner.show", self.m_show, summary="Current vs recommended settings with "
+                   "reasons, and the memory budget"),
+            Method("tuner.plan", self.m_plan, summary="Plan for this machine or a what-if one "
+                   "(vram, gpus, ram, models, profile)"),
+            Method("tuner.apply", self.m_apply, admin=True, summary="Apply the current plan "
+                   "now (now: also while busy or rate-limited)"),
+            Method("tuner.rollback", self.m_rollback, admin=True,
+                   summary="Restore the previous drop-in and restart Ollama"),
+            Method("tuner.history", self.m_history, summary="The last decisions (limit)"),
+        ]
+
+    async def m_ollama_status(self, params: dict[str, Any], ctx: CallContext) -> Any:
+        if self.last_poll is None:
+            await self._locked(self.poll)
+        state = self.ollama
+        loaded = [{"name": m.name, "size": m.size, "size_vram": m.size_vram,
+                   "gpu_percent": round(100 * m.gpu_fraction, 1),
+                   "cpu_percent": round(100 * (1 - m.gpu_fraction), 1),
+                   "spills_to_cpu": m.spills_to_cpu, "context_length": m.context_length,
+                   "expires_at": m.expires_at} for m in (state.loaded if state else [])]
+        return {"url": self.client.base_url, "reachable": self._reachable(),
+                "version": state.version if state else None, "error": self.ollama_error,
+                "failures": self.failures, "last_ok": self.last_ok, "last_poll": self.last_poll,
+                "stale": bool(self.failures and state),
+                "models": [m.name for m in state.models] if state else [], "loaded": loaded,
+                "idle_for": round(self.applier.idle.idle_for(), 1)}
+
+    async def _locked(self, fn: Any) -> Any:
+        assert self._lock is not None
+        async with self._lock:
+            return await fn()
+
+    async def m_show(self, params: dict[str, Any], ctx: CallContext) -> Any:
+        if not self.config.tuner.enabled:
+            raise RpcError("unavailable", "the tuner is disabled (tuner.enabled: false)")
+        if self.snapshot is None:
+            raise RpcError("unavailable", "no hardware snapshot yet (is the hardware monitor "
+                           "enabled?); try again in a few seconds")
+        plan = self.plan or await self._locked(self.replan)
+        eff = self.effective or Effective({}, {}, {})
+        changes = plan.changes(eff.environment)
+        rows = []
+        for name, rec in plan.server.items():
+            current = eff.environment.get(name)
+            rows.append({"name": name, "current": current, "source": eff.sources.get(name),
+                         "default": rec.default, "recommended": rec.value, "reason": rec.reason,
+                         "pinned": rec.pinned, "change": name in changes})
+        return {"mode": self.config.tuner.mode, "profile": plan.profile,
+                "ollama": {"reachable": self._reachable(), "version": plan.version,
+                           "error": self.ollama_error},
+                "settings": rows, "changes": _plain(changes), "up_to_date": not changes,
+                "conflicts": [c.to_dict() | {"message": c.describe()} for c in eff.conflicts],
+                "dropin": str(self.applier.dropins.path), "dropin_errors": eff.errors,
+                "pending": self._pending_dict(),
+                "rejected": dict(self.rejected) if self.rejected else None,
+                "plan": plan.to_dict()}
+
+    async def m_plan(self, params: dict[str, Any], ctx: CallContext) -> Any:
+        if self.snapshot is None and not any(k in params for k in ("vram", "gpus", "ram")):
+            raise RpcError("unavailable", "no hardware snapshot yet; give vram/gpus/ram to "
+                           "plan for another machine")
+        vram = _size_param(params, "vram")
+        ram = _size_param(params, "ram")
+        gpus = param(params, "gpus", int, None, check=lambda v: None if 0 <= v <= 64
+                     else "must be between 0 and 64")
+        models = param(params, "models", list, None)
+        if models is not None and not all(isinstance(m, str) and m for m in models):
+            raise RpcError("invalid_params", "parameter 'models' must be a list of model names",
+                           {"field": "models"})
+        profile = param(params, "profile", str, self.config.tuner.profile,
+                        check=lambda v: None if v in planner.PROFILES
+                        else f"must be one of {', '.join(planner.PROFILES)}")
+        snapshot = self.snapshot
+        if vram is not None or gpus is not None or ram is not None:
+            here = self.snapshot
+            count = gpus if gpus is not None else (len(here.gpus) if here and here.gpus else 1)
+            size = vram if vram is not None else (
+                max((g.memory_total or 0) for g in here.gpus) if here and here.gpus else 0)
+            memory = ram if ram is not None else (here.memory.total if here else 64 * 1024**3)
+            try:
+                snapshot = planner.what_if_snapshot(size, count, memory)
+            except ValueError as exc:
+                raise RpcError("invalid_params", str(exc)) from None
+        state = self._planning_state()
+        if models is not None:
+            state = planner.what_if_state(models, version=state.version)
+        policy = dataclasses.replace(planner.Policy.from_config(self.config.tuner),
+                                     profile=profile)
+        assert snapshot is not None
+        result = planner.plan(snapshot, state, policy)
+        what_if = snapshot is not self.snapshot or models is not None
+        return {"what_if": what_if, "plan": result.to_dict()}
+
+    async def m_apply(self, params: dict[str, Any], ctx: CallContext) -> Any:
+        now = param(params, "now", bool, False)
+        assert self._lock is not None
+        async with self._lock:
+            state = await self.poll()
+            if state is None:
+                raise RpcError("unavailable", f"Ollama is not reachable: {self.ollama_error}")
+            plan = await self.replan()
+            if plan is None:
+                raise RpcError("unavailable", "no plan yet (tuner disabled or no hardware "
+                               "snapshot)")
+            assert self.effective is not None
+            changes = plan.changes(self.effective.environment)
+            desired = server_environment(plan)
+            self.rejected = None
+            if not changes or self.effective.velod == desired:
+                return {"decision": "nothing", "message": "Ollama already runs the plan"
+                        + ("" if not self.effective.conflicts else
+                           " as far as velod's drop-in goes (see conflicts in tune show)")}
+            outcome = await self._apply(plan, "requested by admin", changes, force=now)
+        if outcome.decision.startswith("skipped-"):
+            raise RpcError("busy", outcome.message + " — use --now to restart anyway",
+                           _plain(outcome.to_dict()))
+        return _plain(outcome.to_dict())
+
+    async def m_rollback(self, params: dict[str, Any], ctx: CallContext) -> Any:
+        assert self._lock is not None
+        async with self._lock:
+            try:
+                current = await run_blocking(self.applier.dropins.read_velod, timeout=10)
+            except DropinError as exc:
+                raise RpcError("unavailable", str(exc)) from None
+            if not self.applier.dropins.has_backup():
+                raise RpcError("not_found", f"nothing to roll back to: no "
+                               f"{self.applier.dropins.backup.name} (velod has not changed "
+                               "Ollama's settings since the last rollback)")
+            outcome = await self.applier.rollback("requested by admin")
+            self.pending = None
+            if outcome.decision == "rolled-back":
+                self.rejected = _env_key(current)  # do not re-apply it by ourselves
+            self._announce(outcome)
+        return _plain(outcome.to_dict())
+
+    async def m_history(self, params: dict[str, Any], ctx: CallContext) -> Any:
+        limit = param(params, "limit", int, 20, check=lambda v: None if 1 <= v <= 1000
+                      else "must be between 1 and 1000")
+        entries = await run_blocking(self.history.last, limit, timeout=10)
+        return {"entries": entries, "path": str(self.history.path)}
+
+
+def _size_param(params: dict[str, Any], key: str) -> int | None:
+    value = param(params, key, (int, str), None)
+    if value is None:
+        return None
+    try:
+        size = parse_size(value)
+    except ValueError as exc:
+        raise RpcError("invalid_params", f"parameter '{key}': {exc}", {"field": key}) from None
+    return size
+
+
+def _plain(obj: Any) -> Any:
+    """Tuples to lists, recursively, so events and replies are plain msgpack/JSON data."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    return obj
