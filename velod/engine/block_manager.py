@@ -83,8 +83,7 @@ class BlockManager:
         self._cache: dict[int, int] = {}  # chain hash -> block
         self._key: list[tuple[int, bytes] | None] = [None] * num_blocks  # (parent hash, ids)
         self._hash = [0] * num_blocks
-        self._parent = [_NO_PARENT] * num_blocks
-        self._parent_gen = [0] * num_blocks
+        self._link = [_NO_PARENT] * num_blocks  # parent block << 32 | its generation
         self._gen = [0] * num_blocks  # bumped whenever a block's registered content is dropped
 
         self._rows: dict[int, int] = {}
@@ -210,25 +209,20 @@ class BlockManager:
             return []
         data = _as_bytes(token_ids, 0, limit << self._shift)
         stride = self._stride
-        cache, keys, ref, gen, parents = self._cache, self._key, self._ref, self._gen, self._parent
+        cache, keys, ref, gen, links = self._cache, self._key, self._ref, self._gen, self._link
         blocks: list[int] = []
-        parent, parent_hash = _NO_PARENT, ROOT_HASH
+        link, parent_hash = _NO_PARENT, ROOT_HASH
         for offset in range(0, len(data), stride):
             key = (parent_hash, data[offset : offset + stride])
             block_hash = hash(key)
             block = cache.get(block_hash)
-            if (
-                block is None
-                or keys[block] != key
-                or parents[block] != parent
-                or (parent != _NO_PARENT and self._parent_gen[block] != gen[parent])
-            ):
+            if block is None or keys[block] != key or links[block] != link:
                 break
             if ref[block] == 0:
                 del self._evictable[block]
             ref[block] += 1
             blocks.append(block)
-            parent, parent_hash = block, block_hash
+            link, parent_hash = (block << 32) | gen[block], block_hash
         return blocks
 
     def free(self, seq_id: int) -> None:
@@ -240,20 +234,16 @@ class BlockManager:
         if count:
             blocks = self._tables[row, :count].tolist()
             self._tables[row, :count] = PAD_BLOCK
-            ref, keys, hashes, cache = self._ref, self._key, self._hash, self._cache
+            ref, keys, free, evictable = self._ref, self._key, self._free, self._evictable
             # Tail first: the deepest blocks are the least shareable, so they go first.
             for block in reversed(blocks):
                 left = ref[block] - 1
                 ref[block] = left
-                if left:
-                    continue
-                if keys[block] is None:
-                    self._free.append(block)
-                elif cache.get(hashes[block]) == block:
-                    self._evictable[block] = None
-                else:  # a duplicate of content cached elsewhere: drop its registration
-                    self._forget(block)
-                    self._free.append(block)
+                if not left:
+                    if keys[block] is None:
+                        free.append(block)
+                    else:  # registered blocks are exactly the mapped ones
+                        evictable[block] = None
         self._lens[row] = self._caps[row] = 0
         self._hashed[row] = 0
         self._cow.discard(row)
@@ -346,13 +336,13 @@ class BlockManager:
         if first >= full or not self.enable_prefix_caching:
             return
         self._hashed[row] = full
-        keys, hashes, gen = self._key, self._hash, self._gen
+        keys, hashes, gen, links = self._key, self._hash, self._gen, self._link
         blocks = self._tables[row, max(first - 1, 0) : full].tolist()
         if first:
             parent = blocks.pop(0)
-            parent_hash = hashes[parent]
+            link, parent_hash = (parent << 32) | gen[parent], hashes[parent]
         else:
-            parent, parent_hash = _NO_PARENT, ROOT_HASH
+            link, parent_hash = _NO_PARENT, ROOT_HASH
         data = _as_bytes(token_ids, first << self._shift, full << self._shift)
         stride = self._stride
         for offset, block in zip(range(0, len(data), stride), blocks, strict=True):
@@ -361,10 +351,9 @@ class BlockManager:
                 block_hash = hash(key)
                 keys[block] = key
                 hashes[block] = block_hash
-                self._parent[block] = parent
-                self._parent_gen[block] = gen[parent] if parent != _NO_PARENT else 0
+                links[block] = link
                 self._map(block_hash, block)
-            parent, parent_hash = block, hashes[block]
+            link, parent_hash = (block << 32) | gen[block], hashes[block]
 
     def cache_last_blocks_rows(self, rows: np.ndarray, token_buffer: np.ndarray) -> None:
         """Bulk :meth:`cache_full_blocks_row` for rows that each just filled one block.
@@ -381,7 +370,10 @@ class BlockManager:
         columns = (last << self._shift)[:, None] + np.arange(self.block_size)
         data = token_buffer[rows[:, None], columns].astype(np.int32, copy=False).tobytes()
         stride = self._stride
-        keys, hashes, gen, hashed = self._key, self._hash, self._gen, self._hashed
+        keys, hashes, gen, hashed, links = (
+            self._key, self._hash, self._gen, self._hashed, self._link
+        )
+        cache = self._cache
         for offset, row, index, block, parent in zip(
             range(0, len(data), stride), rows.tolist(), last.tolist(), blocks, parents,
             strict=True,
@@ -393,16 +385,18 @@ class BlockManager:
             if keys[block] is not None:
                 continue  # shared with a fork that registered it already
             if index:
-                parent_hash, parent_gen = hashes[parent], gen[parent]
+                key = (hashes[parent], data[offset : offset + stride])
+                links[block] = (parent << 32) | gen[parent]
             else:
-                parent, parent_hash, parent_gen = _NO_PARENT, ROOT_HASH, 0
-            key = (parent_hash, data[offset : offset + stride])
+                key = (ROOT_HASH, data[offset : offset + stride])
+                links[block] = _NO_PARENT
             block_hash = hash(key)
             keys[block] = key
             hashes[block] = block_hash
-            self._parent[block] = parent
-            self._parent_gen[block] = parent_gen
-            self._map(block_hash, block)
+            if block_hash in cache:
+                self._map(block_hash, block)
+            else:
+                cache[block_hash] = block
 
     # ------------------------------------------------------------------ bulk (rows)
 
@@ -486,17 +480,20 @@ class BlockManager:
         return blocks
 
     def _map(self, block_hash: int, block: int) -> None:
-        """Make ``block`` the cached copy of its content (the newest copy wins)."""
+        """Make ``block`` the cached copy of its content (the newest copy wins).
+
+        Keeps "registered == mapped": the copy it replaces forgets its content.
+        """
         old = self._cache.get(block_hash)
-        if old is not None and old != block and self._ref[old] == 0:
-            # Keep "evictable == mapped with no references": the old copy becomes free.
-            del self._evictable[old]
+        if old is not None and old != block:
             self._forget(old)
-            self._free.append(old)
+            if not self._ref[old]:
+                del self._evictable[old]
+                self._free.append(old)
         self._cache[block_hash] = block
 
     def _forget(self, block: int) -> None:
-        """Drop a block's registered content (it is about to get new content)."""
+        """Drop a block's registered content (children linked to it stop matching)."""
         block_hash = self._hash[block]
         if self._cache.get(block_hash) == block:
             del self._cache[block_hash]
