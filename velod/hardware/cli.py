@@ -61,10 +61,8 @@ def cmd_hw(args: argparse.Namespace, client: Any) -> int:
 def render(result: dict[str, Any]) -> str:
     """The compact text of ``velodctl hw`` from a ``hardware.get`` result."""
     snap = result["snapshot"]
-    rows = [gpu_row(g) for g in snap["gpus"]]
-    rows.append(["CPU", cpu_text(snap["cpu"]), "", "", _percent(snap["cpu"].get("utilization")),
-                 ""])
-    lines = [table(rows)]
+    lines = [table([gpu_row(g) for g in snap["gpus"]])]
+    lines.append(f"CPU    {cpu_text(snap['cpu'])}")
     lines.append(memory_line(snap["memory"]))
     if not snap["gpus"]:
         notes = snap.get("gpu_notes") or {}
@@ -100,6 +98,8 @@ def cpu_text(cpu: dict[str, Any]) -> str:
     freq = cpu.get("freq_current_mhz")
     if freq:
         parts.append(f"{freq / 1000:.2f} GHz")
+    if cpu.get("utilization") is not None:
+        parts.append(f"{cpu['utilization']:.0f}% busy")
     if cpu.get("flags"):
         parts.append(" ".join(cpu["flags"]))
     return ", ".join(parts)

@@ -293,7 +293,8 @@ class HardwareMonitor(Component):
         if not gpus:
             why = "; ".join(self._latest.gpu_notes.values())
             return f"no GPU ({why})" if why else "no GPU"
-        names = ", ".join(f"{g.index}: {g.name or g.vendor}" for g in gpus)
+        names = ", ".join(f"{g.index}: {g.name or g.vendor.upper() + ' GPU'}"
+                          + (" (error)" if g.error else "") for g in gpus)
         return f"{len(gpus)} GPU{'s' if len(gpus) > 1 else ''} ({names})"
 
     def methods(self) -> list[Method]:
