@@ -13,7 +13,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from velod.config import describe  # noqa: E402
+from velod.config import describe
 
 TARGET = Path(__file__).resolve().parents[1] / "etc" / "velod" / "velod.yaml"
 HEADER = """\

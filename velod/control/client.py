@@ -122,8 +122,12 @@ class Client:
                 yield msg[1], msg[2]
 
     def subscribe(self, topics: list[str]) -> Iterator[dict[str, Any]]:
-        """Subscribe to event topics and yield each event map {topic, seq, time, data}."""
+        """Subscribe now to event topics; iterate the result for event maps
+        {topic, seq, time, data}."""
         self.call("events.subscribe", {"topics": topics})
+        return self._events()
+
+    def _events(self) -> Iterator[dict[str, Any]]:
         for method, params in self.notifications():
             if method == "event" and isinstance(params, list) and params:
                 yield params[0]
