@@ -199,7 +199,7 @@ def test_ollama_that_does_not_come_back_is_rolled_back_and_not_retried(
     assert "applied" not in decisions(d)
     entry = d.call("tuner.history", {"limit": 100})["entries"][-1]
     assert entry["decision"] == "rolled-back" and "did not answer" in entry["message"]
-    assert "rolled back before" in d.ctl("tune", "show").stdout
+    assert "failed before (rolled-back" in d.ctl("tune", "show").stdout
 
 
 def test_observe_mode_recommends_and_never_writes(machine: Machine,

@@ -192,9 +192,10 @@ def _verdict(r: dict[str, Any]) -> str:
     if r["up_to_date"]:
         return "Ollama runs the recommended settings; nothing to change."
     count = len(r["changes"])
-    if r.get("rejected"):
-        return (f"{count} setting(s) differ, but this plan was rolled back before; "
-                "velod will not retry it by itself (`velodctl tune apply` to try again).")
+    if r.get("blocked"):
+        return (f"{count} setting(s) differ, but this plan failed before "
+                f"({r['blocked']['decision']}: {r['blocked']['message']}); velod will not "
+                "retry it by itself (`velodctl tune apply` to try again).")
     if r["mode"] == "observe":
         return (f"{count} setting(s) to change. Observe mode: nothing is applied "
                 "(`velodctl tune apply`, or set tuner.mode: apply).")

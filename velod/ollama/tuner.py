@@ -73,7 +73,9 @@ class Tuner(Component):
         self.plan: planner.Plan | None = None
         self.effective: Effective | None = None
         self.pending: dict[str, Any] | None = None  # changed plan waiting to settle
-        self.rejected: tuple[tuple[str, str], ...] | None = self._rejected_from_history()
+        # A plan velod will not apply again by itself (rolled back, or failed to write),
+        # until the plan changes, the config is reloaded or an admin runs tuner.apply.
+        self.blocked: dict[str, Any] | None = self._blocked_from_history()
         self.last_decision: dict[str, Any] | None = None
         self._skips_recorded: set[tuple[str, Any]] = set()
         self._digests: frozenset[tuple[str, str | None]] | None = None
@@ -88,11 +90,15 @@ class Tuner(Component):
     def _make_client(config: Config) -> OllamaClient:
         return OllamaClient(resolve_url(config.ollama.url), config.ollama.request_timeout)
 
-    def _rejected_from_history(self) -> tuple[tuple[str, str], ...] | None:
+    def _blocked_from_history(self) -> dict[str, Any] | None:
         last = self.history.latest("applied", "rolled-back")
         if last and last["decision"] == "rolled-back" and isinstance(last.get("failed"), dict):
-            return _env_key(last["failed"])
+            return {"key": _env_key(last["failed"]), "decision": "rolled-back",
+                    "message": last.get("message", "rolled back")}
         return None
+
+    def _block(self, key: tuple[tuple[str, str], ...], outcome: Outcome) -> None:
+        self.blocked = {"key": key, "decision": outcome.decision, "message": outcome.message}
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -123,6 +129,7 @@ class Tuner(Component):
             self.client = self._make_client(config)
         self.applier.reconfigure(config.ollama, config.tuner, self.client)
         self.pending = None
+        self.blocked = None
         self.trigger("reconfigure")
 
     def _on_event(self, event: Event) -> None:
@@ -246,8 +253,14 @@ class Tuner(Component):
             # (a conflict shown by tuner.show; restarting would not help).
             self.pending = None
             return
-        if key == self.rejected:
+        if self.blocked is not None and key == self.blocked["key"]:
             self.pending = None
+            return
+        if self.effective.errors and self.config.tuner.mode == "apply":
+            # Without every drop-in readable the effective environment is a guess.
+            self._block(key, self._record(Outcome(
+                "error", "not applying while a drop-in cannot be read: "
+                + "; ".join(self.effective.errors), {"stage": "read"})))
             return
         now = time.monotonic()
         if self.pending is None or self.pending["key"] != key:
@@ -276,17 +289,18 @@ class Tuner(Component):
             return skip
         outcome = await self.applier.apply(plan, reason, changes)
         self.pending = None
-        if outcome.decision == "rolled-back":
-            self.rejected = _env_key(server_environment(plan))
+        if outcome.decision in ("rolled-back", "error"):
+            self._block(_env_key(server_environment(plan)), outcome)
         self._announce(outcome)
         return outcome
 
-    def _record(self, outcome: Outcome) -> None:
+    def _record(self, outcome: Outcome) -> Outcome:
         try:
             self.history.append(outcome.decision, message=outcome.message, **outcome.details)
         except OSError as exc:
             self.log.error("cannot write the tuner history: %s", exc)
         self._announce(outcome)
+        return outcome
 
     def _announce(self, outcome: Outcome) -> None:
         data = _plain(outcome.to_dict())
@@ -383,7 +397,8 @@ class Tuner(Component):
                 "conflicts": [c.to_dict() | {"message": c.describe()} for c in eff.conflicts],
                 "dropin": str(self.applier.dropins.path), "dropin_errors": eff.errors,
                 "pending": self._pending_dict(),
-                "rejected": dict(self.rejected) if self.rejected else None,
+                "blocked": ({"decision": self.blocked["decision"],
+                             "message": self.blocked["message"]} if self.blocked else None),
                 "plan": plan.to_dict()}
 
     async def m_plan(self, params: dict[str, Any], ctx: CallContext) -> Any:
@@ -436,7 +451,7 @@ class Tuner(Component):
             assert self.effective is not None
             changes = plan.changes(self.effective.environment)
             desired = server_environment(plan)
-            self.rejected = None
+            self.blocked = None
             if not changes or self.effective.velod == desired:
                 return {"decision": "nothing", "message": "Ollama already runs the plan"
                         + ("" if not self.effective.conflicts else
@@ -461,7 +476,7 @@ class Tuner(Component):
             outcome = await self.applier.rollback("requested by admin")
             self.pending = None
             if outcome.decision == "rolled-back":
-                self.rejected = _env_key(current)  # do not re-apply it by ourselves
+                self._block(_env_key(current), outcome)  # do not re-apply it by ourselves
             self._announce(outcome)
         return _plain(outcome.to_dict())
 

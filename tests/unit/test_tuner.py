@@ -1,0 +1,207 @@
+"""The tuner component in-process: triggers, settle, skips, back-off, methods, events."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from tests.fakes.fake_ollama import FakeOllama, serve
+from velod.bus import Bus, Event
+from velod.component import Context
+from velod.config import parse_config
+from velod.control.registry import RpcError
+from velod.hardware.snapshot import Cpu, Gpu, Memory, OsInfo, Snapshot
+from velod.ollama.tuner import Tuner, backoff
+
+pytestmark = pytest.mark.asyncio
+GIB = 1024**3
+SPILLING = {"FAKE_OLLAMA_VRAM": "24GiB", "OLLAMA_NUM_PARALLEL": "4",
+            "OLLAMA_CONTEXT_LENGTH": "65536", "FAKE_OLLAMA_PRELOAD": "llama3.1:8b"}
+
+
+def snapshot(vram: int = 24 * GIB, util: float = 0.0) -> Snapshot:
+    return Snapshot(time=0, gpus=(Gpu(0, "nvidia", "RTX 4090", memory_total=vram,
+                                      memory_used=GIB, memory_free=vram - GIB,
+                                      utilization_gpu=util, compute_capability=(8, 9)),),
+                    cpu=Cpu("x", 8, 16), memory=Memory(64 * GIB, 48 * GIB),
+                    os=OsInfo("Linux", "6", "x86_64"))
+
+
+@dataclass
+class Running:
+    tuner: Tuner
+    bus: Bus
+    fake: FakeOllama
+    url: str
+    events: list[dict[str, Any]]
+    systemd_dir: Path
+
+    def method(self, name: str) -> Callable[..., Any]:
+        return next(m.handler for m in self.tuner.methods() if m.name == name)
+
+    async def call(self, name: str, params: dict[str, Any] | None = None) -> Any:
+        return await self.method(name)(params or {}, None)
+
+    def decisions(self) -> list[str]:
+        return [e["decision"] for e in self.tuner.history.last(100)]
+
+
+async def until(check: Callable[[], Any], timeout: float = 5.0) -> Any:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        if result := check():
+            return result
+        await asyncio.sleep(0.02)
+    raise AssertionError("timed out")
+
+
+@pytest_asyncio.fixture
+async def make(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    started: list[Tuner] = []
+    servers: list[Any] = []
+
+    async def start(tuner: dict[str, Any], env: dict[str, str] | None = None,
+                    url: str | None = None) -> Running:
+        fake = FakeOllama(env=SPILLING if env is None else env)
+        server = serve(fake)
+        servers.append(server)
+        base = await server.__aenter__()
+        config = parse_config({
+            "ollama": {"url": url or base, "systemd_dir": str(tmp_path / "systemd"),
+                       "systemctl": str(tmp_path / "no-systemctl-here"),
+                       "request_timeout": "300ms"},
+            "tuner": {"interval": "100ms", **tuner}})
+        bus = Bus()
+        events: list[dict[str, Any]] = []
+        bus.subscribe(["tuner.decision"], lambda e: events.append(e.data))
+        t = Tuner(Context(config, bus, tmp_path / "state", logging.getLogger("velod")))
+        started.append(t)
+        await t.start()
+        bus.publish("hardware.snapshot", {"snapshot": snapshot().to_dict()})
+        return Running(t, bus, fake, base, events, tmp_path / "systemd")
+
+    yield start
+    for t in started:
+        await t.stop()
+    for server in servers:
+        await server.__aexit__(None, None, None)
+
+
+async def test_backoff_doubles_and_is_capped() -> None:
+    assert [backoff(1.0, n) for n in range(4)] == [1.0, 2.0, 4.0, 8.0]
+    assert backoff(60.0, 20) == 300.0
+    assert backoff(0.2, 20) == pytest.approx(6.4)
+    assert backoff(600.0, 3) == 600.0  # never shorter than the interval
+
+
+async def test_observe_mode_plans_publishes_and_touches_nothing(make: Any) -> None:
+    r = await make({"mode": "observe", "settle": "0s"})
+    await until(lambda: "planned" in r.decisions())
+    await asyncio.sleep(0.4)
+    assert r.decisions() == ["planned"]  # recorded once, not every cycle
+    assert r.events[0]["decision"] == "planned" and r.events[0]["mode"] == "observe"
+    assert "CPU spill" in r.events[0]["reason"]
+    assert not r.systemd_dir.exists()
+    show = await r.call("tuner.show")
+    assert not show["up_to_date"] and show["mode"] == "observe"
+    assert {row["name"] for row in show["settings"]} >= {"OLLAMA_NUM_PARALLEL",
+                                                        "OLLAMA_CONTEXT_LENGTH"}
+
+
+async def test_a_change_waits_for_settle_before_anything_is_applied(make: Any) -> None:
+    r = await make({"mode": "apply", "settle": "30s", "restart_when_idle_for": "0s"})
+    await until(lambda: "planned" in r.decisions())
+    await asyncio.sleep(0.4)
+    assert r.decisions() == ["planned"]
+    pending = r.tuner.status()["pending"]
+    assert pending is not None and 29 < pending["settled_in"] <= 30
+
+
+async def test_busy_ollama_is_skipped_once_and_never_restarted(make: Any) -> None:
+    r = await make({"mode": "apply", "settle": "0s", "restart_when_idle_for": "1h"})
+    await until(lambda: "skipped-busy" in r.decisions())
+    await asyncio.sleep(0.4)
+    assert r.decisions() == ["planned", "skipped-busy"]
+    assert not r.systemd_dir.exists()  # nothing written while busy
+
+
+async def test_a_failing_systemctl_is_an_error_that_is_not_retried_in_a_loop(
+        make: Any) -> None:
+    r = await make({"mode": "apply", "settle": "0s", "restart_when_idle_for": "0s"})
+    await until(lambda: r.tuner.status()["last_decision"]
+                and r.tuner.status()["last_decision"]["decision"] in ("rolled-back", "error"))
+    await asyncio.sleep(0.5)
+    decisions = r.decisions()
+    assert decisions[0] == "planned" and len(decisions) == 2, decisions
+    assert "no-systemctl-here" in r.tuner.history.last(1)[0]["message"]
+    show = await r.call("tuner.show")
+    assert show["blocked"] is not None
+
+
+async def test_garbage_from_ollama_backs_off_and_recovers(make: Any) -> None:
+    r = await make({"mode": "observe"}, env={"FAKE_OLLAMA_MODE": "garbage"})
+    status = await until(lambda: (s := r.tuner.status())["ollama"]["failures"] >= 3 and s)
+    assert status["state"] == "degraded" and "non-JSON" in status["ollama"]["error"]
+    assert status["ollama"]["reachable"] is False
+    polls_before = len(r.fake.requests)
+    await asyncio.sleep(0.5)
+    assert len(r.fake.requests) - polls_before <= 3  # backing off, not hammering
+    r.fake.mode = "ok"
+    r.tuner.trigger("test")
+    await until(lambda: r.tuner.status()["ollama"]["reachable"])
+    assert r.tuner.status()["state"] == "running"
+
+
+async def test_ollama_status_shows_the_cpu_gpu_split(make: Any) -> None:
+    r = await make({"mode": "observe"})
+    await until(lambda: r.tuner.ollama is not None)
+    status = await r.call("ollama.status")
+    (loaded,) = status["loaded"]
+    assert status["reachable"] and status["version"] == "0.33.0"
+    assert loaded["spills_to_cpu"] and 0 < loaded["gpu_percent"] < 100
+    assert loaded["context_length"] == 65536
+
+
+async def test_what_if_plan_and_parameter_checks(make: Any) -> None:
+    r = await make({"mode": "observe"})
+    result = await r.call("tuner.plan", {"vram": "80GiB", "gpus": 1, "ram": "256GiB",
+                                         "models": ["llama3.1:8b"], "profile": "long-context"})
+    assert result["what_if"] and result["plan"]["profile"] == "long-context"
+    assert result["plan"]["budgets"][0]["total"] == 80 * GIB
+    here = await r.call("tuner.plan")
+    assert here["what_if"] is False
+    with pytest.raises(RpcError) as info:
+        await r.call("tuner.plan", {"vram": "lots"})
+    assert info.value.code == "invalid_params"
+    with pytest.raises(RpcError):
+        await r.call("tuner.plan", {"profile": "fastest"})
+    with pytest.raises(RpcError):
+        await r.call("tuner.history", {"limit": 0})
+
+
+async def test_hardware_changed_wakes_the_tuner(make: Any) -> None:
+    r = await make({"mode": "observe", "interval": "1h"})
+    await until(lambda: r.tuner.plan is not None)
+    r.bus.publish("hardware.snapshot", {"snapshot": snapshot(vram=80 * GIB).to_dict()})
+    r.bus.publish("hardware.changed", {"changes": []})
+    await until(lambda: r.tuner.plan and r.tuner.plan.budgets[0].total == 80 * GIB)
+
+
+async def test_a_malformed_snapshot_event_is_ignored(make: Any) -> None:
+    r = await make({"mode": "observe"})
+    r.tuner._on_event(Event("hardware.snapshot", {"nope": 1}, 1))
+    assert r.tuner.snapshot is not None
+
+
+async def test_rollback_without_a_backup_is_not_found(make: Any) -> None:
+    r = await make({"mode": "observe"})
+    with pytest.raises(RpcError) as info:
+        await r.call("tuner.rollback")
+    assert info.value.code == "not_found"
