@@ -17,8 +17,10 @@ Test controls (environment at start, or ``POST /_fake/control`` at run time):
 ``FAKE_OLLAMA_MODE`` = ok | slow | fail | garbage (slow waits ``FAKE_OLLAMA_DELAY`` s, fail
 answers 500, garbage answers 200 with HTML); ``FAKE_OLLAMA_PRELOAD`` = comma-separated
 models loaded at start as if a client had just used them; ``FAKE_OLLAMA_VERSION``;
-``FAKE_OLLAMA_TOKEN_DELAY`` (s per generated token). ``POST /_fake/busy {"model", "busy"}``
-holds a request in flight; ``GET /_fake/state`` shows the settings the process read.
+``FAKE_OLLAMA_TOKEN_DELAY`` (s per generated token); ``FAKE_OLLAMA_STORE`` = a JSON file
+where models made by ``/api/create`` are kept across restarts, as Ollama keeps them.
+``POST /_fake/busy {"model", "busy"}`` holds a request in flight; ``GET /_fake/state`` shows
+the settings the process read.
 
 Run: ``python tests/fakes/fake_ollama.py --port N --models models.json``.
 """
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -237,7 +240,7 @@ class Model:
     quantization: str = "Q4_K_M"
     parameters: dict[str, Any] = field(default_factory=dict)
     parent: str = ""
-    modified_at: str = field(default_factory=lambda: _now_iso())
+    modified_at: str = "2026-01-01T00:00:00Z"  # pulled long ago; created models say now
 
     @property
     def digest(self) -> str:
@@ -304,6 +307,13 @@ class FakeOllama:
                           parameter_size=spec.get("parameter_size", ""),
                           parameters=dict(spec.get("parameters", {})))
             self.models[model.name] = model
+        # Like Ollama's model store, models created through /api/create survive restarts.
+        self.store = env.get("FAKE_OLLAMA_STORE")
+        if self.store and os.path.exists(self.store):
+            with open(self.store, encoding="utf-8") as f:
+                for spec in json.load(f):
+                    model = Model(**spec)
+                    self.models[model.name] = model
         self.loaded: dict[str, Loaded] = {}
         self.requests: list[str] = []
         self.app = self._build_app()
@@ -348,6 +358,15 @@ class FakeOllama:
         for name, lm in list(self.loaded.items()):
             if lm.in_flight == 0 and lm.expires_at is not None and lm.expires_at <= now:
                 del self.loaded[name]
+
+    def _save_created(self) -> None:
+        if not self.store:
+            return
+        created = [dataclasses.asdict(m) for m in self.models.values() if m.parent]
+        tmp = f"{self.store}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(created, f)
+        os.replace(tmp, self.store)
 
     # ------------------------------------------------------------------ app
     def _build_app(self) -> web.Application:
@@ -433,8 +452,10 @@ class FakeOllama:
             raise _error(400, "parameters must be an object")
         model = Model(name=normalize_name(name), size=source.size, model_info=source.model_info,
                       family=source.family, parameter_size=source.parameter_size,
-                      parameters={**source.parameters, **params}, parent=source.name)
+                      parameters={**source.parameters, **params}, parent=source.name,
+                      modified_at=_now_iso())
         self.models[model.name] = model
+        self._save_created()
         statuses = ["using existing layer", "writing manifest", "success"]
         if body.get("stream") is False:
             return web.json_response({"status": "success"})

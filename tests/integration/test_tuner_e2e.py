@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,8 +88,6 @@ class Machine:
         return sum(1 for argv in self.calls() if argv[:1] == ["restart"])
 
     def ollama(self, path: str) -> Any:
-        import urllib.request
-
         with urllib.request.urlopen(self.url + path, timeout=2) as resp:
             return json.loads(resp.read())
 
@@ -127,6 +126,7 @@ def machine(tmp_path: Path) -> Iterator[Machine]:
         "argv": [sys.executable, str(FAKE_OLLAMA), "--port", str(m.port)],
         # As if a client used the model right after every start, so /api/ps shows it.
         "env": {"FAKE_NVML_TABLE": str(table), "FAKE_OLLAMA_PRELOAD": "llama3.1:8b",
+                "FAKE_OLLAMA_STORE": str(tmp_path / "ollama-models.json"),
                 "PATH": "/usr/bin:/bin"},
         "log": str(tmp_path / "ollama.log")}))
     yield m
@@ -148,8 +148,10 @@ def test_apply_mode_converges_to_a_fitting_configuration_with_one_restart(
         machine: Machine, velod_factory: Any) -> None:
     start_ollama(machine)
     user_file = (machine.dropin_dir / "10-user.conf").read_text()
-    d = velod_factory(machine.velod_config("apply", min_restart_interval="1h"),
-                      env=machine.env)
+    user_model = next(m for m in machine.ollama("/api/tags")["models"]
+                      if m["name"] == "llama3.1:8b")
+    d = velod_factory(machine.velod_config("apply", min_restart_interval="1h",
+                                           model_variants=True), env=machine.env)
     wait_for(lambda: "verified" in decisions(d), timeout=30, what="a verified apply")
 
     (loaded,) = machine.ollama("/api/ps")["models"]
@@ -162,10 +164,26 @@ def test_apply_mode_converges_to_a_fitting_configuration_with_one_restart(
 
     show = d.call("tuner.show")
     assert show["up_to_date"], show["changes"]
+
+    # Model parameters arrive as derived models once the server settings are in place.
+    def variants() -> dict[str, Any]:
+        return {m["name"]: m for m in machine.ollama("/api/tags")["models"]
+                if m["name"].endswith("-velod")}
+
+    wait_for(lambda: "llama3.1:8b-velod" in variants(), what="a model variant")
+    assert user_model in machine.ollama("/api/tags")["models"]  # the user's model untouched
+    req = urllib.request.Request(machine.url + "/api/show", method="POST",
+                                 data=json.dumps({"model": "llama3.1:8b-velod"}).encode())
+    with urllib.request.urlopen(req, timeout=2) as resp:
+        assert "num_ctx" in json.loads(resp.read())["parameters"]
+
     time.sleep(1.5)  # several more cycles: nothing else happens
     assert machine.restarts() == 1
     history = decisions(d)
-    assert history.count("applied") == 1 and history.index("planned") < history.index("applied")
+    server_applies = [e for e in d.call("tuner.history", {"limit": 100})["entries"]
+                      if e["decision"] == "applied" and e.get("target") != "variant"]
+    assert len(server_applies) == 1 and history.index("planned") < history.index("applied")
+    assert history.count("applied") == 1 + len(variants())  # each variant created once
 
     out = d.ctl("tune", "show").stdout
     assert "OLLAMA_NUM_PARALLEL" in out and "nothing to change" in out

@@ -239,7 +239,11 @@ class Tuner(Component):
             return
         reasons, self._triggers = self._triggers, []
         await self._decide(plan, ", ".join(reasons) or "periodic check")
-        if self.config.tuner.mode == "apply" and self.config.tuner.model_variants:
+        tuner = self.config.tuner
+        settled = self.effective is not None and not plan.changes(self.effective.environment)
+        if tuner.mode == "apply" and tuner.model_variants and settled:
+            # Model parameters go with the server settings they were planned for, so the
+            # variants follow once Ollama runs those.
             for outcome in await self.applier.apply_variants(plan, self.client.tag_names):
                 self._announce(outcome)
 
@@ -315,16 +319,36 @@ class Tuner(Component):
         tuner = self.config.tuner
         retry = (max(0.0, self.next_poll_at - time.monotonic())
                  if self.failures and self.next_poll_at else None)
+        changes = (len(self.plan.changes(self.effective.environment))
+                   if self.plan and self.effective else None)
         return {"state": self.state, "error": self.error, "mode": tuner.mode,
+                "summary": self._summary(changes, retry),
                 "enabled": tuner.enabled, "profile": tuner.profile,
                 "ollama": {"url": self.client.base_url, "reachable": self._reachable(),
                            "version": self.ollama.version if self.ollama else None,
                            "error": self.ollama_error, "failures": self.failures,
                            "retry_in": round(retry, 3) if retry is not None else None},
                 "pending": self._pending_dict(),
-                "changes": len(self.plan.changes(self.effective.environment))
-                if self.plan and self.effective else None,
-                "last_decision": self.last_decision}
+                "changes": changes, "last_decision": self.last_decision}
+
+    def _summary(self, changes: int | None, retry: float | None) -> str:
+        mode = self.config.tuner.mode
+        if not self.config.tuner.enabled:
+            return "disabled (tuner.enabled: false)"
+        if self.failures:
+            when = f", retrying in {retry:.0f}s" if retry is not None else ""
+            return f"{mode}; Ollama not reachable{when}"
+        if self.last_poll is None:
+            return f"{mode}; starting"
+        version = self.ollama.version if self.ollama else "?"
+        if changes is None:
+            return f"{mode}; Ollama {version}; waiting for a hardware snapshot"
+        if not changes:
+            return f"{mode}; Ollama {version} runs the recommended settings"
+        if self.blocked:
+            return (f"{mode}; {changes} change(s) recommended, not retried after "
+                    f"{self.blocked['decision']}")
+        return f"{mode}; Ollama {version}; {changes} change(s) recommended"
 
     def _reachable(self) -> bool | None:
         if self.last_poll is None:
@@ -451,6 +475,10 @@ class Tuner(Component):
             assert self.effective is not None
             changes = plan.changes(self.effective.environment)
             desired = server_environment(plan)
+            if self.effective.errors and not now:
+                raise RpcError("unavailable", "a drop-in cannot be read, so the effective "
+                               "settings are unknown: " + "; ".join(self.effective.errors)
+                               + " (fix it, or use --now to apply anyway)")
             self.blocked = None
             if not changes or self.effective.velod == desired:
                 return {"decision": "nothing", "message": "Ollama already runs the plan"
