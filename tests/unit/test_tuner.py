@@ -145,10 +145,31 @@ async def test_a_failing_systemctl_is_an_error_that_is_not_retried_in_a_loop(
     assert show["blocked"] is not None
 
 
-async def test_garbage_from_ollama_backs_off_and_recovers(make: Any) -> None:
-    r = await make({"mode": "observe"}, env={"FAKE_OLLAMA_MODE": "garbage"})
+async def test_a_request_in_flight_holds_the_restart_until_ollama_is_idle(make: Any) -> None:
+    env = {"FAKE_OLLAMA_VRAM": "24GiB", "OLLAMA_NUM_PARALLEL": "4"}
+    r = await make({"mode": "apply", "settle": "0s", "restart_when_idle_for": "500ms"},
+                   env=env)
+    # A freshly loaded model serving its first request: /api/ps moves expires_at each poll.
+    r.fake.load("llama3.1:8b", {}, None).in_flight += 1
+    await until(lambda: "skipped-busy" in r.decisions())
+    await asyncio.sleep(0.8)
+    assert r.decisions() == ["planned", "skipped-busy"]
+    loaded = r.fake.loaded["llama3.1:8b"]
+    loaded.in_flight -= 1
+    loaded.expires_at = 1e10  # the request finished; Ollama set the keep-alive deadline
+    # Idle now: the gate opens and velod tries to apply (the test's systemctl is missing).
+    await until(lambda: len(r.decisions()) == 3, timeout=5)
+    assert r.decisions()[2] in ("rolled-back", "error")
+
+
+@pytest.mark.parametrize(("mode", "message"), [("garbage", "non-JSON"), ("fail", "HTTP 500"),
+                                               ("slow", "did not answer")])
+async def test_a_broken_ollama_backs_off_and_recovers(make: Any, mode: str,
+                                                      message: str) -> None:
+    r = await make({"mode": "observe"}, env={"FAKE_OLLAMA_MODE": mode,
+                                             "FAKE_OLLAMA_DELAY": "1"})
     status = await until(lambda: (s := r.tuner.status())["ollama"]["failures"] >= 3 and s)
-    assert status["state"] == "degraded" and "non-JSON" in status["ollama"]["error"]
+    assert status["state"] == "degraded" and message in status["ollama"]["error"]
     assert status["ollama"]["reachable"] is False
     polls_before = len(r.fake.requests)
     await asyncio.sleep(0.5)

@@ -210,6 +210,11 @@ class Applier:
         comment = f"Profile {plan.profile}; {reason}"
         try:
             written = await run_blocking(self.dropins.write, env, comment, timeout=10)
+        except PermissionError as exc:
+            return self._record(Outcome("error", f"cannot write the drop-in: {exc} (apply "
+                                        "mode needs write access to the unit's drop-in "
+                                        "directory: run velod as root or set "
+                                        "ollama.systemd_dir)", {"stage": "write"}))
         except (DropinError, OSError, TimeoutError) as exc:
             return self._record(Outcome("error", f"cannot write the drop-in: {exc}",
                                         {"stage": "write"}))
