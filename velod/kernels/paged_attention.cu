@@ -101,6 +101,8 @@ __device__ __forceinline__ void copy16_async(void* smem, const void* gmem, bool 
     const int src_bytes = valid ? 16 : 0;
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
                  :: "r"(dst), "l"(gmem), "r"(src_bytes) : "memory");
+#elif defined(VELOD_HOST_EMULATION)  // tests: deferred copies, as cp.async behaves
+    velod_emulated_copy16(smem, gmem, valid);
 #else
     *reinterpret_cast<uint4*>(smem) =
         valid ? *reinterpret_cast<const uint4*>(gmem) : make_uint4(0u, 0u, 0u, 0u);
@@ -110,6 +112,8 @@ __device__ __forceinline__ void copy16_async(void* smem, const void* gmem, bool 
 __device__ __forceinline__ void copy_commit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     asm volatile("cp.async.commit_group;\n" ::: "memory");
+#elif defined(VELOD_HOST_EMULATION)
+    velod_emulated_commit();
 #endif
 }
 
@@ -117,6 +121,8 @@ template <int N>
 __device__ __forceinline__ void copy_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory");
+#elif defined(VELOD_HOST_EMULATION)
+    velod_emulated_wait(N);
 #endif
 }
 
@@ -134,7 +140,11 @@ __device__ __forceinline__ void paged_attention(
     constexpr int kLanes = G::kLanes;
     constexpr int kTile = G::kTileTokens;
     constexpr int kTileVecs = kTile * G::kRowVecs;
+#if defined(VELOD_HOST_EMULATION)
+    unsigned char* const smem_raw = velod_emulated_smem();
+#else
     extern __shared__ __align__(16) unsigned char smem_raw[];
+#endif
     T* const smem = reinterpret_cast<T*>(smem_raw);  // [stage][K|V][kTile][HEAD_DIM]
 
     const int seq = blockIdx.z;

@@ -1,0 +1,77 @@
+"""Every kernel in paged_attention.cu compiles to a cubin for sm_80 and sm_90 (needs nvcc only)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from velod.kernels.cuda import NVCC_OPTIONS, SOURCE, compile_cubin, find_nvcc, nvcc_command
+from velod.kernels.layout import SUPPORTED_BLOCK_SIZES, SUPPORTED_HEAD_DIMS
+
+NVCC = find_nvcc()
+pytestmark = pytest.mark.skipif(
+    NVCC is None, reason="nvcc not on PATH, in $CUDA_HOME/bin or /usr/local/cuda/bin")
+ARCHS = ("sm_80", "sm_90")
+
+
+def expected_entry_points() -> set[str]:
+    names = {f"velod_{op}_{index}" for op in ("write_cache", "copy_blocks")
+             for index in ("i32", "i64")}
+    for dtype in ("f32", "f16", "bf16"):
+        names.add(f"velod_merge_partitions_{dtype}")
+        names.update(f"velod_paged_attention_{dtype}_d{d}_b{b}"
+                     for d in SUPPORTED_HEAD_DIMS for b in SUPPORTED_BLOCK_SIZES)
+    return names
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    """One whole-file compile per architecture, both at once: (cubin, ptxas report)."""
+    out = tmp_path_factory.mktemp("cubins")
+
+    def build(arch: str) -> tuple[Path, str]:
+        cubin = out / f"paged_attention-{arch}.cubin"
+        command = nvcc_command(NVCC, arch, SOURCE, cubin, ("-Xptxas", "-v"))
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-4000:]
+        return cubin, result.stderr
+
+    with ThreadPoolExecutor(len(ARCHS)) as pool:
+        return dict(zip(ARCHS, pool.map(build, ARCHS), strict=True))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_instantiation_compiles_to_a_cubin(compiled, arch):
+    cubin, report = compiled[arch]
+    assert cubin.read_bytes()[:4] == b"\x7fELF"
+    built = set(re.findall(rf"Compiling entry function '(\w+)' for '{arch}'", report))
+    assert built == expected_entry_points()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_attention_kernels_do_not_spill_much_and_fit_four_blocks_per_sm(compiled, arch):
+    _, report = compiled[arch]
+    usage = re.findall(
+        r"Compiling entry function '(velod_paged_attention_\w+)'.*?"
+        r"(\d+) bytes spill stores.*?Used (\d+) registers", report, re.S)
+    assert len(usage) == 54
+    for name, spill, registers in usage:
+        assert int(spill) <= 16, f"{name} spills {spill} bytes"
+        # 128 threads x registers x 4 blocks must fit the 64K-register file.
+        assert int(registers) * 128 * 4 <= 65536, f"{name} uses {registers} registers"
+
+
+def test_compile_cubin_caches_by_source_arch_and_options(tmp_path):
+    first = compile_cubin("sm_80", ("-DVELOD_ONLY_F16",), cache_dir=tmp_path, nvcc=NVCC)
+    stamp = first.stat().st_mtime_ns
+    again = compile_cubin("sm_80", ("-DVELOD_ONLY_F16",), cache_dir=tmp_path, nvcc=NVCC)
+    assert again == first and again.stat().st_mtime_ns == stamp  # loaded, not rebuilt
+    assert first.name.startswith("paged_attention-sm_80-")
+    assert NVCC_OPTIONS[0] == "-O3"
+    other = compile_cubin("sm_90", ("-DVELOD_ONLY_F16",), cache_dir=tmp_path, nvcc=NVCC)
+    assert other != first
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == []  # no scratch left behind
