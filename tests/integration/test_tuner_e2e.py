@@ -104,7 +104,7 @@ class Machine:
     def velod_config(self, mode: str, **tuner: Any) -> dict[str, Any]:
         return {"state_dir": str(self.tmp / "velod-state"), "hardware": {"interval": "200ms"},
                 "ollama": {"url": self.url, "systemd_dir": str(self.systemd_dir),
-                           "systemctl": "systemctl", "request_timeout": "500ms"},
+                           "systemctl": "systemctl", "request_timeout": "1s"},
                 "tuner": {"mode": mode, **FAST, **tuner}}
 
 

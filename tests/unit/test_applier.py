@@ -63,10 +63,10 @@ class Rig:
             "env": {"FAKE_OLLAMA_VRAM": "24GiB", "PATH": "/usr/bin:/bin"},
             "log": str(tmp / "ollama.log")}))
         self.ollama = OllamaConfig(url=self.url, systemd_dir=str(self.systemd_dir),
-                                   systemctl=str(FAKE_BIN / "systemctl"), request_timeout=0.4)
+                                   systemctl=str(FAKE_BIN / "systemctl"), request_timeout=1.0)
         self.tuner = TunerConfig(mode="apply", restart_when_idle_for=0.0,
                                  min_restart_interval=0.0)
-        self.client = OllamaClient(self.url, timeout=0.4)
+        self.client = OllamaClient(self.url, timeout=1.0)
         self.history = History(tmp / "state")
         self.applier = Applier(self.ollama, self.tuner, self.client, self.history)
 
