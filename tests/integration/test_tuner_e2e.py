@@ -232,6 +232,9 @@ def test_observe_mode_recommends_and_never_writes(machine: Machine,
     assert not show["up_to_date"]
     assert show["changes"]["OLLAMA_NUM_PARALLEL"][0] == "4"
     assert "Observe mode" in d.ctl("tune", "show").stdout
+    plan = d.ctl("tune", "plan", "--profile", "low-memory").stdout
+    assert plan.startswith("Plan for this machine (low-memory profile)")
+    assert "OLLAMA_CONTEXT_LENGTH" in plan and "GPU 0" in plan
     status = d.ctl("ollama").stdout
     assert "CPU/GPU" in status and "warning" in status
 

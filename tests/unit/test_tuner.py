@@ -226,3 +226,13 @@ async def test_rollback_without_a_backup_is_not_found(make: Any) -> None:
     with pytest.raises(RpcError) as info:
         await r.call("tuner.rollback")
     assert info.value.code == "not_found"
+
+
+async def test_a_config_reload_replans_with_the_new_policy(make: Any) -> None:
+    r = await make({"mode": "observe", "interval": "1h"})
+    await until(lambda: r.tuner.plan is not None)
+    new = parse_config({"ollama": {"url": r.url, "request_timeout": "300ms"},
+                        "tuner": {"mode": "observe", "interval": "1h", "profile": "low-memory"}})
+    await r.tuner.reconfigure(new)
+    await until(lambda: r.tuner.plan and r.tuner.plan.profile == "low-memory")
+    assert "reconfigure" in r.events[-1]["reason"]
