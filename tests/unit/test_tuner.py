@@ -236,3 +236,13 @@ async def test_a_config_reload_replans_with_the_new_policy(make: Any) -> None:
     await r.tuner.reconfigure(new)
     await until(lambda: r.tuner.plan and r.tuner.plan.profile == "low-memory")
     assert "reconfigure" in r.events[-1]["reason"]
+
+
+async def test_hardware_events_do_not_cut_a_back_off_short(make: Any) -> None:
+    r = await make({"mode": "observe", "interval": "200ms"}, env={"FAKE_OLLAMA_MODE": "fail"})
+    await until(lambda: r.tuner.failures >= 3)  # next poll in 1.6 s
+    before = len(r.fake.requests)
+    for _ in range(20):
+        r.bus.publish("hardware.changed", {"changes": []})
+        await asyncio.sleep(0.02)
+    assert len(r.fake.requests) - before <= 2

@@ -82,6 +82,7 @@ class Tuner(Component):
         self._spilling: frozenset[str] = frozenset()
         self._triggers: list[str] = ["start-up"]
         self._wake: asyncio.Event | None = None
+        self._urgent = False
         self._lock: asyncio.Lock | None = None
         self._task: asyncio.Task[None] | None = None
         self._unsubscribe: Any = None
@@ -130,7 +131,7 @@ class Tuner(Component):
         self.applier.reconfigure(config.ollama, config.tuner, self.client)
         self.pending = None
         self.blocked = None
-        self.trigger("reconfigure")
+        self.trigger("reconfigure", urgent=True)
 
     def _on_event(self, event: Event) -> None:
         if event.topic == "hardware.snapshot":
@@ -144,8 +145,9 @@ class Tuner(Component):
         elif event.topic == "hardware.changed":
             self.trigger("hardware.changed")
 
-    def trigger(self, reason: str) -> None:
-        """Wake the loop for a re-plan now, noting why."""
+    def trigger(self, reason: str, urgent: bool = False) -> None:
+        """Wake the loop for a re-plan now, noting why (``urgent`` also ends a back-off)."""
+        self._urgent = self._urgent or urgent
         if reason not in self._triggers:
             self._triggers.append(reason)
         if self._wake is not None:
@@ -164,10 +166,22 @@ class Tuner(Component):
             except Exception as exc:  # the tuner must never take the daemon down
                 self.log.exception("tuner cycle failed")
                 self.state, self.error = "degraded", f"tuner cycle failed: {exc}"
-            delay = self._next_delay()
-            self.next_poll_at = time.monotonic() + delay
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+            await self._sleep(self._next_delay())
+
+    async def _sleep(self, delay: float) -> None:
+        """Wait ``delay`` s or until triggered; while Ollama is failing only an urgent
+        trigger (a config reload) cuts the back-off short."""
+        assert self._wake is not None
+        self.next_poll_at = deadline = time.monotonic() + delay
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except TimeoutError:
+                break
+            if not self.failures or self._urgent:
+                break
+            self._wake.clear()
+        self._urgent = False
 
     def _next_delay(self) -> float:
         tuner = self.config.tuner
