@@ -65,7 +65,7 @@ libcuda_dir() {
 }
 
 install_pycuda() {
-    if "$PY" -c "import pycuda.driver" 2>/dev/null; then
+    if "$PY" -c "import pycuda" 2>/dev/null; then
         note "pycuda already importable: $("$PY" -c 'import pycuda; print(pycuda.VERSION_TEXT)')"
         return 0
     fi
@@ -87,7 +87,38 @@ install_pycuda() {
     # lib64/stubs is enough to link; the driver's libcuda.so.1 is used at run time.
     (cd "$src" && "$PY" configure.py --cuda-root="$cuda_root" --no-cuda-enable-curand \
         --cuda-inc-dir="$cuda_root/include" --cudadrv-lib-dir="$libdir,$cuda_root/lib64") || return 1
-    printf '\n[build_ext]\nparallel = %s\n' "$JOBS" >>"$src/setup.cfg"
+    # setuptools compiles one extension's files one at a time; prebuild them in parallel so
+    # that pip's own build finds the extension up to date (pip builds the directory in place).
+    (cd "$src" && "$PY" - "$JOBS" <<'PY') || note "parallel prebuild failed; pip builds serially"
+import runpy
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import setuptools  # noqa: F401  (provides distutils)
+from distutils import ccompiler
+
+jobs = int(sys.argv[1])
+
+
+def compile_parallel(self, sources, output_dir=None, macros=None, include_dirs=None, debug=0,
+                     extra_preargs=None, extra_postargs=None, depends=None):
+    macros, objects, extra_postargs, pp_opts, build = self._setup_compile(
+        output_dir, macros, include_dirs, sources, depends, extra_postargs)
+    cc_args = self._get_cc_args(pp_opts, debug, extra_preargs)
+
+    def one(obj):
+        src, ext = build[obj]
+        self._compile(obj, src, ext, cc_args, extra_postargs, pp_opts)
+
+    with ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(one, objects))
+    return objects
+
+
+ccompiler.CCompiler.compile = compile_parallel
+sys.argv = ["setup.py", "build_ext"]
+runpy.run_path("setup.py", run_name="__main__")
+PY
     PATH="$cuda_root/bin:$PATH" "$PY" -m pip install -v --no-build-isolation --no-index \
         --find-links "$ROOT/.gpu" "$src" || return 1
     rm -rf "$src"
@@ -121,16 +152,26 @@ note "install done"
 "$PY" -c "import pytest" 2>/dev/null \
     || "$PY" -m pip install --no-index --find-links "$ROOT/.gpu" pytest >>"$OUT/install.log" 2>&1 \
     || { note "FAIL pytest missing and not installable from .gpu/"; exit 1; }
+# NVML bindings for the hardware GPU test; optional (that test skips without them).
+"$PY" -c "import pynvml" 2>/dev/null \
+    || "$PY" -m pip install --no-index --find-links "$ROOT/.gpu" nvidia-ml-py >>"$OUT/install.log" 2>&1 \
+    || note "nvidia-ml-py not installed: the NVML test will skip"
 [[ "$INSTALL_ONLY" == "--install-only" ]] && exit 0
 
 cd "$ROOT"
 export VELOD_KERNEL_CACHE="$OUT/kernel-cache"   # fresh compile cache; timings exclude it
 overall=0
+step cuda_probe "$OUT/cuda_probe.log" 60 "$PY" -c "
+import sys
+from velod.kernels import cuda_unavailable_reason
+reason = cuda_unavailable_reason()
+print(reason or 'CUDA usable through PyCUDA')
+sys.exit(1 if reason else 0)" || { overall=1; cat "$OUT/cuda_probe.log" | tee -a "$SUMMARY"; }
 # Every GPU test under tests/gpu (other issues add theirs there).
 step pytest_gpu "$OUT/pytest_gpu.log" 240 "$PY" -m pytest tests/gpu -v -rs -p no:cacheprovider \
     || overall=1
-step bench_attention "$OUT/attention.log" 180 "$PY" bench/attention.py --out "$OUT/attention.json" \
-    || overall=1
+step bench_attention "$OUT/attention.log" 200 "$PY" bench/attention.py --backend cuda \
+    --out "$OUT/attention.json" || overall=1
 if [[ -f bench/engine.py ]]; then
     step bench_engine "$OUT/engine.log" 120 \
         bash -c "\"$PY\" bench/engine.py --gpu > \"$OUT/engine.json\"" || overall=1

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.unit.test_attention_reference import (
+from tests.unit.attention_cases import (
     TOLERANCE,
     dense_attention,
     make_case,
@@ -27,7 +27,7 @@ from tests.unit.test_attention_reference import (
 )
 from velod.kernels import reference
 from velod.kernels.cuda import attention_kernel_name
-from velod.kernels.layout import DTYPE_NAMES, from_float32, kernel_geometry
+from velod.kernels.layout import DTYPE_NAMES, from_float32, kernel_geometry, to_float32
 
 HERE = Path(__file__).parent
 EMULATOR_SOURCE = HERE / "kernel_emulator.cpp"
@@ -128,8 +128,6 @@ def test_emulated_kernel_matches_numpy(emulators, tmp_path, dtype, case_args):
 
 
 def reference_as_float64(x: np.ndarray) -> np.ndarray:
-    from velod.kernels.layout import to_float32
-
     return to_float32(x).astype(np.float64)
 
 

@@ -44,7 +44,8 @@ class AttentionBackend(Protocol):
 
     def paged_attention(self, query: Any, key_cache: Any, value_cache: Any, block_tables: Any,
                         context_lens: Any, scale: float, *, partition_size: int | None = None,
-                        out: Any = None, stream: Any = None) -> Any: ...
+                        out: Any = None, stream: Any = None,
+                        max_context: int | None = None) -> Any: ...
 
     def write_cache(self, key: Any, value: Any, key_cache: Any, value_cache: Any,
                     slot_mapping: Any, *, stream: Any = None) -> None: ...
@@ -67,7 +68,7 @@ class NumpyBackend:
     name = "numpy"
 
     def paged_attention(self, query, key_cache, value_cache, block_tables, context_lens, scale,
-                        *, partition_size=None, out=None, stream=None):
+                        *, partition_size=None, out=None, stream=None, max_context=None):
         result = reference.paged_attention(query, key_cache, value_cache, block_tables,
                                            context_lens, scale, partition_size=partition_size)
         if out is None:

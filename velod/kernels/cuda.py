@@ -21,6 +21,7 @@ import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -160,6 +161,7 @@ class CudaBackend:
         self._modules: dict[tuple[str, ...], object] = {}
         self._functions: dict[str, object] = {}
         self._workspace: dict[str, object] = {}
+        self._keepalive: tuple = ()
 
     # ---- context, memory -------------------------------------------------------------------
 
@@ -231,15 +233,34 @@ class CudaBackend:
 
     def paged_attention(self, query, key_cache, value_cache, block_tables, context_lens,
                         scale: float, *, partition_size: int | None = None, out=None,
-                        stream=None):
+                        stream=None, max_context: int | None = None):
         """Decode attention output ``[num_seqs, num_heads, head_dim]`` as a device array.
 
         ``partition_size`` overrides the automatic choice (tests use it to hit partition
-        boundaries); the call returns when the work is queued on ``stream``.
+        boundaries); the call returns when the work is queued on ``stream``. The longest
+        context sizes the grid: it is read from ``context_lens`` (a NumPy array is uploaded)
+        unless ``max_context`` is given with device-resident ``context_lens``, which keeps
+        the call free of host-device copies and synchronization.
         """
-        lens_host = _host(context_lens).astype(np.int32, copy=False)
-        shape = check_attention_args(query, key_cache, value_cache, block_tables, lens_host)
-        check_context_lens(lens_host, shape)
+        with self.active():
+            return self._paged_attention(query, key_cache, value_cache, block_tables,
+                                         context_lens, scale, partition_size, out, stream,
+                                         max_context)
+
+    def _paged_attention(self, query, key_cache, value_cache, block_tables, context_lens,
+                         scale, partition_size, out, stream, max_context):
+        on_device = not isinstance(context_lens, np.ndarray)
+        if on_device and max_context is not None:
+            lens_host = None
+            shape = check_attention_args(query, key_cache, value_cache, block_tables,
+                                         context_lens)
+            probe = np.array([max_context], np.int32)
+            check_context_lens(probe, replace(shape, num_seqs=1))
+        else:
+            lens_host = _host(context_lens)
+            shape = check_attention_args(query, key_cache, value_cache, block_tables, lens_host)
+            check_context_lens(lens_host, shape)
+            max_context = int(lens_host.max()) if lens_host.size else 0
         dtype = np.dtype(key_cache.dtype)
         if shape.head_dim not in SUPPORTED_HEAD_DIMS:
             raise AttentionArgumentError(
@@ -251,7 +272,6 @@ class CudaBackend:
         geometry = kernel_geometry(dtype.itemsize, shape.head_dim)
         heads_per_block = min(shape.group_size, geometry.groups)
         chunks = -(-shape.group_size // heads_per_block)
-        max_context = int(lens_host.max()) if lens_host.size else 0
         blocks_per_partition = shape.num_seqs * shape.num_kv_heads * chunks
         if partition_size is None:
             partition_size = choose_partition_size(max_context, blocks_per_partition, self.num_sms)
@@ -260,14 +280,24 @@ class CudaBackend:
         max_parts = max(1, math.ceil(max_context / partition_size))
         if shape.num_seqs == 0:
             return out if out is not None else self.empty(tuple(query.shape), dtype)
+        if shape.num_seqs > 65535 or shape.num_kv_heads * chunks > 65535:
+            raise AttentionArgumentError("at most 65535 sequences and kv-head chunks per call")
+        if out is not None and (tuple(out.shape) != tuple(query.shape) or out.dtype != dtype):
+            raise AttentionArgumentError(
+                f"out must be {tuple(query.shape)} {dtype.name}, got {tuple(out.shape)} "
+                f"{np.dtype(out.dtype).name}")
         with self.active():
             q = self._device(query)
             k, v = self._device(key_cache), self._device(value_cache)
             tables = self._device(block_tables)
-            lens = self._device(context_lens if not isinstance(context_lens, np.ndarray)
-                                else lens_host)
+            lens = self._device(context_lens if on_device else lens_host)
             if out is None:
                 out = self._gpuarray.empty(tuple(query.shape), dtype)
+            for name, array in (("query", q), ("key_cache", k), ("value_cache", v), ("out", out)):
+                if int(array.gpudata) % 16:
+                    raise AttentionArgumentError(f"{name} must start on a 16-byte boundary")
+            # Uploaded temporaries must outlive the queued launch.
+            self._keepalive = (q, tables, lens)
             rows = shape.num_seqs * shape.num_heads * max_parts
             part_out = part_max = part_sum = 0
             if max_parts > 1:
@@ -298,6 +328,10 @@ class CudaBackend:
 
     def write_cache(self, key, value, key_cache, value_cache, slot_mapping, *, stream=None):
         """Scatters K and V rows into their cache slots (negative slots are skipped)."""
+        with self.active():
+            self._write_cache(key, value, key_cache, value_cache, slot_mapping, stream)
+
+    def _write_cache(self, key, value, key_cache, value_cache, slot_mapping, stream):
         slots_host = _host(slot_mapping)
         check_cache_write_args(key, value, key_cache, value_cache, slots_host)
         num_blocks, block_size = key_cache.shape[:2]
@@ -309,6 +343,7 @@ class CudaBackend:
             k, v = self._device(key), self._device(value)
             slots = self._device(slot_mapping if not isinstance(slot_mapping, np.ndarray)
                                  else slots_host)
+            self._keepalive = (k, v, slots)
             kernel = self._function(f"velod_write_cache_{_index_name(slots_host.dtype)}",
                                     DTYPE_NAMES[np.dtype(key_cache.dtype).name])
             if not hasattr(kernel, "arg_format"):
@@ -321,6 +356,10 @@ class CudaBackend:
 
     def copy_blocks(self, key_cache, value_cache, block_pairs, *, stream=None):
         """Copies whole blocks source -> destination for each row of ``block_pairs``."""
+        with self.active():
+            self._copy_blocks(key_cache, value_cache, block_pairs, stream)
+
+    def _copy_blocks(self, key_cache, value_cache, block_pairs, stream):
         pairs_host = np.ascontiguousarray(_host(block_pairs))
         check_block_pairs(pairs_host, key_cache.shape[0])
         if pairs_host.size == 0:
@@ -328,6 +367,7 @@ class CudaBackend:
         block_bytes = int(np.prod(key_cache.shape[1:])) * np.dtype(key_cache.dtype).itemsize
         with self.active():
             pairs = self._device(pairs_host)
+            self._keepalive = (pairs,)
             kernel = self._function(f"velod_copy_blocks_{_index_name(pairs_host.dtype)}",
                                     DTYPE_NAMES[np.dtype(key_cache.dtype).name])
             if not hasattr(kernel, "arg_format"):
