@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from tests.fakes.fake_gpus import GiB, MiB, gpu, nvml_env, write_gpu_table
+from velod.control.client import RemoteError
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE_BIN = REPO / "tests" / "fakes" / "bin"
@@ -105,7 +106,7 @@ class Machine:
         return {"state_dir": str(self.tmp / "velod-state"), "hardware": {"interval": "200ms"},
                 "ollama": {"url": self.url, "systemd_dir": str(self.systemd_dir),
                            "systemctl": "systemctl", "request_timeout": "1s"},
-                "tuner": {"mode": mode, **FAST, **tuner}}
+                "tuner": {"mode": mode, **{**FAST, **tuner}}}
 
 
 @pytest.fixture
@@ -138,6 +139,14 @@ def start_ollama(m: Machine) -> None:
     wait_for(m.ollama_up, what="the fake Ollama to answer")
     (loaded,) = m.ollama("/api/ps")["models"]
     assert loaded["size_vram"] < loaded["size"], "the starting configuration must spill"
+
+
+def blocked(d: Any) -> Any:
+    try:
+        return d.call("tuner.show")["blocked"]
+    except RemoteError as exc:  # no hardware snapshot yet, right after start
+        assert exc.code == "unavailable", exc
+        return None
 
 
 def decisions(d: Any) -> list[str]:
@@ -251,6 +260,12 @@ def test_admin_apply_and_rollback_from_velodctl(machine: Machine, velod_factory:
     assert not machine.velod_dropin.exists() and machine.restarts() == 2
     again = d.ctl("tune", "rollback", check=False)
     assert again.returncode != 0 and "nothing to roll back" in again.stderr + again.stdout
+    # What the admin rolled back is not re-applied by velod itself, even after a restart.
+    d.stop()
+    d2 = velod_factory(machine.velod_config("apply", settle="0s"), env=machine.env)
+    wait_for(lambda: blocked(d2), what="the rolled-back plan blocked")
+    time.sleep(1.0)
+    assert not machine.velod_dropin.exists() and machine.restarts() == 2
 
 
 def test_ollama_down_is_reported_and_the_daemon_keeps_answering(

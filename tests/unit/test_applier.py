@@ -215,6 +215,7 @@ def test_gate_rate_limits_and_waits_for_idle(tmp_path: Path) -> None:
 
 def test_last_restart_survives_a_daemon_restart(tmp_path: Path) -> None:
     History(tmp_path).append("applied", restarted=True)
+    History(tmp_path).append("applied", target="variant", variant="m-velod", parameters={})
     applier = Applier(OllamaConfig(), TunerConfig(min_restart_interval=600.0),
                       OllamaClient("http://127.0.0.1:1"), History(tmp_path))
     assert applier.last_restart is not None

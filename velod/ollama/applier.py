@@ -116,11 +116,16 @@ class Applier:
         self.dropins = DropinDir(ollama.systemd_dir, ollama.service, ollama.dropin)
         self.idle = IdleTracker()
         self.pending_verification: dict[str, Any] | None = None
-        last = history.latest("applied", "rolled-back", scan=1000)
-        self.last_restart: float | None = (
-            last["time"] if last and last.get("restarted") else None)
+        try:
+            recent = history.last(1000)
+        except OSError as exc:
+            self.log.warning("cannot read the tuner history %s: %s", history.path, exc)
+            recent = []
+        # The rate limit holds across daemon restarts: the last restart is in the history.
+        restarts = [e["time"] for e in recent if e.get("restarted")]
+        self.last_restart: float | None = restarts[-1] if restarts else None
         self.variants: dict[str, dict[str, Any]] = {}
-        for entry in history.last(1000):
+        for entry in recent:
             if entry["decision"] == "applied" and entry.get("target") == "variant":
                 self.variants[entry["variant"]] = entry.get("parameters", {})
 
@@ -251,9 +256,13 @@ class Applier:
         return self._record(Outcome("verified", "loaded models run as planned",
                                     {"loaded": observed}))
 
-    async def rollback(self, reason: str) -> Outcome:
-        """Restore the previous drop-in (admin request) and restart Ollama."""
-        return await self._roll_back(reason, failed=None)
+    async def rollback(self, reason: str, undone: dict[str, str] | None = None) -> Outcome:
+        """Restore the previous drop-in (admin request) and restart Ollama.
+
+        ``undone`` (the settings rolled away from) is recorded as ``failed`` so that the
+        tuner does not apply them again by itself, also after a daemon restart.
+        """
+        return await self._roll_back(reason, failed=undone)
 
     async def _roll_back(self, reason: str, failed: dict[str, str] | None,
                          **extra: Any) -> Outcome:

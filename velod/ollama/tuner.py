@@ -92,7 +92,13 @@ class Tuner(Component):
         return OllamaClient(resolve_url(config.ollama.url), config.ollama.request_timeout)
 
     def _blocked_from_history(self) -> dict[str, Any] | None:
-        last = self.history.latest("applied", "rolled-back")
+        try:
+            entries = self.history.last(1000)
+        except OSError:
+            return None  # the applier logs it
+        server = [e for e in entries if e["decision"] in ("applied", "rolled-back")
+                  and e.get("target") != "variant"]
+        last = server[-1] if server else None
         if last and last["decision"] == "rolled-back" and isinstance(last.get("failed"), dict):
             return {"key": _env_key(last["failed"]), "decision": "rolled-back",
                     "message": last.get("message", "rolled back")}
@@ -515,7 +521,7 @@ class Tuner(Component):
                 raise RpcError("not_found", f"nothing to roll back to: no "
                                f"{self.applier.dropins.backup.name} (velod has not changed "
                                "Ollama's settings since the last rollback)")
-            outcome = await self.applier.rollback("requested by admin")
+            outcome = await self.applier.rollback("requested by admin", undone=current)
             self.pending = None
             if outcome.decision == "rolled-back":
                 self._block(_env_key(current), outcome)  # do not re-apply it by ourselves
