@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 from collections.abc import Callable
@@ -45,11 +46,13 @@ class _DaemonPool:
                 self._idle -= 1
             loop = future.get_loop()
             try:
-                result = fn()
-            except BaseException as exc:
-                loop.call_soon_threadsafe(_settle, future, None, exc)
-            else:
-                loop.call_soon_threadsafe(_settle, future, result, None)
+                result, exc = fn(), None
+            except BaseException as error:
+                result, exc = None, error
+            # A call that outlived its loop (it hung past a timeout at shutdown) has no one
+            # left to tell; the worker must survive it.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_settle, future, result, exc)
 
 
 def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:

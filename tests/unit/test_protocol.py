@@ -89,3 +89,21 @@ def test_a_huge_declared_length_is_refused_by_the_limit_not_allocated():
 def test_deep_nesting_is_a_framing_error_not_a_crash():
     with pytest.raises(FramingError):
         Decoder(1 << 20).feed(b"\x91" * 100_000)
+
+
+def test_many_small_pipelined_messages_are_not_one_big_one():
+    decoder = Decoder(1024)
+    stream = b"".join(protocol.encode_request(i, "config.reload") for i in range(500))
+    assert len(stream) > 8 * 1024
+    got = decoder.feed(stream)
+    assert [m.msgid for m in got] == list(range(500))
+
+
+def test_a_message_of_exactly_the_limit_is_accepted():
+    size = 1024
+    overhead = len(protocol.encode_request(1, "m", {"t": "x" * 300})) - 300  # str16 header
+    msg = protocol.encode_request(1, "m", {"t": "x" * (size - overhead)})
+    assert len(msg) == size
+    decoder = Decoder(size)
+    half = b"".join(protocol.encode_request(i, "m") for i in range(3))
+    assert len(decoder.feed(half + msg)) == 4

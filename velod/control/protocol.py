@@ -71,12 +71,24 @@ class Decoder:
             strict_map_key=False, use_list=True,
         )
         self.max_message_size = max_message_size
+        self._fed = 0  # bytes fed so far; minus tell() = bytes still buffered
 
     def feed(self, data: bytes) -> list[Message]:
-        try:
-            self._unpacker.feed(data)
-        except msgpack.BufferFull as exc:
-            raise FramingError(f"message larger than {self.max_message_size} bytes") from exc
+        out: list[Message] = []
+        view = memoryview(data)
+        while view:
+            # Feed no more than the free space, draining complete messages in between, so
+            # many small pipelined messages never count as one big one.
+            space = self.max_message_size - (self._fed - self._unpacker.tell())
+            if space <= 0:
+                raise FramingError(f"message larger than {self.max_message_size} bytes")
+            chunk, view = view[:space], view[space:]
+            self._unpacker.feed(chunk)
+            self._fed += len(chunk)
+            out.extend(self._drain())
+        return out
+
+    def _drain(self) -> list[Message]:
         out: list[Message] = []
         try:
             for obj in self._unpacker:

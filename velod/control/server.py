@@ -101,7 +101,7 @@ class Connection:
             return False
         if self.writer.transport.get_write_buffer_size() > self.server.max_write_buffer:
             log.warning("pid %s does not read its replies; disconnecting", self.peer.pid)
-            self.close()
+            self.close(abort=True)
             return False
         self.writer.write(data)
         return True
@@ -110,8 +110,13 @@ class Connection:
         """Tell the peer why it is being dropped (no msgid to answer), then drop it."""
         self._write(protocol.encode_notification("error", [protocol.error_map(code, message)]))
         self.close()
+        # A peer that never reads would keep the flushing transport forever.
+        asyncio.get_running_loop().call_later(1.0, self.writer.transport.abort)
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
+        """Stop serving this peer; ``abort`` drops unsent bytes instead of flushing them."""
+        if abort:
+            self.writer.transport.abort()
         if self.closed:
             return
         self.closed = True
@@ -192,6 +197,7 @@ class ControlServer:
         self.registry = registry
         self.limits = limits
         self.connections: set[Connection] = set()
+        self._conn_tasks: set[asyncio.Task[object]] = set()
         self.path: Path | None = None
         self.counters = {"requests": 0, "rejected": 0, "refused_connections": 0}
         self._server: asyncio.AbstractServer | None = None
@@ -199,7 +205,8 @@ class ControlServer:
 
     @property
     def max_write_buffer(self) -> int:
-        return max(4 * self.limits.max_message_size, 1 << 20)
+        # Unsent bytes we hold for one peer before calling it a slow consumer.
+        return max(4 * self.limits.max_message_size, 64 * 1024)
 
     async def start(self, path: Path | None, sock: socket.socket | None = None) -> None:
         """Listen on ``sock`` (socket activation) or on a new socket bound at ``path``."""
@@ -219,7 +226,9 @@ class ControlServer:
         if self._server is not None:
             self._server.close()
         for conn in list(self.connections):
-            conn.close()
+            conn.close(abort=True)
+        if self._conn_tasks:  # let each connection see its EOF and finish cleanly
+            await asyncio.wait(list(self._conn_tasks), timeout=1.0)
         if self.path is not None:
             with contextlib.suppress(OSError):
                 if self.path.stat().st_ino == self._inode:
@@ -238,10 +247,16 @@ class ControlServer:
             conn._fail("busy", f"too many connections (max {self.limits.max_connections})")
             return
         self.connections.add(conn)
+        task = asyncio.current_task()
+        if task is not None:
+            self._conn_tasks.add(task)
         try:
             await conn.run()
+        except asyncio.CancelledError:
+            pass  # shutting down: the connection is already closed
         finally:
             self.connections.discard(conn)
+            self._conn_tasks.discard(task)  # type: ignore[arg-type]
 
     async def dispatch(self, request: protocol.Request, conn: Connection) -> Any:
         self.counters["requests"] += 1
