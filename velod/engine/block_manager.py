@@ -336,7 +336,7 @@ class BlockManager:
         if first >= full or not self.enable_prefix_caching:
             return
         self._hashed[row] = full
-        keys, hashes, gen, links = self._key, self._hash, self._gen, self._link
+        keys, hashes, gen, links, cache = self._key, self._hash, self._gen, self._link, self._cache
         blocks = self._tables[row, max(first - 1, 0) : full].tolist()
         if first:
             parent = blocks.pop(0)
@@ -352,7 +352,10 @@ class BlockManager:
                 keys[block] = key
                 hashes[block] = block_hash
                 links[block] = link
-                self._map(block_hash, block)
+                if block_hash in cache:
+                    self._map(block_hash, block)
+                else:
+                    cache[block_hash] = block
             link, parent_hash = (block << 32) | gen[block], hashes[block]
 
     def cache_last_blocks_rows(self, rows: np.ndarray, token_buffer: np.ndarray) -> None:
