@@ -2,8 +2,9 @@
 
 Each step "generates" one token per sampled sequence; the loop runs until every request
 finishes. Reports scheduler + block-manager CPU time (process time, so other load on the
-machine counts less) per generated token (submit included, prompt generation excluded), per-step time at 64/256/1024 running sequences, and the cost
-of one submit with 100,000 requests waiting.
+machine counts less) per generated token, submit included and prompt generation excluded;
+the same with prefix caching off; wall time per step at 64/256/1024 running sequences;
+and the cost of one submit with 100,000 requests waiting.
 
     python bench/scheduler.py --requests 1024 --prompt 512 --gen 128 --json
 """
@@ -163,6 +164,11 @@ def main() -> int:
         "prefix_caching": config.enable_prefix_caching,
     }
     if not args.skip_extras:
+        # Side by side in the same run: what prefix caching (hashing, eviction) costs.
+        plain = make_config(args, enable_prefix_caching=False)
+        off = min(drain(plain, prompts, args.gen)["us_per_token"] for _ in range(args.repeat))
+        result["no_prefix_caching_us_per_token"] = off
+        result["prefix_caching_cost_ratio"] = round(float(result["us_per_token"]) / off, 3)
         result["step_time"] = [step_time(n, 200, args.block_size) for n in (64, 256, 1024)]
         result["submit"] = submit_cost(100_000, 2000)
     result["machine"] = f"{platform.machine()} {platform.python_implementation()} " \

@@ -473,7 +473,8 @@ class Scheduler:
         results = []
         for row in rows[done].tolist():
             seq = row_seq[row]
-            assert seq is not None
+            if seq is None:  # cannot happen: rows were checked live above
+                continue
             reason = "length" if self._remaining[row] <= 0 else "stop"
             results.append(self._retire(seq, SequenceState.FINISHED, reason))
             self._freed.append(seq.id)
