@@ -171,7 +171,7 @@ class Scheduler:
         if isinstance(prompt, np.ndarray):
             if prompt.ndim != 1 or (prompt.size and prompt.dtype.kind not in "iu"):
                 raise InvalidRequest("prompt", "must be a 1-D array of integer token ids")
-            tokens = prompt
+            tokens = prompt.copy()  # the caller may reuse its array
         elif isinstance(prompt, list | tuple):
             try:  # strict and fast: ints only, within int32
                 tokens = np.frombuffer(array.array("i", prompt), dtype=np.int32)
