@@ -81,6 +81,7 @@ class Tuner(Component):
         self._digests: frozenset[tuple[str, str | None]] | None = None
         self._spilling: frozenset[str] = frozenset()
         self._triggers: list[str] = ["start-up"]
+        self.observed: list[str] = []
         self._wake: asyncio.Event | None = None
         self._urgent = False
         self._lock: asyncio.Lock | None = None
@@ -217,13 +218,15 @@ class Tuner(Component):
         self.state, self.error = "running", None
         self.ollama, self.last_ok = state, time.time()
         self.applier.idle.observe(state.loaded, self.snapshot)
+        self.observed = []  # triggers seen in Ollama's state, for this cycle
         digests = frozenset((m.name, m.digest) for m in state.models)
         if self._digests is not None and digests != self._digests:
-            self.trigger("model installed or changed")
+            self.observed.append("model installed or changed")
         self._digests = digests
         spilling = frozenset(m.name for m in state.loaded if m.spills_to_cpu)
         if spilling - self._spilling:
-            self.trigger("CPU spill in /api/ps: " + ", ".join(sorted(spilling - self._spilling)))
+            self.observed.append("CPU spill in /api/ps: "
+                                 + ", ".join(sorted(spilling - self._spilling)))
         self._spilling = spilling
         return state
 
@@ -247,17 +250,21 @@ class Tuner(Component):
         return self.plan
 
     async def _cycle(self) -> None:
+        # Triggers that arrive during this cycle (a reload, say) belong to the next one.
+        reasons, self._triggers = self._triggers, []
         state = await self.poll()
         if state is None:
+            self._triggers = reasons + [r for r in self._triggers if r not in reasons]
             return  # back off; never act on a stale view of Ollama
         if self.applier.pending_verification is not None and state.loaded:
             outcome = await self.applier.verify(state.loaded)
             if outcome is not None:
                 self._announce(outcome)
         plan = await self.replan()
+        reasons += self.observed
         if plan is None:
+            self._triggers = reasons + [r for r in self._triggers if r not in reasons]
             return
-        reasons, self._triggers = self._triggers, []
         await self._decide(plan, ", ".join(reasons) or "periodic check")
         tuner = self.config.tuner
         settled = self.effective is not None and not plan.changes(self.effective.environment)
