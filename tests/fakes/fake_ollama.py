@@ -19,8 +19,9 @@ answers 500, garbage answers 200 with HTML); ``FAKE_OLLAMA_PRELOAD`` = comma-sep
 models loaded at start as if a client had just used them; ``FAKE_OLLAMA_VERSION``;
 ``FAKE_OLLAMA_TOKEN_DELAY`` (s per generated token); ``FAKE_OLLAMA_STORE`` = a JSON file
 where models made by ``/api/create`` are kept across restarts, as Ollama keeps them.
-``POST /_fake/busy {"model", "busy"}`` holds a request in flight; ``GET /_fake/state`` shows
-the settings the process read.
+``FAKE_OLLAMA_BUSY`` = models with a request in flight from the start, or
+``POST /_fake/busy {"model", "busy"}`` to hold or release one at run time.
+``GET /_fake/state`` shows the settings the process read.
 
 Run: ``python tests/fakes/fake_ollama.py --port N --models models.json``.
 """
@@ -321,6 +322,9 @@ class FakeOllama:
         for name in filter(None, preload):
             loaded = self.load(normalize_name(name), {}, None)
             loaded.expires_at = time.time() + loaded.session
+        busy = [n.strip() for n in env.get("FAKE_OLLAMA_BUSY", "").split(",")]
+        for name in filter(None, busy):  # a first request that never finishes
+            self.load(normalize_name(name), {}, None).in_flight += 1
 
     # ------------------------------------------------------------------ memory
     def free_vram(self, excluding: str | None = None) -> int:

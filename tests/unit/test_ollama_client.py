@@ -179,3 +179,11 @@ async def test_busy_request_moves_expires_at_forward_like_ollama() -> None:
         await asyncio.sleep(0.02)
         second = (await client.ps())[0]["expires_at"]
     assert second > first
+
+
+async def test_busy_from_the_environment_holds_a_first_request() -> None:
+    fake = FakeOllama(env={"FAKE_OLLAMA_VRAM": "24GiB", "FAKE_OLLAMA_BUSY": "llama3.2:3b"})
+    async with serve(fake) as url, OllamaClient(url) as client:
+        first = (await client.ps())[0]["expires_at"]
+        await asyncio.sleep(0.02)
+        assert (await client.ps())[0]["expires_at"] > first
