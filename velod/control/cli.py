@@ -11,11 +11,14 @@ import argparse
 import importlib
 import sys
 import time
-from typing import Any
 
 from velod import __version__, paths
 from velod.control.client import Client, DaemonUnreachable, RemoteError
 from velod.control.output import ago, human_duration, print_json, print_json_line, table
+
+TYPE_CHECKING = False  # like typing.TYPE_CHECKING, without importing typing
+if TYPE_CHECKING:
+    from typing import Any
 
 EXIT_OK, EXIT_REMOTE, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 

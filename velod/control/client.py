@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import itertools
 import socket
-from collections import deque
-from collections.abc import Iterator
-from typing import Any
 
 import msgpack
 
-from velod.control import protocol
+from velod.control import wire as protocol
+
+TYPE_CHECKING = False  # like typing.TYPE_CHECKING, without importing typing
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from typing import Any
 
 
 class DaemonUnreachable(Exception):
@@ -37,7 +39,7 @@ class Client:
         self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max_message_size,
                                           strict_map_key=False)
         self._ids = itertools.count(1)
-        self._pending: deque[Any] = deque()  # notifications that arrived during a call
+        self._pending: list[Any] = []  # notifications that arrived during a call
 
     @classmethod
     def connect(cls, path: str, timeout: float | None = 30.0) -> Client:
@@ -116,7 +118,7 @@ class Client:
         """Yield (method, params) of notifications until the connection ends."""
         self.sock.settimeout(None)
         while True:
-            msg = self._pending.popleft() if self._pending else self._next_message()
+            msg = self._pending.pop(0) if self._pending else self._next_message()
             if isinstance(msg, list) and len(msg) == 3 and msg[0] == protocol.NOTIFICATION:
                 self._raise_if_error(msg)
                 yield msg[1], msg[2]

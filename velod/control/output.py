@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
-from typing import Any
+
+TYPE_CHECKING = False  # like typing.TYPE_CHECKING, without importing typing
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def print_json(obj: Any) -> None:
+    import json  # lazy: most invocations print text
+
     json.dump(obj, sys.stdout, indent=2, sort_keys=True, default=_fallback)
     sys.stdout.write("\n")
 
 
 def print_json_line(obj: Any) -> None:
+    import json
+
     sys.stdout.write(json.dumps(obj, sort_keys=True, default=_fallback) + "\n")
     sys.stdout.flush()
 

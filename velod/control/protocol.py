@@ -14,8 +14,16 @@ from typing import Any
 
 import msgpack
 
-REQUEST, RESPONSE, NOTIFICATION = 0, 1, 2
-MAX_MSGID = 2**32 - 1
+from velod.control.wire import (  # noqa: F401  (re-exported for the server)
+    MAX_MSGID,
+    NOTIFICATION,
+    REQUEST,
+    RESPONSE,
+    encode_notification,
+    encode_request,
+    encode_response,
+    error_map,
+)
 
 
 @dataclass(frozen=True)
@@ -138,23 +146,3 @@ def _params(params: Any) -> dict[str, Any] | str:
     if not isinstance(candidate, dict) or not all(isinstance(k, str) for k in candidate):
         return "params must be [] or [map] with string keys"
     return candidate
-
-
-def _pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
-
-
-def encode_request(msgid: int, method: str, params: dict[str, Any] | None = None) -> bytes:
-    return _pack([REQUEST, msgid, method, [params or {}]])
-
-
-def encode_response(msgid: int, error: dict[str, Any] | None, result: Any) -> bytes:
-    return _pack([RESPONSE, msgid, error, result])
-
-
-def encode_notification(method: str, params: Any) -> bytes:
-    return _pack([NOTIFICATION, method, params])
-
-
-def error_map(code: str, message: str, data: Any = None) -> dict[str, Any]:
-    return {"code": code, "message": message, "data": data}

@@ -1,0 +1,48 @@
+"""Wall time of `velodctl status` as a ratio to a bare `python -c pass`, side by side.
+
+Both use the same interpreter (the one running this script, i.e. the project's venv),
+interleaved run by run so that machine noise hits both alike. Prints JSON.
+usage: python bench/ctl_status.py [--runs 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+from harness import BIN, BenchDaemon, machine
+
+
+def wall(cmd: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=40)
+    args = parser.parse_args()
+    with BenchDaemon() as daemon:
+        bare = [sys.executable, "-c", "pass"]
+        ctl = [str(BIN / "velodctl"), "--socket", str(daemon.socket), "status"]
+        for _ in range(3):  # warm the page cache
+            wall(bare), wall(ctl)
+        bare_times, ctl_times = [], []
+        for _ in range(args.runs):
+            bare_times.append(wall(bare))
+            ctl_times.append(wall(ctl))
+    b, c = statistics.median(bare_times), statistics.median(ctl_times)
+    print(json.dumps({
+        "benchmark": "velodctl status vs python -c pass", "runs": args.runs,
+        "python_pass_ms_median": round(b * 1000, 2),
+        "velodctl_status_ms_median": round(c * 1000, 2),
+        "ratio": round(c / b, 3), "target_ratio": 1.3, "machine": machine()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
