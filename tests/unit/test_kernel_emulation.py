@@ -27,7 +27,14 @@ from tests.unit.attention_cases import (
 )
 from velod.kernels import reference
 from velod.kernels.cuda import attention_kernel_name
-from velod.kernels.layout import DTYPE_NAMES, from_float32, kernel_geometry, to_float32
+from velod.kernels.layout import (
+    DTYPE_NAMES,
+    check_attention_args,
+    from_float32,
+    kernel_geometry,
+    plan_attention_launch,
+    to_float32,
+)
 
 HERE = Path(__file__).parent
 EMULATOR_SOURCE = HERE / "kernel_emulator.cpp"
@@ -71,26 +78,26 @@ def emulators(tmp_path_factory) -> dict[str, Path]:
 def run_attention(binary: Path, workdir: Path, case, partition_size: int | None) -> np.ndarray:
     """The kernels' output for a case, with the launch the CUDA backend would make."""
     query = case.query
-    num_seqs, num_heads, head_dim = query.shape
-    _, block_size, num_kv_heads, _ = case.key_cache.shape
-    geometry = kernel_geometry(query.dtype.itemsize, head_dim)
-    group = num_heads // num_kv_heads
-    heads_per_block = min(group, geometry.groups)
-    chunks = -(-group // heads_per_block)
+    shape = check_attention_args(query, case.key_cache, case.value_cache, case.block_tables,
+                                 case.context_lens)
     max_context = int(case.context_lens.max())
-    size = partition_size or max(max_context, 1)
+    # The launch the CUDA backend makes; partition_size None = its automatic choice for a
+    # 132-SM device (so small test batches split into partitions, as on an H100).
+    plan = plan_attention_launch(shape, query.dtype.itemsize, max_context, num_sms=132,
+                                 partition_size=partition_size)
     params = {
-        "num_seqs": num_seqs, "num_heads": num_heads, "num_kv_heads": num_kv_heads,
-        "head_dim": head_dim, "heads_per_block": heads_per_block, "grid_y": num_kv_heads * chunks,
-        "max_blocks_per_seq": case.block_tables.shape[1], "partition_size": size,
-        "max_parts": max(1, math.ceil(max_context / size)), "smem_bytes": geometry.smem_bytes,
+        "num_seqs": shape.num_seqs, "num_heads": shape.num_heads,
+        "num_kv_heads": shape.num_kv_heads, "head_dim": shape.head_dim,
+        "heads_per_block": plan.heads_per_block, "grid_y": plan.grid[1],
+        "max_blocks_per_seq": shape.max_blocks_per_seq, "partition_size": plan.partition_size,
+        "max_parts": plan.max_parts, "smem_bytes": plan.smem_bytes,
         "scale_log2": case.scale * math.log2(math.e),
     }
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "params.txt").write_text("".join(f"{k} {v!r}\n" for k, v in params.items()))
     for name in ("query", "key_cache", "value_cache", "block_tables", "context_lens"):
         np.ascontiguousarray(getattr(case, name)).tofile(workdir / f"{name}.bin")
-    kernel = attention_kernel_name(query.dtype, head_dim, block_size)
+    kernel = attention_kernel_name(query.dtype, shape.head_dim, shape.block_size)
     result = subprocess.run([str(binary), "attention", kernel, str(workdir)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -108,6 +115,7 @@ CASES = [
     ([33, 90], 4, 1, 112, 8, 40),       # MHA; partition not a multiple of the tile
     ([129, 5], 1, 2, 256, 32, 64),
     ([0, 3], 1, 2, 64, 16, None),       # an empty context gives zeros
+    ([5, 77, 300], 2, 4, 128, 32, 4096),  # one partition: the single-pass path
 ]
 
 

@@ -38,8 +38,7 @@ from velod.kernels.layout import (
     check_cache_write_args,
     check_context_lens,
     check_slots,
-    choose_partition_size,
-    kernel_geometry,
+    plan_attention_launch,
 )
 
 SOURCE = Path(__file__).with_name("paged_attention.cu")
@@ -239,8 +238,8 @@ class CudaBackend:
         ``partition_size`` overrides the automatic choice (tests use it to hit partition
         boundaries); the call returns when the work is queued on ``stream``. The longest
         context sizes the grid: it is read from ``context_lens`` (a NumPy array is uploaded)
-        unless ``max_context`` is given with device-resident ``context_lens``, which keeps
-        the call free of host-device copies and synchronization.
+        unless ``max_context`` (which must be >= every length) is given with device-resident
+        ``context_lens``, which keeps the call free of host-device copies and synchronization.
         """
         with self.active():
             return self._paged_attention(query, key_cache, value_cache, block_tables,
@@ -269,19 +268,10 @@ class CudaBackend:
             raise AttentionArgumentError(
                 f"block_size {shape.block_size} has no CUDA kernel; "
                 f"supported: {SUPPORTED_BLOCK_SIZES}")
-        geometry = kernel_geometry(dtype.itemsize, shape.head_dim)
-        heads_per_block = min(shape.group_size, geometry.groups)
-        chunks = -(-shape.group_size // heads_per_block)
-        blocks_per_partition = shape.num_seqs * shape.num_kv_heads * chunks
-        if partition_size is None:
-            partition_size = choose_partition_size(max_context, blocks_per_partition, self.num_sms)
-        if partition_size < 1:
-            raise AttentionArgumentError(f"partition_size must be >= 1, got {partition_size}")
-        max_parts = max(1, math.ceil(max_context / partition_size))
         if shape.num_seqs == 0:
             return out if out is not None else self.empty(tuple(query.shape), dtype)
-        if shape.num_seqs > 65535 or shape.num_kv_heads * chunks > 65535:
-            raise AttentionArgumentError("at most 65535 sequences and kv-head chunks per call")
+        plan = plan_attention_launch(shape, dtype.itemsize, max_context, self.num_sms,
+                                     partition_size)
         if out is not None and (tuple(out.shape) != tuple(query.shape) or out.dtype != dtype):
             raise AttentionArgumentError(
                 f"out must be {tuple(query.shape)} {dtype.name}, got {tuple(out.shape)} "
@@ -298,9 +288,9 @@ class CudaBackend:
                     raise AttentionArgumentError(f"{name} must start on a 16-byte boundary")
             # Uploaded temporaries must outlive the queued launch.
             self._keepalive = (q, tables, lens)
-            rows = shape.num_seqs * shape.num_heads * max_parts
+            rows = shape.num_seqs * shape.num_heads * plan.max_parts
             part_out = part_max = part_sum = 0
-            if max_parts > 1:
+            if plan.max_parts > 1:
                 part_out = self._scratch("part_out", rows * shape.head_dim).gpudata
                 part_max = self._scratch("part_max", rows).gpudata
                 part_sum = self._scratch("part_sum", rows).gpudata
@@ -310,20 +300,21 @@ class CudaBackend:
             if not hasattr(kernel, "arg_format"):
                 kernel.prepare([np.uintp] * 9 + [np.float32] + [np.int32] * 6)
             kernel.prepared_async_call(
-                (max_parts, shape.num_kv_heads * chunks, shape.num_seqs), (KERNEL_THREADS, 1, 1),
-                stream, int(out.gpudata), int(part_out), int(part_max), int(part_sum),
-                int(q.gpudata), int(k.gpudata), int(v.gpudata), int(tables.gpudata),
-                int(lens.gpudata), np.float32(scale * math.log2(math.e)), shape.num_heads,
-                shape.num_kv_heads, heads_per_block, shape.max_blocks_per_seq, partition_size,
-                max_parts, shared_size=geometry.smem_bytes)
-            if max_parts > 1:
+                plan.grid, (plan.threads, 1, 1), stream, int(out.gpudata), int(part_out),
+                int(part_max), int(part_sum), int(q.gpudata), int(k.gpudata), int(v.gpudata),
+                int(tables.gpudata), int(lens.gpudata), np.float32(scale * math.log2(math.e)),
+                shape.num_heads, shape.num_kv_heads, plan.heads_per_block,
+                shape.max_blocks_per_seq, plan.partition_size, plan.max_parts,
+                shared_size=plan.smem_bytes)
+            if plan.max_parts > 1:
                 merge = self._function(f"velod_merge_partitions_{dtype_option}", dtype_option)
                 if not hasattr(merge, "arg_format"):
                     merge.prepare([np.uintp] * 5 + [np.int32] * 4)
                 merge.prepared_async_call(
-                    (shape.num_heads, shape.num_seqs), (KERNEL_THREADS, 1, 1), stream,
+                    (shape.num_heads, shape.num_seqs), (plan.threads, 1, 1), stream,
                     int(out.gpudata), int(part_out), int(part_max), int(part_sum),
-                    int(lens.gpudata), shape.num_heads, shape.head_dim, partition_size, max_parts)
+                    int(lens.gpudata), shape.num_heads, shape.head_dim, plan.partition_size,
+                    plan.max_parts)
         return out
 
     def write_cache(self, key, value, key_cache, value_cache, slot_mapping, *, stream=None):

@@ -88,6 +88,36 @@ def kernel_geometry(itemsize: int, head_dim: int) -> KernelGeometry:
     return KernelGeometry(lanes, KERNEL_THREADS // lanes, tile, 2 * 2 * tile * row_bytes)
 
 
+@dataclass(frozen=True)
+class AttentionLaunch:
+    """How the CUDA backend launches one paged-attention call."""
+
+    grid: tuple[int, int, int]  # (partitions, kv heads x head chunks, sequences)
+    heads_per_block: int
+    partition_size: int
+    max_parts: int              # > 1: partitions are merged by the second kernel
+    smem_bytes: int
+    threads: int = KERNEL_THREADS
+
+
+def plan_attention_launch(shape: AttentionShape, itemsize: int, max_context: int,
+                          num_sms: int, partition_size: int | None = None) -> AttentionLaunch:
+    """Grid, heads per block and partitioning for a call (pure; mirrors the kernel)."""
+    geometry = kernel_geometry(itemsize, shape.head_dim)
+    heads_per_block = min(shape.group_size, geometry.groups)
+    chunks = -(-shape.group_size // heads_per_block)
+    if partition_size is None:
+        partition_size = choose_partition_size(
+            max_context, shape.num_seqs * shape.num_kv_heads * chunks, num_sms)
+    if partition_size < 1:
+        raise AttentionArgumentError(f"partition_size must be >= 1, got {partition_size}")
+    if shape.num_seqs > 65535 or shape.num_kv_heads * chunks > 65535:
+        raise AttentionArgumentError("at most 65535 sequences and kv-head chunks per call")
+    max_parts = max(1, -(-max_context // partition_size))
+    return AttentionLaunch((max_parts, shape.num_kv_heads * chunks, shape.num_seqs),
+                           heads_per_block, partition_size, max_parts, geometry.smem_bytes)
+
+
 def choose_partition_size(
     max_context: int, blocks_per_partition: int, num_sms: int
 ) -> int:
