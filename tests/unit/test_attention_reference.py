@@ -237,3 +237,20 @@ def test_importing_kernels_does_not_import_pycuda():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_launch_plan_serves_each_kv_head_once_or_in_head_chunks():
+    from velod.kernels.layout import AttentionShape, plan_attention_launch
+
+    gqa = AttentionShape(num_seqs=64, num_heads=32, num_kv_heads=8, head_dim=128,
+                         num_blocks=1, block_size=16, max_blocks_per_seq=512)
+    plan = plan_attention_launch(gqa, itemsize=2, max_context=8192, num_sms=132)
+    assert plan.heads_per_block == 4                      # the whole group in one block
+    assert plan.grid == (16, 8, 64)                        # 512-token partitions
+    assert plan.smem_bytes == 32768
+    mqa = AttentionShape(2, 32, 1, 256, 1, 16, 8)
+    plan = plan_attention_launch(mqa, itemsize=4, max_context=100, num_sms=132,
+                                 partition_size=4096)
+    assert plan.heads_per_block == 4 and plan.grid == (1, 8, 2)  # 8 chunks of 4 heads
+    with pytest.raises(AttentionArgumentError, match="partition_size"):
+        plan_attention_launch(gqa, 2, 8192, 132, partition_size=0)
