@@ -421,12 +421,13 @@ class BlockManager:
         self._caps[rows] = caps + self.block_size
 
     def append_rows(
-        self, rows: np.ndarray, counts: np.ndarray | None = None
+        self, rows: np.ndarray, counts: np.ndarray | None = None, *, check: bool = True
     ) -> tuple[np.ndarray, np.ndarray]:
         """Mark tokens written for distinct ``rows``; returns (positions, slots), int32.
 
         ``counts`` tokens per row (None = one each, the decode case), in row order. Slots
-        must have been reserved (:meth:`ensure_row`, :meth:`grow_rows`).
+        must have been reserved (:meth:`ensure_row`, :meth:`grow_rows`); ``check=False``
+        skips verifying that, for a caller that has just reserved them.
         """
         start = self._lens[rows]
         if counts is None:
@@ -440,8 +441,8 @@ class BlockManager:
             shift = np.cumsum(counts) - counts - start  # position = token number - shift
             positions = np.arange(len(token_index), dtype=np.int32) - shift[token_index]
             positions = positions.astype(np.int32, copy=False)
-        late = end > self._caps[rows]
-        if late.any():
+        late = end > self._caps[rows] if check else None
+        if late is not None and late.any():
             raise SlotsNotReserved([self._row_ids[r] for r in rows[late].tolist()])
         slots = self._tables[token_rows, positions >> self._shift]
         slots <<= self._shift

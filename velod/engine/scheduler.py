@@ -44,6 +44,8 @@ _WAITING = SequenceState.WAITING
 _PREFILLING = SequenceState.PREFILLING
 _DECODING = SequenceState.DECODING
 _TOKEN_MAX = 2**31 - 1  # token ids travel as int32
+_NO_COPIES = np.zeros((0, 2), dtype=np.int32)
+_NO_COPIES.flags.writeable = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +99,10 @@ class Scheduler:
         self._row_id = np.full(rows, -1, dtype=np.int64)
         self._decoding = np.zeros(rows, dtype=bool)
         self._last_token = np.zeros(rows, dtype=np.int32)
+        # Shared read-only views for decode-only steps (query_lens, query_start_loc).
+        self._ones = np.ones(rows, dtype=np.int32)
+        self._counting = np.arange(rows + 1, dtype=np.int32)
+        self._ones.flags.writeable = self._counting.flags.writeable = False
         # Token history of each row; np.zeros maps untouched pages lazily, so the real
         # footprint follows the sequences' actual lengths, not max_model_len.
         self._tokens = np.zeros((rows, config.max_model_len), dtype=np.int32)
@@ -406,20 +412,21 @@ class Scheduler:
             full = positions[query_start[1:] - 1] & self._mask == self._mask
             full[num_decode:] = True  # a chunk may fill several blocks: let the manager see
             commit_rows = rows[full]
-        else:
+        else:  # decode only: every row was just given room (grow_rows / _reserve)
             rows = decode_rows
-            positions, slots = bm.append_rows(rows)
-            query_lens = np.ones(num_decode, np.int32)
-            query_start = np.arange(num_decode + 1, dtype=np.int32)
+            positions, slots = bm.append_rows(rows, check=False)
+            query_lens = self._ones[:num_decode]
+            query_start = self._counting[: num_decode + 1]
             sample_rows = decode_rows
             sample_indices = query_start[:-1]
             commit_rows = decode_rows[positions & self._mask == self._mask]
         context_lens = bm.seq_lens(rows)
         width = (int(context_lens.max()) + self._mask) >> self._shift
         row_ids = self._row_id
+        seq_ids = row_ids[rows]
         return StepBatch(
             step=self._step,
-            seq_ids=row_ids[rows],
+            seq_ids=seq_ids,
             num_decode=num_decode,
             query_lens=query_lens,
             query_start_loc=query_start,
@@ -429,8 +436,8 @@ class Scheduler:
             positions=positions,
             slot_mapping=slots,
             sample_indices=sample_indices,
-            sample_seq_ids=row_ids[sample_rows],
-            copies=np.array(copies, dtype=np.int32).reshape(-1, 2),
+            sample_seq_ids=seq_ids if sample_rows is rows else row_ids[sample_rows],
+            copies=np.array(copies, dtype=np.int32) if copies else _NO_COPIES,
             preempted=preempted,
             finished=finished,
             sample_rows=sample_rows,
