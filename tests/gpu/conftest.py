@@ -45,4 +45,5 @@ def cuda_backend(tmp_path_factory):
     cache = os.environ.get("VELOD_KERNEL_CACHE")
     backend = CudaBackend(0, cache_dir=Path(cache) if cache else tmp_path_factory.mktemp("cubin"))
     print(f"\nCUDA device: {backend.device_name} ({backend.arch}, {backend.num_sms} SMs)")
+    backend.precompile()  # the three dtype modules compile in parallel
     return backend

@@ -201,6 +201,17 @@ class CudaBackend:
 
     # ---- modules ---------------------------------------------------------------------------
 
+    def precompile(self, dtypes: Sequence[str] = ("f32", "f16", "bf16")) -> list[Path]:
+        """Builds (or finds cached) the cubins for these cache dtypes, nvcc runs in parallel."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def build(name: str) -> Path:
+            return compile_cubin(self.arch, (f"-DVELOD_ONLY_{name.upper()}",),
+                                 cache_dir=self._cache_dir)
+
+        with ThreadPoolExecutor(len(dtypes) or 1) as pool:
+            return list(pool.map(build, dtypes))
+
     def _function(self, name: str, dtype_name: str):
         """Kernel ``name`` from this device's module for one cache dtype (caller holds context).
 
