@@ -113,6 +113,7 @@ async def test_observe_mode_plans_publishes_and_touches_nothing(make: Any) -> No
     assert not show["up_to_date"] and show["mode"] == "observe"
     assert {row["name"] for row in show["settings"]} >= {"OLLAMA_NUM_PARALLEL",
                                                         "OLLAMA_CONTEXT_LENGTH"}
+    assert show["unit_found"] is False  # this fake Ollama runs outside systemd
 
 
 async def test_a_change_waits_for_settle_before_anything_is_applied(make: Any) -> None:

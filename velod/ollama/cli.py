@@ -180,6 +180,10 @@ def render_show(r: dict[str, Any]) -> str:
         lines.append(f"{'warning' if c['wins'] else 'note'}: {c['message']}")
     for e in r.get("dropin_errors") or []:
         lines.append(f"warning: {e}")
+    if r.get("unit_found") is False:
+        lines.append(f"note: no {r['service']} unit or drop-ins in {r['systemd_dir']}: "
+                     "CURRENT shows Ollama's defaults (velod reads Ollama's settings from "
+                     "systemd's files; see ollama.systemd_dir and ollama.service)")
     lines.extend(f"note: {n}" for n in plan.get("notes") or [])
     for name, why in sorted((plan.get("skipped") or {}).items()):
         lines.append(f"skipped {name}: {why}")

@@ -447,10 +447,16 @@ class Tuner(Component):
                 "settings": rows, "changes": _plain(changes), "up_to_date": not changes,
                 "conflicts": [c.to_dict() | {"message": c.describe()} for c in eff.conflicts],
                 "dropin": str(self.applier.dropins.path), "dropin_errors": eff.errors,
+                "unit_found": self._unit_found(), "service": self.config.ollama.service,
+                "systemd_dir": self.config.ollama.systemd_dir,
                 "pending": self._pending_dict(),
                 "blocked": ({"decision": self.blocked["decision"],
                              "message": self.blocked["message"]} if self.blocked else None),
                 "plan": plan.to_dict()}
+
+    def _unit_found(self) -> bool:
+        dropins = self.applier.dropins
+        return dropins.unit_file.exists() or dropins.directory.exists()
 
     async def m_plan(self, params: dict[str, Any], ctx: CallContext) -> Any:
         if self.snapshot is None and not any(k in params for k in ("vram", "gpus", "ram")):
