@@ -247,3 +247,12 @@ async def test_hardware_events_do_not_cut_a_back_off_short(make: Any) -> None:
         r.bus.publish("hardware.changed", {"changes": []})
         await asyncio.sleep(0.02)
     assert len(r.fake.requests) - before <= 2
+
+
+async def test_methods_answer_before_the_first_cycle_has_run(make: Any) -> None:
+    r = await make({"mode": "observe"})
+    assert r.tuner.last_poll is None and r.tuner.plan is None  # the loop has not run yet
+    status = await r.call("ollama.status")
+    assert status["reachable"] is True and status["loaded"]
+    show = await r.call("tuner.show")
+    assert show["settings"] and show["mode"] == "observe"

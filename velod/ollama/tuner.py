@@ -7,9 +7,10 @@ stay the same for ``tuner.settle`` before it is applied (hysteresis); a plan tha
 back is not retried by itself until the plan changes. ``observe`` mode never writes or
 restarts anything. Every decision goes to the history and out as event ``tuner.decision``.
 
-Manual apply (``tuner.apply``, admin) works in both modes: it skips the settle wait but
-still waits for Ollama to be idle and for ``min_restart_interval``; ``now: true`` skips
-those too and restarts Ollama at once (requests in flight are cut off).
+Manual apply (``tuner.apply``, admin) works in both modes: it skips the settle wait, but is
+refused (error ``busy``, nothing changed) while Ollama is busy or within
+``min_restart_interval``; ``now: true`` skips those checks too and restarts Ollama at once
+(requests in flight are cut off). The control methods are in ``velod.ollama.control``.
 """
 
 from __future__ import annotations
@@ -22,15 +23,14 @@ from typing import TYPE_CHECKING, Any
 
 from velod.blocking import run_blocking
 from velod.component import Component, Context
-from velod.control.registry import CallContext, Method, RpcError, param
+from velod.control.registry import Method
 from velod.hardware.snapshot import Snapshot
 from velod.ollama import planner
 from velod.ollama.applier import Applier, Outcome, server_environment
 from velod.ollama.client import OllamaClient, OllamaError, resolve_url
-from velod.ollama.dropin import DropinError, Effective
+from velod.ollama.dropin import Effective
 from velod.ollama.history import History
 from velod.ollama.models import OllamaState
-from velod.units import parse_size
 
 if TYPE_CHECKING:
     from velod.bus import Event
@@ -48,7 +48,7 @@ def backoff(interval: float, failures: int) -> float:
     return min(interval * 2 ** failures, cap)
 
 
-def _env_key(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
+def env_key(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(env.items()))
 
 
@@ -84,7 +84,7 @@ class Tuner(Component):
         self.observed: list[str] = []
         self._wake: asyncio.Event | None = None
         self._urgent = False
-        self._lock: asyncio.Lock | None = None
+        self.lock: asyncio.Lock | None = None
         self._task: asyncio.Task[None] | None = None
         self._unsubscribe: Any = None
 
@@ -101,17 +101,17 @@ class Tuner(Component):
                   and e.get("target") != "variant"]
         last = server[-1] if server else None
         if last and last["decision"] == "rolled-back" and isinstance(last.get("failed"), dict):
-            return {"key": _env_key(last["failed"]), "decision": "rolled-back",
+            return {"key": env_key(last["failed"]), "decision": "rolled-back",
                     "message": last.get("message", "rolled back")}
         return None
 
-    def _block(self, key: tuple[tuple[str, str], ...], outcome: Outcome) -> None:
+    def block(self, key: tuple[tuple[str, str], ...], outcome: Outcome) -> None:
         self.blocked = {"key": key, "decision": outcome.decision, "message": outcome.message}
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         self._wake = asyncio.Event()
-        self._lock = asyncio.Lock()
+        self.lock = asyncio.Lock()
         self._unsubscribe = self.ctx.bus.subscribe(["hardware.snapshot", "hardware.changed"],
                                                    self._on_event)
         self._task = asyncio.create_task(self._run(), name="tuner")
@@ -162,11 +162,11 @@ class Tuner(Component):
 
     # ------------------------------------------------------------------ the loop
     async def _run(self) -> None:
-        assert self._wake is not None and self._lock is not None
+        assert self._wake is not None and self.lock is not None
         while True:
             self._wake.clear()
             try:
-                async with self._lock:
+                async with self.lock:
                     await self._cycle()
             except asyncio.CancelledError:
                 raise
@@ -230,7 +230,7 @@ class Tuner(Component):
         self._spilling = spilling
         return state
 
-    def _planning_state(self) -> OllamaState:
+    def planning_state(self) -> OllamaState:
         if self.ollama is not None:
             if self.failures:
                 return dataclasses.replace(self.ollama, reachable=False, error=self.ollama_error)
@@ -242,7 +242,7 @@ class Tuner(Component):
         if self.snapshot is None or not self.config.tuner.enabled:
             return None
         policy = planner.Policy.from_config(self.config.tuner)
-        self.plan = planner.plan(self.snapshot, self._planning_state(), policy)
+        self.plan = planner.plan(self.snapshot, self.planning_state(), policy)
         try:
             self.effective = await run_blocking(self.applier.dropins.effective, timeout=10)
         except (OSError, TimeoutError) as exc:
@@ -259,7 +259,7 @@ class Tuner(Component):
         if self.applier.pending_verification is not None and state.loaded:
             outcome = await self.applier.verify(state.loaded)
             if outcome is not None:
-                self._announce(outcome)
+                self.announce(outcome)
         plan = await self.replan()
         reasons += self.observed
         if plan is None:
@@ -272,13 +272,13 @@ class Tuner(Component):
             # Model parameters go with the server settings they were planned for, so the
             # variants follow once Ollama runs those.
             for outcome in await self.applier.apply_variants(plan, self.client.tag_names):
-                self._announce(outcome)
+                self.announce(outcome)
 
     async def _decide(self, plan: planner.Plan, reason: str) -> None:
         assert self.effective is not None
         changes = plan.changes(self.effective.environment)
         desired = server_environment(plan)
-        key = _env_key(desired)
+        key = env_key(desired)
         if not changes or self.effective.velod == desired:
             # Nothing to do, or velod's file already says it and another file overrides it
             # (a conflict shown by tuner.show; restarting would not help).
@@ -289,7 +289,7 @@ class Tuner(Component):
             return
         if self.effective.errors and self.config.tuner.mode == "apply":
             # Without every drop-in readable the effective environment is a guess.
-            self._block(key, self._record(Outcome(
+            self.block(key, self._record(Outcome(
                 "error", "not applying while a drop-in cannot be read: "
                 + "; ".join(self.effective.errors), {"stage": "read"})))
             return
@@ -304,9 +304,9 @@ class Tuner(Component):
             return
         if now - self.pending["since"] < self.config.tuner.settle:
             return
-        await self._apply(plan, self.pending["reason"], changes, force=False)
+        await self.apply_plan(plan, self.pending["reason"], changes, force=False)
 
-    async def _apply(self, plan: planner.Plan, reason: str, changes: dict[str, Any],
+    async def apply_plan(self, plan: planner.Plan, reason: str, changes: dict[str, Any],
                      force: bool) -> Outcome:
         skip = self.applier.gate(force=force)
         if skip is not None:
@@ -321,8 +321,8 @@ class Tuner(Component):
         outcome = await self.applier.apply(plan, reason, changes)
         self.pending = None
         if outcome.decision in ("rolled-back", "error"):
-            self._block(_env_key(server_environment(plan)), outcome)
-        self._announce(outcome)
+            self.block(env_key(server_environment(plan)), outcome)
+        self.announce(outcome)
         return outcome
 
     def _record(self, outcome: Outcome) -> Outcome:
@@ -330,11 +330,11 @@ class Tuner(Component):
             self.history.append(outcome.decision, message=outcome.message, **outcome.details)
         except OSError as exc:
             self.log.error("cannot write the tuner history: %s", exc)
-        self._announce(outcome)
+        self.announce(outcome)
         return outcome
 
-    def _announce(self, outcome: Outcome) -> None:
-        data = _plain(outcome.to_dict())
+    def announce(self, outcome: Outcome) -> None:
+        data = plain(outcome.to_dict())
         data["time"] = time.time()
         self.last_decision = data
         log = self.log.warning if outcome.decision in ("rolled-back", "error") else self.log.info
@@ -351,12 +351,17 @@ class Tuner(Component):
         return {"state": self.state, "error": self.error, "mode": tuner.mode,
                 "summary": self._summary(changes, retry),
                 "enabled": tuner.enabled, "profile": tuner.profile,
-                "ollama": {"url": self.client.base_url, "reachable": self._reachable(),
+                "ollama": {"url": self.client.base_url, "reachable": self.reachable(),
                            "version": self.ollama.version if self.ollama else None,
                            "error": self.ollama_error, "failures": self.failures,
                            "retry_in": round(retry, 3) if retry is not None else None},
-                "pending": self._pending_dict(),
+                "pending": self.pending_dict(),
                 "changes": changes, "last_decision": self.last_decision}
+
+    def methods(self) -> list[Method]:
+        from velod.ollama.control import TunerMethods
+
+        return TunerMethods(self).methods()
 
     def _summary(self, changes: int | None, retry: float | None) -> str:
         mode = self.config.tuner.mode
@@ -377,192 +382,23 @@ class Tuner(Component):
                     f"{self.blocked['decision']}")
         return f"{mode}; Ollama {version}; {changes} change(s) recommended"
 
-    def _reachable(self) -> bool | None:
+    def reachable(self) -> bool | None:
         if self.last_poll is None:
             return None
         return self.failures == 0
 
-    def _pending_dict(self) -> dict[str, Any] | None:
+    def pending_dict(self) -> dict[str, Any] | None:
         if self.pending is None:
             return None
         waited = time.monotonic() - self.pending["since"]
-        return {"changes": _plain(self.pending["changes"]), "reason": self.pending["reason"],
+        return {"changes": plain(self.pending["changes"]), "reason": self.pending["reason"],
                 "settled_in": round(max(0.0, self.config.tuner.settle - waited), 3)}
 
-    # ------------------------------------------------------------------ methods
-    def methods(self) -> list[Method]:
-        return [
-            Method("ollama.status", self.m_ollama_status, summary="Is Ollama reachable; "
-                   "version; loaded models with CPU/GPU split and context"),
-            Method("tuner.show", self.m_show, summary="Current vs recommended settings with "
-                   "reasons, and the memory budget"),
-            Method("tuner.plan", self.m_plan, summary="Plan for this machine or a what-if one "
-                   "(vram, gpus, ram, models, profile)"),
-            Method("tuner.apply", self.m_apply, admin=True, summary="Apply the current plan "
-                   "now (now: also while busy or rate-limited)"),
-            Method("tuner.rollback", self.m_rollback, admin=True,
-                   summary="Restore the previous drop-in and restart Ollama"),
-            Method("tuner.history", self.m_history, summary="The last decisions (limit)"),
-        ]
 
-    async def m_ollama_status(self, params: dict[str, Any], ctx: CallContext) -> Any:
-        if self.last_poll is None:
-            await self._locked(self.poll)
-        state = self.ollama
-        loaded = [{"name": m.name, "size": m.size, "size_vram": m.size_vram,
-                   "gpu_percent": round(100 * m.gpu_fraction, 1),
-                   "cpu_percent": round(100 * (1 - m.gpu_fraction), 1),
-                   "spills_to_cpu": m.spills_to_cpu, "context_length": m.context_length,
-                   "expires_at": m.expires_at} for m in (state.loaded if state else [])]
-        return {"url": self.client.base_url, "reachable": self._reachable(),
-                "version": state.version if state else None, "error": self.ollama_error,
-                "failures": self.failures, "last_ok": self.last_ok, "last_poll": self.last_poll,
-                "stale": bool(self.failures and state),
-                "models": [m.name for m in state.models] if state else [], "loaded": loaded,
-                "idle_for": round(self.applier.idle.idle_for(), 1)}
-
-    async def _locked(self, fn: Any) -> Any:
-        assert self._lock is not None
-        async with self._lock:
-            return await fn()
-
-    async def m_show(self, params: dict[str, Any], ctx: CallContext) -> Any:
-        if not self.config.tuner.enabled:
-            raise RpcError("unavailable", "the tuner is disabled (tuner.enabled: false)")
-        if self.snapshot is None:
-            raise RpcError("unavailable", "no hardware snapshot yet (is the hardware monitor "
-                           "enabled?); try again in a few seconds")
-        plan = self.plan or await self._locked(self.replan)
-        eff = self.effective or Effective({}, {}, {})
-        changes = plan.changes(eff.environment)
-        rows = []
-        for name, rec in plan.server.items():
-            current = eff.environment.get(name)
-            rows.append({"name": name, "current": current, "source": eff.sources.get(name),
-                         "default": rec.default, "recommended": rec.value, "reason": rec.reason,
-                         "pinned": rec.pinned, "change": name in changes})
-        return {"mode": self.config.tuner.mode, "profile": plan.profile,
-                "ollama": {"reachable": self._reachable(), "version": plan.version,
-                           "error": self.ollama_error},
-                "settings": rows, "changes": _plain(changes), "up_to_date": not changes,
-                "conflicts": [c.to_dict() | {"message": c.describe()} for c in eff.conflicts],
-                "dropin": str(self.applier.dropins.path), "dropin_errors": eff.errors,
-                "unit_found": self._unit_found(), "service": self.config.ollama.service,
-                "systemd_dir": self.config.ollama.systemd_dir,
-                "pending": self._pending_dict(),
-                "blocked": ({"decision": self.blocked["decision"],
-                             "message": self.blocked["message"]} if self.blocked else None),
-                "plan": plan.to_dict()}
-
-    def _unit_found(self) -> bool:
-        dropins = self.applier.dropins
-        return dropins.unit_file.exists() or dropins.directory.exists()
-
-    async def m_plan(self, params: dict[str, Any], ctx: CallContext) -> Any:
-        if self.snapshot is None and not any(k in params for k in ("vram", "gpus", "ram")):
-            raise RpcError("unavailable", "no hardware snapshot yet; give vram/gpus/ram to "
-                           "plan for another machine")
-        vram = _size_param(params, "vram")
-        ram = _size_param(params, "ram")
-        gpus = param(params, "gpus", int, None, check=lambda v: None if 0 <= v <= 64
-                     else "must be between 0 and 64")
-        models = param(params, "models", list, None)
-        if models is not None and not all(isinstance(m, str) and m for m in models):
-            raise RpcError("invalid_params", "parameter 'models' must be a list of model names",
-                           {"field": "models"})
-        profile = param(params, "profile", str, self.config.tuner.profile,
-                        check=lambda v: None if v in planner.PROFILES
-                        else f"must be one of {', '.join(planner.PROFILES)}")
-        snapshot = self.snapshot
-        if vram is not None or gpus is not None or ram is not None:
-            here = self.snapshot
-            count = gpus if gpus is not None else (len(here.gpus) if here and here.gpus else 1)
-            size = vram if vram is not None else (
-                max((g.memory_total or 0) for g in here.gpus) if here and here.gpus else 0)
-            memory = ram if ram is not None else (here.memory.total if here else 64 * 1024**3)
-            try:
-                snapshot = planner.what_if_snapshot(size, count, memory)
-            except ValueError as exc:
-                raise RpcError("invalid_params", str(exc)) from None
-        state = self._planning_state()
-        if models is not None:
-            state = planner.what_if_state(models, version=state.version)
-        policy = dataclasses.replace(planner.Policy.from_config(self.config.tuner),
-                                     profile=profile)
-        assert snapshot is not None
-        result = planner.plan(snapshot, state, policy)
-        what_if = snapshot is not self.snapshot or models is not None
-        return {"what_if": what_if, "plan": result.to_dict()}
-
-    async def m_apply(self, params: dict[str, Any], ctx: CallContext) -> Any:
-        now = param(params, "now", bool, False)
-        assert self._lock is not None
-        async with self._lock:
-            state = await self.poll()
-            if state is None:
-                raise RpcError("unavailable", f"Ollama is not reachable: {self.ollama_error}")
-            plan = await self.replan()
-            if plan is None:
-                raise RpcError("unavailable", "no plan yet (tuner disabled or no hardware "
-                               "snapshot)")
-            assert self.effective is not None
-            changes = plan.changes(self.effective.environment)
-            desired = server_environment(plan)
-            if self.effective.errors and not now:
-                raise RpcError("unavailable", "a drop-in cannot be read, so the effective "
-                               "settings are unknown: " + "; ".join(self.effective.errors)
-                               + " (fix it, or use --now to apply anyway)")
-            self.blocked = None
-            if not changes or self.effective.velod == desired:
-                return {"decision": "nothing", "message": "Ollama already runs the plan"
-                        + ("" if not self.effective.conflicts else
-                           " as far as velod's drop-in goes (see conflicts in tune show)")}
-            outcome = await self._apply(plan, "requested by admin", changes, force=now)
-        if outcome.decision.startswith("skipped-"):
-            raise RpcError("busy", outcome.message + " — use --now to restart anyway",
-                           _plain(outcome.to_dict()))
-        return _plain(outcome.to_dict())
-
-    async def m_rollback(self, params: dict[str, Any], ctx: CallContext) -> Any:
-        assert self._lock is not None
-        async with self._lock:
-            try:
-                current = await run_blocking(self.applier.dropins.read_velod, timeout=10)
-            except DropinError as exc:
-                raise RpcError("unavailable", str(exc)) from None
-            if not self.applier.dropins.has_backup():
-                raise RpcError("not_found", f"nothing to roll back to: no "
-                               f"{self.applier.dropins.backup.name} (velod has not changed "
-                               "Ollama's settings since the last rollback)")
-            outcome = await self.applier.rollback("requested by admin", undone=current)
-            self.pending = None
-            if outcome.decision == "rolled-back":
-                self._block(_env_key(current), outcome)  # do not re-apply it by ourselves
-            self._announce(outcome)
-        return _plain(outcome.to_dict())
-
-    async def m_history(self, params: dict[str, Any], ctx: CallContext) -> Any:
-        limit = param(params, "limit", int, 20, check=lambda v: None if 1 <= v <= 1000
-                      else "must be between 1 and 1000")
-        entries = await run_blocking(self.history.last, limit, timeout=10)
-        return {"entries": entries, "path": str(self.history.path)}
-
-
-def _size_param(params: dict[str, Any], key: str) -> int | None:
-    value = param(params, key, (int, str), None)
-    if value is None:
-        return None
-    try:
-        size = parse_size(value)
-    except ValueError as exc:
-        raise RpcError("invalid_params", f"parameter '{key}': {exc}", {"field": key}) from None
-    return size
-
-
-def _plain(obj: Any) -> Any:
+def plain(obj: Any) -> Any:
     """Tuples to lists, recursively, so events and replies are plain msgpack/JSON data."""
     if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
+        return {str(k): plain(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_plain(v) for v in obj]
+        return [plain(v) for v in obj]
     return obj
