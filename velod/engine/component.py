@@ -1,0 +1,451 @@
+"""The engine as a daemon component: lazy KV pool, a step loop that runs only with work, methods.
+
+Nothing is allocated until the first ``engine.submit`` or ``engine.bench``; the pool is freed
+after ``engine.idle_release`` without work. While requests are live one task steps the
+engine: scheduling on the event loop (a few milliseconds at most), the device work of each
+step in a worker thread, so the control socket keeps answering during long steps. With no
+work there is no task and no timer but the idle-release one: zero CPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from typing import TYPE_CHECKING, Any
+
+from velod.blocking import run_blocking
+from velod.component import Component, Context, ReconfigureRefused
+from velod.control.registry import CallContext, Method, RpcError, param
+
+if TYPE_CHECKING:
+    from velod.config import Config
+    from velod.engine.engine import Engine, EngineSpec, StepOutcome
+    from velod.engine.workload import BenchRun
+
+BUILD_TIMEOUT = 300.0  # allocating a large pool or compiling CUDA kernels the first time
+PROGRESS_INTERVAL = 0.25
+MAX_BENCH_REQUESTS = 4096
+MAX_VERIFY = 32
+MAX_EMPTY_STEPS = 1000
+
+
+class EngineComponent(Component):
+    name = "engine"
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self.engine: Engine | None = None
+        self.spec: EngineSpec | None = None
+        self.spec_error: str | None = None
+        self._building: asyncio.Task[Engine] | None = None
+        self._driver: asyncio.Task[None] | None = None
+        self._release: asyncio.TimerHandle | None = None
+        self.bench: BenchRun | None = None
+        self._bench_done: asyncio.Future[None] | None = None
+        self._bench_ids = itertools.count(1)
+        self._last_progress = 0.0
+        self._last_bench_progress = 0.0
+        self.releases = 0
+        self.allocations = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self._adopt(self.config)
+        self.state = "running" if self.config.engine.enabled else "stopped"
+
+    async def stop(self) -> None:
+        self.state = "stopping"
+        if self._driver is not None:
+            self._driver.cancel()
+        self._fail_bench("velod is stopping")
+        self._drop_engine("stopping")
+        self.state = "stopped"
+
+    async def reconfigure(self, config: Config) -> None:
+        from velod.engine.engine import EngineSpec
+        from velod.engine.geometry import GeometryError
+
+        new = config.engine
+        try:
+            spec = EngineSpec.from_config(new) if new.enabled else None
+        except GeometryError as exc:
+            raise ReconfigureRefused(f"engine kept its previous config: {exc}") from None
+        if spec != self.spec and self._busy():
+            engine = self.engine
+            load = (f"{engine.scheduler.num_running} running, {engine.scheduler.num_waiting} "
+                    "waiting" if engine else "building its pool")
+            raise ReconfigureRefused(
+                f"the engine is busy ({load}); its new geometry/pool settings were not "
+                "applied: run `velodctl reload` again once it is idle")
+        if spec != self.spec:
+            self._drop_engine("config changed")
+        self._adopt(config)
+        self.state = "running" if new.enabled else "stopped"
+        self._schedule_release()
+
+    def _adopt(self, config: Config) -> None:
+        from velod.engine.engine import EngineSpec
+        from velod.engine.geometry import GeometryError
+
+        self.config = config
+        self.spec, self.spec_error, self.error = None, None, None
+        if not config.engine.enabled:
+            return
+        try:
+            self.spec = EngineSpec.from_config(config.engine)
+        except GeometryError as exc:
+            self.spec_error = str(exc)
+            self.error = self.spec_error
+            self.state = "degraded"
+
+    def _busy(self) -> bool:
+        if self._building is not None or self.bench is not None:
+            return True
+        return self.engine is not None and self.engine.has_work
+
+    # ------------------------------------------------------------------ the pool
+
+    async def _ensure_engine(self) -> Engine:
+        if not self.config.engine.enabled:
+            raise RpcError("unavailable", "the engine is disabled (engine.enabled: false in "
+                           "the config)", {"enabled": False})
+        if self.spec is None:
+            raise RpcError("unavailable", f"the engine config is invalid: {self.spec_error}")
+        if self.engine is not None:
+            return self.engine
+        if self._building is None:
+            from velod.engine.engine import build_engine
+
+            spec = self.spec
+            self._building = asyncio.ensure_future(
+                run_blocking(build_engine, spec, timeout=BUILD_TIMEOUT))
+            try:
+                engine = await asyncio.shield(self._building)
+            except Exception as exc:
+                self.error = f"cannot allocate the KV pool: {exc}"
+                self.log.error("%s", self.error)
+                raise RpcError("unavailable", str(exc)) from None
+            finally:
+                self._building = None
+            if spec != self.spec:  # reconfigured meanwhile (it was idle then)
+                raise RpcError("busy", "the engine config changed while allocating; retry")
+            self.engine, self.error = engine, None
+            self.allocations += 1
+            self.log.info("KV pool allocated: %d blocks, %.1f MiB on %s (%s, %s)",
+                          engine.pool.num_blocks, engine.pool.nbytes / 2**20,
+                          engine.backend.name, spec.geometry.name, spec.dtype)
+            self.ctx.bus.publish("engine.allocated", {"blocks": engine.pool.num_blocks,
+                                                      "bytes": engine.pool.nbytes})
+            return engine
+        await asyncio.shield(self._building)
+        if self.engine is None:
+            raise RpcError("unavailable", self.error or "the KV pool could not be allocated")
+        return self.engine
+
+    def _drop_engine(self, reason: str) -> None:
+        if self._release is not None:
+            self._release.cancel()
+            self._release = None
+        if self.engine is not None:
+            self.log.info("KV pool released (%s)", reason)
+            self.ctx.bus.publish("engine.released", {"reason": reason})
+            self.engine = None
+            self.releases += 1
+
+    def _schedule_release(self) -> None:
+        if self._release is not None:
+            self._release.cancel()
+            self._release = None
+        if self.engine is None or self._busy():
+            return
+        delay = float(self.config.engine.idle_release)
+        self._release = asyncio.get_running_loop().call_later(delay, self._release_if_idle)
+
+    def _release_if_idle(self) -> None:
+        self._release = None
+        if self.engine is not None and not self._busy():
+            self._drop_engine(f"idle for {float(self.config.engine.idle_release):g}s")
+
+    # ------------------------------------------------------------------ the step loop
+
+    def _kick(self) -> None:
+        if self._release is not None:
+            self._release.cancel()
+            self._release = None
+        if self._driver is None or self._driver.done():
+            self._driver = asyncio.get_running_loop().create_task(self._drive())
+
+    async def _drive(self) -> None:
+        engine = self.engine
+        empty = 0
+        try:
+            while engine is not None and engine is self.engine and engine.has_work:
+                batch = engine.schedule()
+                if batch.is_empty:
+                    empty += 1
+                    if empty > MAX_EMPTY_STEPS:
+                        raise RuntimeError("the scheduler made no progress for "
+                                           f"{MAX_EMPTY_STEPS} steps")
+                    await asyncio.sleep(0)
+                    continue
+                empty = 0
+                result = await run_blocking(engine.execute, batch)
+                if engine is not self.engine:
+                    break
+                self._after_step(engine.complete(batch, result))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.log.exception("engine step failed")
+            self.error = f"step failed: {exc}"
+            self._fail_bench(self.error)
+            if engine is not None:
+                for seq_id in list(engine.tracks):
+                    engine.abort(seq_id)
+                    self.ctx.bus.publish("engine.finished", {"id": seq_id, "reason": "error",
+                                                             "error": str(exc)})
+        finally:
+            self._driver = None
+            self._schedule_release()
+
+    def _after_step(self, outcome: StepOutcome) -> None:
+        bus = self.ctx.bus
+        now = time.monotonic()
+        for request, track in outcome.finished:
+            if track is None or track.tag is not None:
+                continue
+            bus.publish("engine.finished", {
+                "id": request.id, "reason": request.reason,
+                "output_token_ids": request.output_token_ids,
+                "generated": len(request.output_token_ids),
+                "prompt_tokens": request.num_prompt_tokens,
+                "preemptions": request.num_preemptions, "ttft_s": track.ttft,
+                "elapsed_s": (track.last_token or now) - track.submitted})
+        bench = self.bench
+        if bench is not None:
+            bench.on_step(outcome.record, outcome.finished)
+            if bench.done or now - self._last_bench_progress >= PROGRESS_INTERVAL:
+                self._last_bench_progress = now
+                bus.publish("engine.bench.progress", bench.progress())
+            if bench.done and self._bench_done is not None and not self._bench_done.done():
+                self._bench_done.set_result(None)
+        if now - self._last_progress >= PROGRESS_INTERVAL and self.engine is not None:
+            live = [t for t in self.engine.tracks.values() if t.tag is None]
+            if live:
+                self._last_progress = now
+                bus.publish("engine.progress", {"requests": [
+                    {"id": t.id, "generated": t.generated, "max_new_tokens": t.max_new_tokens}
+                    for t in live[:256]]})
+
+    def _fail_bench(self, reason: str) -> None:
+        if self._bench_done is not None and not self._bench_done.done():
+            self._bench_done.set_exception(RpcError("unavailable", f"bench stopped: {reason}"))
+
+    # ------------------------------------------------------------------ status
+
+    def status(self) -> dict[str, Any]:
+        return {"state": self.state, "error": self.error, "summary": self._summary()}
+
+    def _summary(self) -> str:
+        if not self.config.engine.enabled:
+            return "disabled"
+        if self.spec is None:
+            return "invalid config"
+        engine = self.engine
+        if engine is None:
+            return f"{self.spec.geometry.name}: idle, no pool allocated"
+        s = engine.scheduler
+        return (f"{self.spec.geometry.name} on {engine.backend.name}: {s.num_running} running, "
+                f"{s.num_waiting} waiting, pool {engine.pool.nbytes / 2**20:.0f} MiB "
+                f"({engine.scheduler.block_manager.utilization:.0%} used)")
+
+    # ------------------------------------------------------------------ methods
+
+    def methods(self) -> list[Method]:
+        return [
+            Method("engine.status", self.m_status, summary="Backend, geometry, pool, queue, "
+                   "tokens/s, step time, preemptions, prefix-cache hits"),
+            Method("engine.submit", self.m_submit, admin=True, summary="Queue a request "
+                   "(prompt token ids or prompt_length, max_new_tokens, priority) -> id"),
+            Method("engine.abort", self.m_abort, admin=True,
+                   summary="Abort a request (id) or everything (all: true)"),
+            Method("engine.bench", self.m_bench, admin=True, summary="Run a workload "
+                   "(requests, prompt, gen, shared_prefix, priority, verify) and report"),
+        ]
+
+    async def m_status(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        from velod.engine.synthetic import KIND
+
+        engine_config = self.config.engine
+        out: dict[str, Any] = {
+            "enabled": engine_config.enabled, "state": self._state_word(),
+            "error": self.error, "summary": self._summary(),
+            "idle_release_s": float(engine_config.idle_release),
+            "allocations": self.allocations, "releases": self.releases,
+            "bench": self.bench.progress() if self.bench else None,
+        }
+        if self.engine is not None:
+            out.update(self.engine.status())
+            out["idle_s"] = time.monotonic() - self.engine.last_active
+        elif self.spec is not None:
+            out.update({"backend": None, "device": engine_config.device,
+                        "model": {"name": "synthetic", "kind": KIND},
+                        "geometry": self.spec.geometry.to_dict(), "dtype": self.spec.dtype,
+                        "pool": {"allocated": False, "kv_cache": self.spec.kv_cache_text,
+                                 "block_size": self.spec.block_size},
+                        "running": 0, "waiting": 0})
+        return out
+
+    def _state_word(self) -> str:
+        if not self.config.engine.enabled:
+            return "disabled"
+        if self.spec is None:
+            return "error"
+        if self._building is not None:
+            return "allocating"
+        if self.engine is None:
+            return "released"
+        return "busy" if self._busy() else "idle"
+
+    async def m_submit(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        prompt = _read_prompt(params)
+        max_new = param(params, "max_new_tokens", int,
+                        check=lambda v: None if v >= 1 else "must be at least 1")
+        priority = param(params, "priority", int, 0)
+        engine = await self._ensure_engine()
+        if isinstance(prompt, int):
+            from velod.engine.workload import Workload
+
+            prompt = Workload(requests=1, prompt=prompt, gen=1,
+                              seed=param(params, "seed", int, 0)).prompts()[0]
+        seq_id = _submit(engine, prompt, max_new, priority)
+        self._kick()
+        return {"id": seq_id, "prompt_tokens": len(prompt), "max_new_tokens": max_new,
+                "priority": priority}
+
+    async def m_abort(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        everything = param(params, "all", bool, False)
+        seq_id = None if everything else param(params, "id", int)
+        engine = self.engine
+        if not self.config.engine.enabled:
+            raise RpcError("unavailable", "the engine is disabled (engine.enabled: false)")
+        if engine is None:
+            if everything:
+                return {"aborted": []}
+            raise RpcError("not_found", f"no live request {seq_id}", {"field": "id"})
+        ids = list(engine.tracks) if everything else [seq_id]
+        bench = self.bench
+        if bench is not None and (everything or seq_id in bench.ids):
+            ids = list(dict.fromkeys(ids + [i for i in bench.ids if i in engine.tracks]))
+            self._fail_bench("aborted by request")
+        aborted = [i for i in ids if engine.abort(i)]
+        if not everything and not aborted:
+            raise RpcError("not_found", f"no live request {seq_id} (unknown, finished or "
+                           "already aborted)", {"field": "id"})
+        for i in aborted:
+            self.ctx.bus.publish("engine.finished", {"id": i, "reason": "aborted"})
+        self._schedule_release()
+        return {"aborted": aborted}
+
+    async def m_bench(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        from velod.engine.workload import BenchRun
+
+        workload = _read_workload(params)
+        if self.bench is not None:
+            raise RpcError("busy", "a benchmark is already running; wait for it or abort it "
+                           "(velodctl engine abort --all)")
+        engine = await self._ensure_engine()
+        if self.bench is not None:
+            raise RpcError("busy", "a benchmark is already running")
+        loop = asyncio.get_running_loop()
+        tag = f"bench-{next(self._bench_ids)}"
+        try:
+            run = _start_bench(BenchRun, engine, workload, tag)
+        except RpcError:
+            self._schedule_release()
+            raise
+        self.bench, self._bench_done = run, loop.create_future()
+        self._last_bench_progress = time.monotonic()
+        self.ctx.bus.publish("engine.bench.progress", run.progress())
+        self._kick()
+        try:
+            await self._bench_done
+            verify = (await run_blocking(run.verify, timeout=BUILD_TIMEOUT)
+                      if workload.verify else None)
+            return run.result(verify)
+        finally:
+            if self.bench is run:
+                self.bench, self._bench_done = None, None
+            self._schedule_release()
+
+
+# ---------------------------------------------------------------------- parameter reading
+
+
+def _read_prompt(params: dict[str, Any]) -> list[int] | int:
+    has_ids = params.get("prompt") is not None
+    has_length = params.get("prompt_length") is not None
+    if has_ids == has_length:
+        raise RpcError("invalid_params", "give exactly one of 'prompt' (token ids) or "
+                       "'prompt_length'", {"field": "prompt"})
+    if has_length:
+        return param(params, "prompt_length", int,
+                     check=lambda v: None if v >= 1 else "must be at least 1")
+    prompt = param(params, "prompt", list,
+                   check=lambda v: None if v else "must hold at least one token id")
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        raise RpcError("invalid_params", "parameter 'prompt' must be a list of integer token "
+                       "ids", {"field": "prompt"})
+    return prompt
+
+
+def _submit(engine: Engine, prompt: Any, max_new: int, priority: int) -> int:
+    from velod.engine.errors import InvalidRequest, QueueFull
+
+    try:
+        return engine.submit(prompt, max_new, priority=priority)
+    except InvalidRequest as exc:
+        raise RpcError("invalid_params", str(exc), {"field": exc.field,
+                                                    "limit": _plain(exc.limit)}) from None
+    except QueueFull as exc:
+        raise RpcError("busy", str(exc), {"limit": exc.limit, "value": exc.value}) from None
+
+
+def _read_workload(params: dict[str, Any]) -> Any:
+    from velod.engine.workload import Workload
+
+    def at_least(n: int) -> Any:
+        return lambda v: None if v >= n else f"must be at least {n}"
+
+    requests = param(params, "requests", int, 64, check=lambda v: None if 1 <= v <=
+                     MAX_BENCH_REQUESTS else f"must be in [1, {MAX_BENCH_REQUESTS}]")
+    shared = param(params, "shared_prefix", float, 0.0,
+                   check=lambda v: None if 0 <= v < 1 else "must be in [0, 1)")
+    verify = param(params, "verify", int, 0, check=lambda v: None if 0 <= v <= MAX_VERIFY
+                   else f"must be in [0, {MAX_VERIFY}]")
+    return Workload(requests=requests, prompt=param(params, "prompt", int, 512, check=at_least(1)),
+                    gen=param(params, "gen", int, 128, check=at_least(1)), shared_prefix=shared,
+                    priority=param(params, "priority", bool, False), verify=verify,
+                    seed=param(params, "seed", int, 0))
+
+
+def _start_bench(cls: Any, engine: Engine, workload: Any, tag: str) -> BenchRun:
+    from velod.engine.errors import InvalidRequest, QueueFull
+
+    fields = {"prompt": "prompt", "max_new_tokens": "gen"}
+    try:
+        return cls(engine, workload, tag)
+    except InvalidRequest as exc:
+        field = fields.get(exc.field, exc.field)
+        raise RpcError("invalid_params", f"{field}: {exc}", {"field": field}) from None
+    except QueueFull as exc:
+        raise RpcError("busy", f"{exc} (the workload has {workload.requests} requests)",
+                       {"limit": exc.limit}) from None
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    return value

@@ -1,0 +1,497 @@
+"""The engine: geometry, KV-cache pool, scheduler, attention backend and one step at a time.
+
+No asyncio and no sockets here. A step is three calls, so a caller can run the middle one
+in a worker thread while the scheduler stays on its own thread::
+
+    batch = engine.schedule()           # Python bookkeeping (scheduler, block tables)
+    result = engine.execute(batch)      # the device work: q/k/v, cache writes, attention
+    outcome = engine.complete(batch, result)   # sampled tokens back to the scheduler
+
+``execute`` touches only the KV pool and the model; ``submit``/``abort`` may run between
+``schedule`` and ``complete`` (the scheduler ignores tokens of a request aborted meanwhile).
+Prefill tokens go through the same decode kernel as decode tokens: each becomes one query row
+whose context is its own position plus one, over the sequence's block table, so causal
+attention over a chunk needs no second kernel.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from velod.engine.errors import EngineError
+from velod.engine.geometry import ModelGeometry, from_engine_config
+from velod.engine.metrics import KERNEL_PHASES, PHASES, StepRecord, StepWindow
+from velod.engine.scheduler import Scheduler
+from velod.engine.scheduler_config import SchedulerConfig
+from velod.engine.sequence import FinishedRequest
+from velod.engine.step import StepBatch
+from velod.engine.synthetic import Model, SyntheticModel, dense_attention
+from velod.kernels.layout import to_float32
+
+MIN_BLOCKS = 2
+MAX_ROWS_PER_CALL = 65535  # the CUDA kernel's grid limit on sequences per call
+
+_Record = tuple[np.ndarray, list[tuple[int, int]]]  # flat token rows, (request id, position)
+_STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+
+
+class PoolError(EngineError):
+    """The KV pool cannot be allocated as configured; the message says what to change."""
+
+
+def storage_dtype(name: str) -> np.dtype:
+    """The array dtype of a cache element type (bfloat16 travels as uint16 bits)."""
+    try:
+        return np.dtype(_STORAGE[name])
+    except KeyError:
+        raise PoolError(f"engine.dtype {name!r} is not one of {', '.join(_STORAGE)}") from None
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Everything that decides the pool and the scheduler (a change rebuilds the engine)."""
+
+    geometry: ModelGeometry
+    dtype: str = "float16"
+    device: str = "auto"
+    kv_cache_bytes: int | None = 1024**3
+    kv_cache_fraction: float | None = None
+    block_size: int = 16
+    max_batch_size: int = 64
+    max_tokens_per_step: int = 2048
+    max_waiting: int = 4096
+
+    @classmethod
+    def from_config(cls, engine: Any) -> EngineSpec:
+        """From ``velod.config.EngineConfig``; GeometryError for an unknown preset."""
+        return cls(from_engine_config(engine), engine.dtype, engine.device,
+                   engine.kv_cache.bytes, engine.kv_cache.fraction, engine.block_size,
+                   engine.max_batch_size, engine.max_tokens_per_step, engine.max_waiting)
+
+    @property
+    def kv_cache_text(self) -> str:
+        if self.kv_cache_bytes is not None:
+            return f"{self.kv_cache_bytes} bytes"
+        return f"{self.kv_cache_fraction:g} of free memory"
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """How big the pool is: blocks of ``block_size`` tokens over every layer, K and V."""
+
+    num_blocks: int
+    block_bytes: int
+    free_bytes: int
+
+    @property
+    def bytes(self) -> int:
+        return self.num_blocks * self.block_bytes
+
+
+def plan_pool(spec: EngineSpec, free_bytes: int, device: str) -> PoolPlan:
+    """Size the pool for ``spec`` on a device with ``free_bytes`` free, or raise PoolError."""
+    itemsize = storage_dtype(spec.dtype).itemsize
+    block_bytes = spec.geometry.block_bytes(spec.block_size, itemsize)
+    if spec.kv_cache_bytes is not None:
+        wanted = spec.kv_cache_bytes
+        if wanted > free_bytes:
+            raise PoolError(
+                f"engine.kv_cache asks for {_gib(wanted)} but only {_gib(free_bytes)} of "
+                f"{device} memory is free; lower engine.kv_cache or use a fraction such as 0.5")
+    else:
+        wanted = int(free_bytes * (spec.kv_cache_fraction or 0.0))
+    blocks = wanted // block_bytes
+    if blocks < MIN_BLOCKS:
+        raise PoolError(
+            f"engine.kv_cache ({spec.kv_cache_text} = {wanted} bytes) holds {blocks} KV blocks "
+            f"of {block_bytes} bytes ({spec.block_size} tokens of {spec.geometry.name}); at "
+            f"least {MIN_BLOCKS} are needed: raise engine.kv_cache")
+    return PoolPlan(blocks, block_bytes, free_bytes)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 1024**3:.2f} GiB"
+
+
+class KVPool:
+    """The KV cache: per layer a key and a value array ``[blocks, block_size, kv_heads, dim]``."""
+
+    def __init__(self, spec: EngineSpec, plan: PoolPlan, backend: Any) -> None:
+        g = spec.geometry
+        shape = (plan.num_blocks, spec.block_size, g.kv_heads, g.head_dim)
+        dtype = storage_dtype(spec.dtype)
+        self.plan = plan
+        self.dtype = dtype
+        self.keys: list[Any] = []
+        self.values: list[Any] = []
+        try:
+            for _ in range(g.layers):
+                self.keys.append(backend.empty(shape, dtype))
+                self.values.append(backend.empty(shape, dtype))
+        except Exception as exc:  # MemoryError, pycuda.driver.MemoryError, ...
+            self.keys.clear()
+            self.values.clear()
+            raise PoolError(f"cannot allocate the KV pool ({_gib(plan.bytes)}, "
+                            f"{plan.num_blocks} blocks): {exc}; lower engine.kv_cache") from None
+
+    @property
+    def num_blocks(self) -> int:
+        return self.plan.num_blocks
+
+    @property
+    def nbytes(self) -> int:
+        return self.plan.bytes
+
+
+def free_memory(backend: Any) -> int:
+    """Free bytes where the pool would live: GPU memory, or available host RAM."""
+    if getattr(backend, "name", "") == "cuda":
+        import pycuda.driver as drv
+
+        with backend.active():
+            free, _total = drv.mem_get_info()
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+@dataclass
+class RequestTrack:
+    """Timing of one request: when it was submitted, got its first token, its last one."""
+
+    id: int
+    submitted: float
+    prompt_tokens: int
+    max_new_tokens: int
+    tag: str | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+    generated: int = 0
+    gaps: list[float] | None = None  # inter-token latencies, kept for benchmarks
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.submitted
+
+
+@dataclass
+class StepResult:
+    """What ``execute`` returns: the sampled tokens and the time of each phase."""
+
+    tokens: np.ndarray
+    phases: dict[str, float] = field(default_factory=dict)
+    kernel_s: float | None = None
+
+
+@dataclass
+class StepOutcome:
+    """What ``complete`` returns: finished requests (with their timing) and the step record."""
+
+    finished: list[tuple[FinishedRequest, RequestTrack | None]]
+    record: StepRecord | None
+
+
+class Engine:
+    """One model geometry, its KV pool, a scheduler, an attention backend and a model."""
+
+    def __init__(self, spec: EngineSpec, backend: Any, pool: KVPool, model: Model,
+                 *, profile: bool = False) -> None:
+        self.spec = spec
+        self.geometry = spec.geometry
+        self.backend = backend
+        self.pool = pool
+        self.model = model
+        self.profile = profile and getattr(backend, "name", "") == "cuda"
+        self.scheduler = Scheduler(SchedulerConfig(
+            num_blocks=pool.num_blocks, block_size=spec.block_size,
+            max_batch_size=spec.max_batch_size, max_tokens_per_step=spec.max_tokens_per_step,
+            max_model_len=spec.geometry.max_context, max_waiting=spec.max_waiting,
+            vocab_size=model.vocab_size))
+        self.scale = 1.0 / math.sqrt(spec.geometry.head_dim)
+        self.window = StepWindow()
+        self.tracks: dict[int, RequestTrack] = {}
+        self.watch: dict[int, set[int]] = {}  # request id -> positions whose output to keep
+        self.recorded: dict[int, dict[int, np.ndarray]] = {}  # id -> position -> [layers,H,D]
+        self.created = time.monotonic()
+        self.last_active = self.created
+        self._schedule_s = 0.0
+
+    # ------------------------------------------------------------------ requests
+
+    def submit(self, prompt: Sequence[int] | np.ndarray, max_new_tokens: int, *,
+               priority: int = 0, tag: str | None = None, keep_gaps: bool = False) -> int:
+        """Queue a request; returns its id (InvalidRequest / QueueFull from the scheduler)."""
+        seq_id = self.scheduler.submit(prompt, max_new_tokens, priority=priority)
+        self.tracks[seq_id] = RequestTrack(seq_id, time.monotonic(), len(prompt),
+                                           max_new_tokens, tag, gaps=[] if keep_gaps else None)
+        self.last_active = time.monotonic()
+        return seq_id
+
+    def abort(self, seq_id: int) -> bool:
+        """Drop a live request; False when it is not live."""
+        self.tracks.pop(seq_id, None)
+        self.watch.pop(seq_id, None)
+        return self.scheduler.abort(seq_id)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    # ------------------------------------------------------------------ one step
+
+    def schedule(self) -> StepBatch:
+        start = time.perf_counter()
+        batch = self.scheduler.step()
+        self._schedule_s = time.perf_counter() - start
+        return batch
+
+    def execute(self, batch: StepBatch) -> StepResult:
+        """The device work of one step; safe to run in a worker thread."""
+        if batch.is_empty:
+            return StepResult(np.zeros(0, np.int32))
+        if getattr(self.backend, "name", "") == "cuda":
+            with self.backend.active():
+                return self._execute(batch)
+        return self._execute(batch)
+
+    def _execute(self, batch: StepBatch) -> StepResult:
+        backend, pool, model = self.backend, self.pool, self.model
+        cuda = getattr(backend, "name", "") == "cuda"
+        clock = _DeviceClock() if self.profile else None
+        phases = dict.fromkeys(PHASES, 0.0)
+        tick = time.perf_counter()
+
+        def lap(name: str) -> None:
+            nonlocal tick
+            now = time.perf_counter()
+            phases[name] += now - tick
+            tick = now
+
+        if len(batch.copies):
+            mark = clock.start() if clock else None
+            for layer in range(self.geometry.layers):
+                backend.copy_blocks(pool.keys[layer], pool.values[layer], batch.copies)
+            if clock:
+                clock.stop(mark)
+            lap("copy")
+        # Every token is one query row over its own sequence's blocks, context = position + 1.
+        rows = np.repeat(np.arange(batch.num_seqs), batch.query_lens)
+        tables = np.ascontiguousarray(batch.block_tables[rows])
+        lens = (batch.positions + 1).astype(np.int32)
+        longest = int(lens.max())
+        record = self._record_plan(batch, rows)
+        if cuda:
+            tables, lens_arg = backend.to_device(tables), backend.to_device(lens)
+        else:
+            lens_arg = lens
+        outputs: list[Any] = []
+        model.begin_step(batch.token_ids, batch.positions)
+        lap("prepare")
+        for layer in range(self.geometry.layers):
+            mark = clock.start() if clock else None
+            q, k, v = model.layer_qkv(layer)
+            if clock:
+                clock.stop(mark)
+            lap("model")
+            mark = clock.start() if clock else None
+            backend.write_cache(k, v, pool.keys[layer], pool.values[layer], batch.slot_mapping)
+            if clock:
+                clock.stop(mark)
+            lap("write")
+            mark = clock.start() if clock else None
+            out = self._attention(q, layer, tables, lens_arg, longest)
+            if clock:
+                clock.stop(mark)
+            lap("attention")
+            model.layer_output(layer, out)
+            if record is not None:
+                outputs.append(to_float32(backend.to_host(out)[record[0]]))
+        tokens = model.sample(batch.sample_indices)
+        if cuda:
+            backend.synchronize()
+        lap("sample")
+        if record is not None:
+            self._keep_outputs(record, outputs)
+        kernel_s = clock.total() if clock else None
+        return StepResult(tokens, phases, kernel_s)
+
+    def _attention(self, q: Any, layer: int, tables: Any, lens: Any, longest: int) -> Any:
+        backend, pool = self.backend, self.pool
+        rows = q.shape[0]
+        if rows <= MAX_ROWS_PER_CALL:
+            return backend.paged_attention(q, pool.keys[layer], pool.values[layer], tables,
+                                           lens, self.scale, max_context=longest)
+        parts = [backend.to_host(backend.paged_attention(
+            q[i:i + MAX_ROWS_PER_CALL], pool.keys[layer], pool.values[layer],
+            tables[i:i + MAX_ROWS_PER_CALL], lens[i:i + MAX_ROWS_PER_CALL], self.scale,
+            max_context=longest)) for i in range(0, rows, MAX_ROWS_PER_CALL)]
+        return np.concatenate(parts)
+
+    def complete(self, batch: StepBatch, result: StepResult) -> StepOutcome:
+        """Feed the sampled tokens back; returns finished requests and the step record."""
+        start = time.perf_counter()
+        if batch.is_empty:
+            return StepOutcome([], None)
+        done = self.scheduler.complete_step(batch, result.tokens)
+        now = time.monotonic()
+        tracks = self.tracks
+        for seq_id in batch.sample_seq_ids.tolist():
+            track = tracks.get(seq_id)
+            if track is None:
+                continue
+            if track.first_token is None:
+                track.first_token = now
+            elif track.gaps is not None and track.last_token is not None:
+                track.gaps.append(now - track.last_token)
+            track.last_token = now
+            track.generated += 1
+        finished = [(request, tracks.pop(request.id, None)) for request in done]
+        for request in done:
+            self.watch.pop(request.id, None)
+        phases = result.phases
+        phases["schedule"] = self._schedule_s
+        phases["complete"] = time.perf_counter() - start
+        step_s = sum(phases.values())
+        kernel_s = (result.kernel_s if result.kernel_s is not None
+                    else sum(phases[p] for p in KERNEL_PHASES))
+        record = StepRecord(
+            time=now, batch_size=batch.num_seqs,
+            prefill_tokens=batch.num_tokens - batch.num_decode, decode_tokens=batch.num_decode,
+            generated=len(batch.sample_seq_ids), step_s=step_s,
+            phases=tuple(phases[p] for p in PHASES), kernel_s=kernel_s,
+            utilization=self.scheduler.block_manager.utilization,
+            preempted=len(batch.preempted))
+        self.window.add(record)
+        self.last_active = now
+        return StepOutcome(finished, record)
+
+    def step(self) -> StepOutcome:
+        """schedule + execute + complete in the calling thread."""
+        batch = self.schedule()
+        return self.complete(batch, self.execute(batch))
+
+    def run_until_idle(self, max_steps: int = 1_000_000) -> list[tuple[FinishedRequest,
+                                                                      RequestTrack | None]]:
+        """Step until no work is left; returns every request that finished."""
+        finished = []
+        for _ in range(max_steps):
+            if not self.has_work:
+                return finished
+            finished.extend(self.step().finished)
+        raise EngineError(f"still busy after {max_steps} steps")
+
+    # ------------------------------------------------------------------ verification
+
+    def _record_plan(self, batch: StepBatch, rows: np.ndarray) -> _Record | None:
+        if not self.watch:
+            return None
+        token_ids = batch.seq_ids[rows]
+        candidates = np.flatnonzero(np.isin(token_ids, np.fromiter(self.watch, np.int64)))
+        keep = [(int(i), int(token_ids[i]), int(batch.positions[i])) for i in candidates
+                if int(batch.positions[i]) in self.watch[int(token_ids[i])]]
+        if not keep:
+            return None
+        return np.array([i for i, _, _ in keep]), [(s, p) for _, s, p in keep]
+
+    def _keep_outputs(self, record: _Record, outputs: list[np.ndarray]) -> None:
+        stacked = np.stack(outputs, axis=1)  # [rows, layers, heads, dim]
+        for i, (seq_id, position) in enumerate(record[1]):
+            self.recorded.setdefault(seq_id, {})[position] = stacked[i]
+
+    def verify(self, seq_id: int, token_ids: np.ndarray) -> dict[str, Any]:
+        """Compare a finished sequence's recorded outputs with a dense recomputation.
+
+        ``token_ids`` is the whole sequence (prompt + generated). Needs the synthetic model.
+        """
+        if not isinstance(self.model, SyntheticModel):
+            raise EngineError("verification needs the synthetic model's q/k/v")
+        recorded = self.recorded.pop(seq_id, {})
+        positions = sorted(recorded)
+        if not positions:
+            return {"id": seq_id, "positions": [], "max_abs_error": None}
+        error = 0.0
+        for layer in range(self.geometry.layers):
+            dense = dense_attention(self.model, token_ids, positions, layer)
+            got = np.stack([recorded[p][layer] for p in positions])
+            error = max(error, float(np.abs(got - dense).max()))
+        return {"id": seq_id, "positions": positions, "max_abs_error": error}
+
+    # ------------------------------------------------------------------ status
+
+    def status(self) -> dict[str, Any]:
+        stats = self.scheduler.stats()
+        g = self.geometry
+        hit = stats.prefix_hit_tokens
+        query = stats.prefix_query_tokens
+        return {
+            "backend": self.backend.name,
+            "device": getattr(self.backend, "device_name", None) or "cpu (NumPy)",
+            "model": {"name": self.model.name, "kind": self.model.kind},
+            "geometry": g.to_dict(),
+            "dtype": self.spec.dtype,
+            "pool": {"allocated": True, "bytes": self.pool.nbytes,
+                     "block_bytes": self.pool.plan.block_bytes,
+                     "block_size": self.spec.block_size, "blocks": stats.blocks_total,
+                     "blocks_free": stats.blocks_free, "blocks_used": stats.blocks_used,
+                     "blocks_cached": stats.blocks_cached, "utilization": stats.utilization,
+                     "tokens": stats.blocks_total * self.spec.block_size},
+            "running": stats.running, "waiting": stats.waiting, "steps": stats.steps,
+            "submitted": stats.submitted, "finished": stats.finished, "aborted": stats.aborted,
+            "rejected": stats.rejected, "generated_tokens": stats.generated_tokens,
+            "preemptions": stats.preemptions,
+            "prefix_cache": {"hit_tokens": hit, "query_tokens": query,
+                             "hit_rate": hit / query if query else 0.0},
+            **self.window.summary(time.monotonic()),
+        }
+
+
+class _DeviceClock:
+    """CUDA events around kernel phases: their sum is the device time of a step."""
+
+    def __init__(self) -> None:
+        import pycuda.driver as drv
+
+        self._drv = drv
+        self._pairs: list[tuple[Any, Any]] = []
+
+    def start(self) -> Any:
+        event = self._drv.Event()
+        event.record()
+        return event
+
+    def stop(self, start: Any) -> None:
+        end = self._drv.Event()
+        end.record()
+        self._pairs.append((start, end))
+
+    def total(self) -> float:
+        if self._pairs:
+            self._pairs[-1][1].synchronize()
+        return sum(start.time_till(end) for start, end in self._pairs) / 1000.0
+
+
+def build_engine(spec: EngineSpec, *, backend: Any = None, model: Model | None = None,
+                 profile: bool = False, seed: int = 0) -> Engine:
+    """Pick the backend, size and allocate the pool, make the model (blocking: a thread)."""
+    if backend is None:
+        from velod.kernels import BackendUnavailable, get_backend
+
+        try:
+            backend = get_backend(spec.device)
+        except BackendUnavailable as exc:
+            raise PoolError(f"engine.device is {spec.device!r} but CUDA cannot run: {exc}; "
+                            "set engine.device to auto or cpu") from None
+    device = "GPU" if getattr(backend, "name", "") == "cuda" else "host"
+    plan = plan_pool(spec, free_memory(backend), device)
+    pool = KVPool(spec, plan, backend)
+    g = spec.geometry
+    if model is None:
+        model = SyntheticModel(g.heads, g.kv_heads, g.head_dim, pool.dtype, backend, seed)
+    return Engine(spec, backend, pool, model, profile=profile)

@@ -1,0 +1,286 @@
+"""The model interface the engine drives, and a synthetic model that exercises the attention path.
+
+**The synthetic model is not a language model.** It has no weights and produces no text.
+For each token it derives query, key and value vectors from a counter-based hash of
+(token id, position, layer, q/k/v, element), so they are deterministic and reproducible on
+any backend, and its "next token" is a fixed hash of the last token and its position. What
+it gives is a workload: every byte of the attention path (cache writes, block tables, paged
+attention over every layer, preemption and recompute, prefix reuse, copy-on-write) runs for
+real and can be checked against a dense recomputation (:func:`dense_attention`).
+
+A real runner (weights from a GGUF file) plugs in through :class:`Model`: per step the
+engine calls ``begin_step`` with the scheduled tokens, then for each layer asks for
+``layer_qkv`` and hands back the attention output with ``layer_output`` (a real model feeds
+it to its projection and MLP to make the next layer's input), then ``sample``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+from velod.kernels.layout import from_float32, to_float32
+
+VOCAB_SIZE = 32000
+QUERY_GAIN = 4.0  # a power of two (exact): sharper softmax than uniform [-1, 1) queries give
+KIND = "synthetic attention-path workload (not a language model)"
+
+_M1, _M2, _M3 = 0x9E3779B1, 0x85EBCA77, 0x27D4EB2F
+_MASK = 0xFFFFFFFF
+
+
+class Model(Protocol):
+    """What the engine asks of a model, step by step. Arrays live on the backend's device."""
+
+    name: str
+    kind: str
+    vocab_size: int
+
+    def begin_step(self, token_ids: np.ndarray, positions: np.ndarray) -> None:
+        """The flat tokens of this step (int32) and their positions (int32)."""
+
+    def layer_qkv(self, layer: int) -> tuple[Any, Any, Any]:
+        """Query ``[T, heads, head_dim]``, key and value ``[T, kv_heads, head_dim]``."""
+
+    def layer_output(self, layer: int, attention: Any) -> None:
+        """The attention output ``[T, heads, head_dim]`` of ``layer``."""
+
+    def sample(self, sample_indices: np.ndarray) -> np.ndarray:
+        """The next token (int32) for each flat token index in ``sample_indices``."""
+
+
+def _fmix32(x: np.ndarray) -> np.ndarray:
+    """MurmurHash3's finalizer on uint32 arrays (wrapping arithmetic)."""
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(0x85EBCA6B)
+    x = x ^ (x >> np.uint32(13))
+    x = x * np.uint32(0xC2B2AE35)
+    return x ^ (x >> np.uint32(16))
+
+
+def _fmix32_int(x: int) -> int:
+    x &= _MASK
+    x ^= x >> 16
+    x = (x * 0x85EBCA6B) & _MASK
+    x ^= x >> 13
+    x = (x * 0xC2B2AE35) & _MASK
+    return x ^ (x >> 16)
+
+
+def salt(seed: int, layer: int, kind: int) -> int:
+    """The per-(layer, q/k/v) constant mixed into every vector (kind 0 = q, 1 = k, 2 = v)."""
+    return _fmix32_int(seed * 0x01000193 + layer * 4 + kind + 1)
+
+
+def synthetic_vectors(token_ids: np.ndarray, positions: np.ndarray, width: int, salt_value: int,
+                      gain: float = 1.0) -> np.ndarray:
+    """float32 ``[T, width]`` in [-gain, gain): the same numbers the CUDA generator makes."""
+    tokens = np.asarray(token_ids).astype(np.uint32)
+    pos = np.asarray(positions).astype(np.uint32)
+    seeds = _fmix32(tokens * np.uint32(_M1)
+                    ^ _fmix32(pos * np.uint32(_M2) + np.uint32(salt_value)))
+    elements = np.arange(width, dtype=np.uint32) * np.uint32(_M3)
+    bits = _fmix32(seeds[:, None] ^ elements[None, :])
+    values = (bits >> np.uint32(8)).astype(np.float32) * np.float32(2.0**-23) - np.float32(1.0)
+    if gain != 1.0:
+        values *= np.float32(gain)
+    return values
+
+
+def next_tokens(token_ids: np.ndarray, positions: np.ndarray, seed: int) -> np.ndarray:
+    """The synthetic "sampler": a hash of the last token and its position, in [0, VOCAB)."""
+    tokens = np.asarray(token_ids).astype(np.uint32)
+    pos = np.asarray(positions).astype(np.uint32)
+    mixed = _fmix32(tokens * np.uint32(_M1) ^ pos * np.uint32(_M2) ^ np.uint32(seed & _MASK))
+    return (mixed % np.uint32(VOCAB_SIZE)).astype(np.int32)
+
+
+class SyntheticModel:
+    """Deterministic q/k/v from (token, position, layer): see the module docstring."""
+
+    kind = KIND
+    vocab_size = VOCAB_SIZE
+
+    def __init__(self, heads: int, kv_heads: int, head_dim: int, dtype: np.dtype,
+                 backend: Any = None, seed: int = 0) -> None:
+        self.name = "synthetic"
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.dtype = np.dtype(dtype)
+        self.seed = seed
+        self.backend = backend
+        self._device = _CudaGenerator(self, backend) if _is_cuda(backend) else None
+        self._tokens = np.zeros(0, np.int32)
+        self._positions = np.zeros(0, np.int32)
+
+    def begin_step(self, token_ids: np.ndarray, positions: np.ndarray) -> None:
+        self._tokens, self._positions = token_ids, positions
+        if self._device is not None:
+            self._device.begin_step(token_ids, positions)
+
+    def layer_qkv(self, layer: int) -> tuple[Any, Any, Any]:
+        if self._device is not None:
+            return self._device.layer_qkv(layer)
+        return self.host_qkv(self._tokens, self._positions, layer)
+
+    def host_qkv(self, token_ids: np.ndarray, positions: np.ndarray,
+                 layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """q, k, v of ``layer`` for these tokens as host arrays in the cache dtype."""
+        count = len(token_ids)
+        dim = self.head_dim
+        q = synthetic_vectors(token_ids, positions, self.heads * dim, salt(self.seed, layer, 0),
+                              QUERY_GAIN)
+        k = synthetic_vectors(token_ids, positions, self.kv_heads * dim,
+                              salt(self.seed, layer, 1))
+        v = synthetic_vectors(token_ids, positions, self.kv_heads * dim,
+                              salt(self.seed, layer, 2))
+        return (from_float32(q.reshape(count, self.heads, dim), self.dtype),
+                from_float32(k.reshape(count, self.kv_heads, dim), self.dtype),
+                from_float32(v.reshape(count, self.kv_heads, dim), self.dtype))
+
+    def layer_output(self, layer: int, attention: Any) -> None:
+        return None  # no projection or MLP: the next layer's q/k/v do not depend on it
+
+    def sample(self, sample_indices: np.ndarray) -> np.ndarray:
+        return next_tokens(self._tokens[sample_indices], self._positions[sample_indices],
+                           self.seed)
+
+
+def dense_attention(model: SyntheticModel, token_ids: np.ndarray, positions: list[int],
+                    layer: int) -> np.ndarray:
+    """Causal attention recomputed densely (no cache, no blocks) for one sequence.
+
+    ``token_ids`` is the whole sequence; returns float32 ``[len(positions), heads, head_dim]``,
+    the output at each asked position over tokens ``0..position``, from q/k/v rounded to the
+    cache dtype exactly as the engine stores them.
+    """
+    last = max(positions) + 1
+    tokens = np.asarray(token_ids[:last], dtype=np.int32)
+    q, k, v = (to_float32(a) for a in model.host_qkv(tokens, np.arange(last, dtype=np.int32),
+                                                      layer))
+    group = model.heads // model.kv_heads
+    scale = np.float32(1.0 / np.sqrt(model.head_dim))
+    out = np.empty((len(positions), model.heads, model.head_dim), np.float32)
+    for i, p in enumerate(positions):
+        keys = np.repeat(k[: p + 1], group, axis=1)  # [n, heads, d]
+        values = np.repeat(v[: p + 1], group, axis=1)
+        scores = np.einsum("hd,nhd->hn", q[p] * scale, keys)
+        weights = np.exp(scores - scores.max(axis=1, keepdims=True))
+        weights /= weights.sum(axis=1, keepdims=True)
+        out[i] = np.einsum("hn,nhd->hd", weights, values)
+    return out
+
+
+def _is_cuda(backend: Any) -> bool:
+    return getattr(backend, "name", None) == "cuda"
+
+
+# ------------------------------------------------------------------------------- CUDA
+
+_CUDA_SOURCE = r"""
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+__device__ __forceinline__ unsigned int fmix32(unsigned int x) {
+    x ^= x >> 16; x *= 0x85ebca6bu; x ^= x >> 13; x *= 0xc2b2ae35u; x ^= x >> 16;
+    return x;
+}
+
+// The same numbers as velod.engine.synthetic.synthetic_vectors, for q, k and v at once.
+// dtype: 0 = float32, 1 = float16, 2 = bfloat16 (16-bit outputs are stored as bit patterns).
+extern "C" __global__ void velod_synthetic_qkv(
+        void* q, void* k, void* v, const int* tokens, const int* positions, int num_tokens,
+        int q_width, int kv_width, unsigned int q_salt, unsigned int k_salt, unsigned int v_salt,
+        float q_gain, int dtype) {
+    const long long row_width = (long long)q_width + 2LL * kv_width;
+    const long long total = (long long)num_tokens * row_width;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        const int t = (int)(i / row_width);
+        int e = (int)(i - (long long)t * row_width);
+        void* base; unsigned int salt; float gain; int width;
+        if (e < q_width) { base = q; salt = q_salt; gain = q_gain; width = q_width; }
+        else if (e < q_width + kv_width) {
+            e -= q_width; base = k; salt = k_salt; gain = 1.0f; width = kv_width;
+        } else {
+            e -= q_width + kv_width; base = v; salt = v_salt; gain = 1.0f; width = kv_width;
+        }
+        const unsigned int seed = fmix32((unsigned int)tokens[t] * 0x9E3779B1u
+                                         ^ fmix32((unsigned int)positions[t] * 0x85EBCA77u + salt));
+        const unsigned int bits = fmix32(seed ^ ((unsigned int)e * 0x27D4EB2Fu));
+        const float unit = __fmul_rn((float)(bits >> 8), 1.1920928955078125e-07f);  // 2^-23
+        const float value = __fmul_rn(__fsub_rn(unit, 1.0f), gain);
+        const long long at = (long long)t * width + e;
+        if (dtype == 0) {
+            ((float*)base)[at] = value;
+        } else if (dtype == 1) {
+            ((unsigned short*)base)[at] = __half_as_ushort(__float2half_rn(value));
+        } else {
+            ((unsigned short*)base)[at] = __bfloat16_as_ushort(__float2bfloat16_rn(value));
+        }
+    }
+}
+"""
+
+_DTYPE_CODES = {"float32": 0, "float16": 1, "uint16": 2}
+
+
+def cuda_source() -> str:
+    """The CUDA C of the device generator (compile-checked by the tests with nvcc)."""
+    return _CUDA_SOURCE
+
+
+class _CudaGenerator:
+    """Makes q/k/v on the GPU, so the host never builds or uploads them."""
+
+    def __init__(self, model: SyntheticModel, backend: Any) -> None:
+        import pycuda.gpuarray as gpuarray
+        from pycuda.compiler import SourceModule
+
+        from velod.kernels.cuda import find_nvcc
+
+        self.model = model
+        self.backend = backend
+        self._gpuarray = gpuarray
+        with backend.active():
+            module = SourceModule(_CUDA_SOURCE, nvcc=find_nvcc() or "nvcc", no_extern_c=True,
+                                  arch=backend.arch)
+            self._kernel = module.get_function("velod_synthetic_qkv")
+            self._kernel.prepare([np.uintp] * 5 + [np.int32] * 3 + [np.uint32] * 3
+                                 + [np.float32, np.int32])
+        self._buffers: dict[str, Any] = {}
+        self._count = 0
+        self._tokens = self._positions = None
+        self._grid = backend.num_sms * 8
+
+    def _buffer(self, name: str, count: int, width: int) -> Any:
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.shape[0] < count:
+            buffer = self._gpuarray.empty((max(count, 256), width), self.model.dtype)
+            self._buffers[name] = buffer
+        return buffer
+
+    def begin_step(self, token_ids: np.ndarray, positions: np.ndarray) -> None:
+        with self.backend.active():
+            self._tokens = self._gpuarray.to_gpu(np.ascontiguousarray(token_ids, np.int32))
+            self._positions = self._gpuarray.to_gpu(np.ascontiguousarray(positions, np.int32))
+        self._count = len(token_ids)
+
+    def layer_qkv(self, layer: int) -> tuple[Any, Any, Any]:
+        m, count = self.model, self._count
+        q_width, kv_width = m.heads * m.head_dim, m.kv_heads * m.head_dim
+        with self.backend.active():
+            q = self._buffer("q", count, q_width)
+            k = self._buffer("k", count, kv_width)
+            v = self._buffer("v", count, kv_width)
+            if count:
+                self._kernel.prepared_call(
+                    (self._grid, 1, 1), (256, 1, 1), int(q.gpudata), int(k.gpudata),
+                    int(v.gpudata), int(self._tokens.gpudata), int(self._positions.gpudata),
+                    count, q_width, kv_width, salt(m.seed, layer, 0), salt(m.seed, layer, 1),
+                    salt(m.seed, layer, 2), np.float32(QUERY_GAIN),
+                    _DTYPE_CODES[m.dtype.name])
+            shape_q = (count, m.heads, m.head_dim)
+            shape_kv = (count, m.kv_heads, m.head_dim)
+            return (q[:count].reshape(shape_q), k[:count].reshape(shape_kv),
+                    v[:count].reshape(shape_kv))
