@@ -4,16 +4,25 @@
 # usage: tools/gpu_check.sh OUTDIR [--install-only]
 #
 # Needs: Linux, an NVIDIA GPU, the CUDA toolkit (nvcc + headers), a C++ compiler, python3
-# with numpy (and optionally torch). No network: PyCUDA is built from the source archive in
-# .gpu/ at the repository root, its dependencies come from the wheels beside it (fill .gpu/
-# with `pip download`, see BENCHMARKS.md). Everything it writes goes to OUTDIR:
+# with numpy and setuptools (torch optional). No network: PyCUDA is built from the source
+# archive in .gpu/ at the repository root, its dependencies come from the wheels beside it.
+# Filling .gpu/ (on a machine with network; the pycuda sdist is fetched as a file because
+# `pip download` would try to configure it):
+#   curl -LO https://files.pythonhosted.org/.../pycuda-2026.1.tar.gz      (PyPI file URL)
+#   for v in 3.11 3.12 3.13; do pip download -d .gpu --only-binary=:all: --python-version $v \
+#       --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+#       pytools platformdirs mako markupsafe siphash24 typing_extensions; done
+#   pip download -d .gpu --only-binary=:all: --no-deps setuptools wheel nvidia-ml-py
+#   pip download -d .gpu --only-binary=:all: --python-version 3.12 pytest
+# Everything it writes goes to OUTDIR:
 #   install.log           PyCUDA build and install
 #   env.txt               GPU, driver, CUDA, python versions
 #   pytest_gpu.log        pytest tests/gpu -v
 #   attention.json/.log   bench/attention.py
 #   engine.json/.log      bench/engine.py --gpu (only when that file exists)
 #   summary.txt           one line per step with its exit status
-# Budget: about 8 minutes on a 16-core H100/H200 machine (PyCUDA build ~2-3 min in parallel).
+# Installs go to .gpu/site (on PYTHONPATH for the steps), not into the machine's Python.
+# Budget: under 8 minutes on a 16-core H100/H200 machine (PyCUDA build 1-2 min, 16 jobs).
 set -uo pipefail
 
 OUT=${1:?usage: tools/gpu_check.sh OUTDIR [--install-only]}
@@ -22,6 +31,11 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}
+# Everything installed goes to .gpu/site (git-ignored), never into the machine's Python: no
+# permission or externally-managed-environment trouble, and nothing left behind.
+SITE="$ROOT/.gpu/site"
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+PIP_OFFLINE=(-m pip install --no-index --find-links "$ROOT/.gpu" --target "$SITE")
 JOBS=$(nproc 2>/dev/null || echo 4)
 SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
@@ -65,10 +79,11 @@ libcuda_dir() {
 }
 
 install_pycuda() {
-    if "$PY" -c "import pycuda" 2>/dev/null; then
+    if "$PY" -c "import pycuda.driver" 2>/dev/null; then
         note "pycuda already importable: $("$PY" -c 'import pycuda; print(pycuda.VERSION_TEXT)')"
         return 0
     fi
+    rm -rf "$SITE"  # a stale or foreign build (other Python, no driver) is rebuilt
     local cuda_root src archive libdir
     cuda_root=$(find_cuda_root) || { note "FAIL no CUDA toolkit (cuda.h) found"; return 1; }
     libdir=$(libcuda_dir "$cuda_root") || { note "FAIL no libcuda.so (driver) found"; return 1; }
@@ -76,10 +91,7 @@ install_pycuda() {
     [[ -n "$archive" ]] || { note "FAIL no .gpu/pycuda-*.tar.gz beside the checkout"; return 1; }
     note "building $(basename "$archive") against $cuda_root, libcuda in $libdir, $JOBS jobs"
     # Build tools, only if the machine lacks them (the wheels are in .gpu/ too).
-    "$PY" -c "import setuptools, wheel" 2>/dev/null \
-        || "$PY" -m pip install --no-index --find-links "$ROOT/.gpu" setuptools wheel
-    "$PY" -m pip install --no-index --find-links "$ROOT/.gpu" pytools platformdirs mako \
-        || return 1
+    "$PY" -c "import setuptools, wheel" 2>/dev/null || "$PY" "${PIP_OFFLINE[@]}" setuptools wheel
     src=$(mktemp -d)
     tar xzf "$archive" -C "$src" && src=$(echo "$src"/pycuda-*)
     # configure.py writes siteconf.py (so setup.py skips its 10-second countdown); curand off
@@ -119,8 +131,9 @@ ccompiler.CCompiler.compile = compile_parallel
 sys.argv = ["setup.py", "build_ext"]
 runpy.run_path("setup.py", run_name="__main__")
 PY
-    PATH="$cuda_root/bin:$PATH" "$PY" -m pip install -v --no-build-isolation --no-index \
-        --find-links "$ROOT/.gpu" "$src" || return 1
+    # One resolve: pycuda plus pytools, platformdirs, mako, markupsafe, siphash24, ...
+    PATH="$cuda_root/bin:$PATH" "$PY" "${PIP_OFFLINE[@]}" -v --no-build-isolation "$src" \
+        || return 1
     rm -rf "$src"
     "$PY" -c "import pycuda; print('pycuda', pycuda.VERSION_TEXT)"
 }
@@ -150,11 +163,11 @@ note "start install"
 install_pycuda >"$OUT/install.log" 2>&1 || { note "FAIL PyCUDA install (see install.log)"; exit 1; }
 note "install done"
 "$PY" -c "import pytest" 2>/dev/null \
-    || "$PY" -m pip install --no-index --find-links "$ROOT/.gpu" pytest >>"$OUT/install.log" 2>&1 \
+    || "$PY" "${PIP_OFFLINE[@]}" pytest >>"$OUT/install.log" 2>&1 \
     || { note "FAIL pytest missing and not installable from .gpu/"; exit 1; }
 # NVML bindings for the hardware GPU test; optional (that test skips without them).
 "$PY" -c "import pynvml" 2>/dev/null \
-    || "$PY" -m pip install --no-index --find-links "$ROOT/.gpu" nvidia-ml-py >>"$OUT/install.log" 2>&1 \
+    || "$PY" "${PIP_OFFLINE[@]}" nvidia-ml-py >>"$OUT/install.log" 2>&1 \
     || note "nvidia-ml-py not installed: the NVML test will skip"
 [[ "$INSTALL_ONLY" == "--install-only" ]] && exit 0
 
