@@ -178,10 +178,11 @@ class EngineComponent(Component):
             self._driver = asyncio.get_running_loop().create_task(self._drive())
 
     async def _drive(self) -> None:
-        engine = self.engine
         empty = 0
+        engine = None
         try:
-            while engine is not None and engine is self.engine and engine.has_work:
+            # self.engine, not a local: a rebuild while a step was in flight continues here.
+            while (engine := self.engine) is not None and engine.has_work:
                 batch = engine.schedule()
                 if batch.is_empty:
                     empty += 1
@@ -192,9 +193,8 @@ class EngineComponent(Component):
                     continue
                 empty = 0
                 result = await run_blocking(engine.execute, batch)
-                if engine is not self.engine:
-                    break
-                self._after_step(engine.complete(batch, result))
+                if engine is self.engine:
+                    self._after_step(engine.complete(batch, result))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
