@@ -66,12 +66,19 @@ def test_attention_kernels_do_not_spill_much_and_fit_four_blocks_per_sm(compiled
 
 
 def test_compile_cubin_caches_by_source_arch_and_options(tmp_path):
-    first = compile_cubin("sm_80", ("-DVELOD_ONLY_F16",), cache_dir=tmp_path, nvcc=NVCC)
+    # A small kernel keeps this fast; the key logic is the same for paged_attention.cu.
+    source = tmp_path / "tiny.cu"
+    source.write_text('extern "C" __global__ void tiny(float* x) { x[threadIdx.x] *= 2.f; }\n')
+    cache = tmp_path / "cache"
+    first = compile_cubin("sm_80", ("-DA=1",), cache_dir=cache, nvcc=NVCC, source=source)
     stamp = first.stat().st_mtime_ns
-    again = compile_cubin("sm_80", ("-DVELOD_ONLY_F16",), cache_dir=tmp_path, nvcc=NVCC)
+    again = compile_cubin("sm_80", ("-DA=1",), cache_dir=cache, nvcc=NVCC, source=source)
     assert again == first and again.stat().st_mtime_ns == stamp  # loaded, not rebuilt
-    assert first.name.startswith("paged_attention-sm_80-")
+    assert first.name.startswith("tiny-sm_80-") and first.read_bytes()[:4] == b"\x7fELF"
     assert NVCC_OPTIONS[0] == "-O3"
-    other = compile_cubin("sm_90", ("-DVELOD_ONLY_F16",), cache_dir=tmp_path, nvcc=NVCC)
-    assert other != first
-    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == []  # no scratch left behind
+    other_arch = compile_cubin("sm_90", ("-DA=1",), cache_dir=cache, nvcc=NVCC, source=source)
+    other_options = compile_cubin("sm_80", ("-DA=2",), cache_dir=cache, nvcc=NVCC, source=source)
+    source.write_text(source.read_text() + "// edited\n")
+    edited = compile_cubin("sm_80", ("-DA=1",), cache_dir=cache, nvcc=NVCC, source=source)
+    assert len({first, other_arch, other_options, edited}) == 4
+    assert [p.name for p in cache.iterdir() if p.is_dir()] == []  # no scratch left behind
