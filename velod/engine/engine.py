@@ -66,6 +66,10 @@ class EngineSpec:
     max_batch_size: int = 64
     max_tokens_per_step: int = 2048
     max_waiting: int = 4096
+    # "all": every token's attention, as a real model needs. "last": only rows that are
+    # sampled (decode tokens, a prompt's last token); other prompt tokens only write their
+    # K/V. A benchmark shortcut for backends without a prefill kernel (see bench/engine.py).
+    prefill_attention: str = "all"
 
     @classmethod
     def from_config(cls, engine: Any) -> EngineSpec:
@@ -285,8 +289,12 @@ class Engine:
         rows = np.repeat(np.arange(batch.num_seqs), batch.query_lens)
         tables = np.ascontiguousarray(batch.block_tables[rows])
         lens = (batch.positions + 1).astype(np.int32)
+        if self.spec.prefill_attention == "last":
+            keep = np.zeros(len(lens), bool)
+            keep[batch.sample_indices] = True
+            lens[~keep] = 0  # the kernels skip rows with an empty context
         longest = int(lens.max())
-        record = self._record_plan(batch, rows)
+        record = self._record_plan(batch, rows, lens)
         if cuda:
             tables, lens_arg = backend.to_device(tables), backend.to_device(lens)
         else:
@@ -311,13 +319,13 @@ class Engine:
                 clock.stop(mark)
             lap("attention")
             model.layer_output(layer, out)
-            if record is not None:
+            if record is not None and out is not None:
                 outputs.append(to_float32(backend.to_host(out)[record[0]]))
         tokens = model.sample(batch.sample_indices)
         if cuda:
             backend.synchronize()
         lap("sample")
-        if record is not None:
+        if record is not None and outputs:
             self._keep_outputs(record, outputs)
         kernel_s = clock.total() if clock else None
         return StepResult(tokens, phases, kernel_s)
@@ -325,6 +333,8 @@ class Engine:
     def _attention(self, q: Any, layer: int, tables: Any, lens: Any, longest: int) -> Any:
         backend, pool = self.backend, self.pool
         rows = q.shape[0]
+        if longest == 0:
+            return None  # prefill_attention="last" and no row of this step is sampled
         if rows <= MAX_ROWS_PER_CALL:
             return backend.paged_attention(q, pool.keys[layer], pool.values[layer], tables,
                                            lens, self.scale, max_context=longest)
@@ -389,13 +399,14 @@ class Engine:
 
     # ------------------------------------------------------------------ verification
 
-    def _record_plan(self, batch: StepBatch, rows: np.ndarray) -> _Record | None:
+    def _record_plan(self, batch: StepBatch, rows: np.ndarray,
+                     lens: np.ndarray) -> _Record | None:
         if not self.watch:
             return None
         token_ids = batch.seq_ids[rows]
         candidates = np.flatnonzero(np.isin(token_ids, np.fromiter(self.watch, np.int64)))
         keep = [(int(i), int(token_ids[i]), int(batch.positions[i])) for i in candidates
-                if int(batch.positions[i]) in self.watch[int(token_ids[i])]]
+                if lens[i] and int(batch.positions[i]) in self.watch[int(token_ids[i])]]
         if not keep:
             return None
         return np.array([i for i, _, _ in keep]), [(s, p) for _, s, p in keep]

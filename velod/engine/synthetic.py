@@ -44,7 +44,8 @@ class Model(Protocol):
         """Query ``[T, heads, head_dim]``, key and value ``[T, kv_heads, head_dim]``."""
 
     def layer_output(self, layer: int, attention: Any) -> None:
-        """The attention output ``[T, heads, head_dim]`` of ``layer``."""
+        """The attention output ``[T, heads, head_dim]`` of ``layer`` (None when the engine
+        computed none this step: ``prefill_attention="last"`` on a mid-prompt chunk)."""
 
     def sample(self, sample_indices: np.ndarray) -> np.ndarray:
         """The next token (int32) for each flat token index in ``sample_indices``."""

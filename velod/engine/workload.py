@@ -177,5 +177,9 @@ class BenchRun:
             "prefix_cache": {"hit_tokens": hit, "query_tokens": query,
                              "hit_rate": hit / query if query else 0.0},
             "breakdown": breakdown(self.steps),
+            "decode_breakdown": breakdown(s for s in self.steps if not s.prefill_tokens),
+            "decode_step_s": p50_p99(s.step_s for s in self.steps if not s.prefill_tokens),
+            "decode_batch_size": p50_p99(float(s.batch_size) for s in self.steps
+                                         if not s.prefill_tokens),
             "verify": verify,
         }
