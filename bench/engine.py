@@ -138,8 +138,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", action="store_true", help="CUDA backend, Llama-3-8B geometry")
     parser.add_argument("--quick", action="store_true", help="CPU: a quarter of the requests")
-    parser.add_argument("--budget-s", type=float, default=45.0,
-                        help="wall-time cap per workload; the rest is aborted (default 45)")
+    parser.add_argument("--budget-s", type=float, default=35.0,
+                        help="wall-time cap per workload, the rest is aborted (default 35: "
+                        "tools/gpu_check.sh gives the whole --gpu run 120 s)")
     parser.add_argument("--gpu-fraction", type=float, default=0.85,
                         help="--gpu: KV pool as a fraction of free GPU memory (default 0.85)")
     args = parser.parse_args()

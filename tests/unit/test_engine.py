@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -14,6 +18,7 @@ from velod.engine.engine import (
     KVPool,
     PoolError,
     build_engine,
+    free_memory,
     plan_pool,
     storage_dtype,
 )
@@ -253,3 +258,81 @@ def test_percentile_interpolates():
     assert percentile([], 50) is None
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
     assert percentile(range(101), 99) == 99
+
+
+class CudaShapedBackend(NumpyBackend):
+    """The NumPy math behind the CUDA backend's surface (PyCUDA cannot run here)."""
+
+    name = "cuda"
+    device_name = "CUDA-shaped NumPy"
+
+    def __init__(self) -> None:
+        self.contexts = self.uploads = self.syncs = 0
+        self.max_contexts: list[int | None] = []
+
+    @contextmanager
+    def active(self):
+        self.contexts += 1
+        yield
+
+    def to_device(self, array):
+        self.uploads += 1
+        return super().to_device(array)
+
+    def synchronize(self) -> None:
+        self.syncs += 1
+
+    def paged_attention(self, *args, max_context=None, out=None, **kwargs):
+        self.max_contexts.append(max_context)
+        assert out is not None  # the engine reuses one output buffer on CUDA
+        return super().paged_attention(*args, out=out, **kwargs)
+
+
+def fake_pycuda_driver() -> ModuleType:
+    """CUDA events and mem_get_info as PyCUDA documents them (times in milliseconds)."""
+    driver = ModuleType("pycuda.driver")
+
+    class Event:
+        def record(self, stream=None):
+            self.at = time.perf_counter()
+            return self
+
+        def synchronize(self):
+            return self
+
+        def time_till(self, end):
+            return (end.at - self.at) * 1000.0
+
+    driver.Event = Event
+    driver.mem_get_info = lambda: (3 * 1024**3, 8 * 1024**3)
+    return driver
+
+
+def test_cuda_path_uploads_indices_once_per_step_profiles_and_stays_exact(monkeypatch):
+    package = ModuleType("pycuda")
+    package.driver = fake_pycuda_driver()
+    monkeypatch.setitem(sys.modules, "pycuda", package)
+    monkeypatch.setitem(sys.modules, "pycuda.driver", package.driver)
+    backend = CudaShapedBackend()
+    assert free_memory(backend) == 3 * 1024**3
+    s = spec()
+    model = SyntheticModel(4, 2, 64, np.float32)  # host q/k/v: no device generator here
+    engine = Engine(s, backend, KVPool(s, plan_pool(s, free_memory(backend), "GPU"), backend),
+                    model, profile=True)
+    result = run(engine, Workload(requests=4, prompt=40, gen=8, verify=2))
+    steps = result["steps"]
+    assert result["exact_token_counts"] and result["verify"]["max_abs_error"] < 1e-5
+    assert backend.syncs == steps and backend.uploads == 2 * steps  # tables + lengths
+    assert backend.contexts >= steps and None not in backend.max_contexts
+    assert 0 < result["breakdown"]["kernel_s"] < result["breakdown"]["step_s"]
+
+
+def test_prefill_attention_last_computes_only_sampled_rows_and_keeps_the_tokens():
+    outputs = {}
+    for mode in ("all", "last"):
+        engine = build_engine(spec(prefill_attention=mode, max_tokens_per_step=32))
+        result = run(engine, Workload(requests=3, prompt=70, gen=6, verify=3))
+        assert result["verify"]["max_abs_error"] < 1e-5 and result["exact_token_counts"]
+        outputs[mode] = (result["sampled_tokens"], result["verify"]["positions"])
+    assert outputs["all"][0] == outputs["last"][0] == 18
+    assert outputs["last"][1] < outputs["all"][1]  # prompt positions were not attended

@@ -226,6 +226,7 @@ class Engine:
         self.created = time.monotonic()
         self.last_active = self.created
         self._schedule_s = 0.0
+        self._out: Any = None
 
     # ------------------------------------------------------------------ requests
 
@@ -337,12 +338,23 @@ class Engine:
             return None  # prefill_attention="last" and no row of this step is sampled
         if rows <= MAX_ROWS_PER_CALL:
             return backend.paged_attention(q, pool.keys[layer], pool.values[layer], tables,
-                                           lens, self.scale, max_context=longest)
+                                           lens, self.scale, max_context=longest,
+                                           out=self._device_out(q))
         parts = [backend.to_host(backend.paged_attention(
             q[i:i + MAX_ROWS_PER_CALL], pool.keys[layer], pool.values[layer],
             tables[i:i + MAX_ROWS_PER_CALL], lens[i:i + MAX_ROWS_PER_CALL], self.scale,
             max_context=longest)) for i in range(0, rows, MAX_ROWS_PER_CALL)]
         return np.concatenate(parts)
+
+    def _device_out(self, q: Any) -> Any:
+        """A reused output buffer on CUDA (no allocation per layer); None on the CPU."""
+        if getattr(self.backend, "name", "") != "cuda":
+            return None
+        buffer = self._out
+        if buffer is None or buffer.shape[0] < q.shape[0]:
+            buffer = self._out = self.backend.empty((max(q.shape[0], 256), *q.shape[1:]),
+                                                    self.pool.dtype)
+        return buffer[: q.shape[0]]
 
     def complete(self, batch: StepBatch, result: StepResult) -> StepOutcome:
         """Feed the sampled tokens back; returns finished requests and the step record."""

@@ -148,6 +148,9 @@ class BenchRun:
         stats = engine.scheduler.stats()
         outputs = [len(r.output_token_ids) for r in self.finished.values()]
         generated = sum(outputs)
+        # Counted per step, so a run cut short still reports what it did.
+        sampled = sum(s.generated for s in self.steps)
+        processed = sum(s.prefill_tokens + s.decode_tokens for s in self.steps)
         prompt_tokens = self.workload.requests * self.workload.prompt
         hit = stats.prefix_hit_tokens - self._base.prefix_hit_tokens
         query = stats.prefix_query_tokens - self._base.prefix_query_tokens
@@ -165,8 +168,9 @@ class BenchRun:
             "generated_tokens": generated, "prompt_tokens": prompt_tokens,
             "exact_token_counts": bool(outputs) and all(n == self.workload.gen for n in outputs)
             and len(outputs) == self.workload.requests,
-            "tokens_per_s": generated / elapsed if elapsed > 0 else 0.0,
-            "processed_tokens_per_s": (generated + prompt_tokens) / elapsed if elapsed else 0.0,
+            "sampled_tokens": sampled,
+            "tokens_per_s": sampled / elapsed if elapsed > 0 else 0.0,
+            "processed_tokens_per_s": processed / elapsed if elapsed > 0 else 0.0,
             "ttft_s": p50_p99(t.ttft for t in self.tracks.values() if t.ttft is not None),
             "token_latency_s": p50_p99(gaps),
             "step_s": p50_p99(s.step_s for s in self.steps),
