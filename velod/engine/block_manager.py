@@ -15,10 +15,10 @@ count = number of rows holding it). ``num_free_blocks`` counts free and cached b
 since both can be allocated.
 
 Prefix caching: a full block is identified by a hash chain, ``hash((parent_hash, ids))``
-where ``ids`` are its token ids as int32 bytes. A hit is only taken when the stored key
-(parent hash and token ids) is equal *and* the block's recorded parent is the very block
-(same content generation) the new sequence already holds, so a hash collision can never
-hand out a block with other content.
+where ``ids`` are its token ids as int32 bytes. A hit is only taken when the block's token
+ids are equal *and* its recorded parent is the very block (same content generation) the
+new sequence already holds for the previous position: by induction the whole prefix then
+matches, so a hash collision can never hand out a block with other content.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class BlockManager:
         self._free = list(range(num_blocks - 1, -1, -1))  # stack: pop() returns block 0 first
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, ref 0, LRU first
         self._cache: dict[int, int] = {}  # chain hash -> block
-        self._key: list[tuple[int, bytes] | None] = [None] * num_blocks  # (parent hash, ids)
+        self._key: list[bytes | None] = [None] * num_blocks  # token ids of registered blocks
         self._hash = [0] * num_blocks
         self._link = [_NO_PARENT] * num_blocks  # parent block << 32 | its generation
         self._gen = [0] * num_blocks  # bumped whenever a block's registered content is dropped
@@ -213,10 +213,10 @@ class BlockManager:
         blocks: list[int] = []
         link, parent_hash = _NO_PARENT, ROOT_HASH
         for offset in range(0, len(data), stride):
-            key = (parent_hash, data[offset : offset + stride])
-            block_hash = hash(key)
+            key = data[offset : offset + stride]
+            block_hash = hash((parent_hash, key))
             block = cache.get(block_hash)
-            if block is None or keys[block] != key or links[block] != link:
+            if block is None or links[block] != link or keys[block] != key:
                 break
             if ref[block] == 0:
                 del self._evictable[block]
@@ -347,8 +347,8 @@ class BlockManager:
         stride = self._stride
         for offset, block in zip(range(0, len(data), stride), blocks, strict=True):
             if keys[block] is None:
-                key = (parent_hash, data[offset : offset + stride])
-                block_hash = hash(key)
+                key = data[offset : offset + stride]
+                block_hash = hash((parent_hash, key))
                 keys[block] = key
                 hashes[block] = block_hash
                 links[block] = link
@@ -387,13 +387,13 @@ class BlockManager:
             hashed[row] = index + 1
             if keys[block] is not None:
                 continue  # shared with a fork that registered it already
+            key = data[offset : offset + stride]
             if index:
-                key = (hashes[parent], data[offset : offset + stride])
+                block_hash = hash((hashes[parent], key))
                 links[block] = (parent << 32) | gen[parent]
             else:
-                key = (ROOT_HASH, data[offset : offset + stride])
+                block_hash = hash((ROOT_HASH, key))
                 links[block] = _NO_PARENT
-            block_hash = hash(key)
             keys[block] = key
             hashes[block] = block_hash
             if block_hash in cache:
