@@ -191,6 +191,11 @@ def test_reconfigure_rebuilds_when_idle_and_is_refused_while_busy(velod_factory)
     assert d.call("engine.status")["pool"]["bytes"] == 16 * 1024**2
 
     d.call("engine.abort", {"id": busy["id"]})
+    typo = json.loads(json.dumps(config))
+    typo["engine"] |= {"model": "llama3.1-8", "kv_cache": "8MiB"}
+    d.write_config(typo)
+    assert "did you mean 'llama3.1-8b'" in d.call("config.reload")["refused"]["engine"]
+    d.write_config(config)
     assert d.call("config.reload")["refused"] == {}
     result = d.call("engine.bench", {"requests": 2, "prompt": 32, "gen": 4, "verify": 1})
     assert result["dtype"] == "float16" and result["verify"]["max_abs_error"] < 2e-3

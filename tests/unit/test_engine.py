@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import shutil
 import subprocess
 import sys
@@ -336,3 +337,28 @@ def test_prefill_attention_last_computes_only_sampled_rows_and_keeps_the_tokens(
         outputs[mode] = (result["sampled_tokens"], result["verify"]["positions"])
     assert outputs["all"][0] == outputs["last"][0] == 18
     assert outputs["last"][1] < outputs["all"][1]  # prompt positions were not attended
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_velodctl_bench_progress_is_a_redrawn_bar_on_a_terminal_and_lines_elsewhere():
+    from velod.engine.cli import ProgressView
+
+    tty = Terminal()
+    view = ProgressView(tty)
+    for done in (0, 32, 64):
+        view.draw({"fraction": done / 64, "generated": done, "target": 64, "finished": 0,
+                   "requests": 4, "tokens_per_s": 10.0, "elapsed_s": 1.0})
+    view.finish()
+    text = tty.getvalue()
+    assert text.count("\r[") == 3 and "[" + "#" * 15 + "." * 15 + "]" in text
+    assert text.endswith("\n") and "100%" in text
+
+    pipe = io.StringIO()
+    plain = ProgressView(pipe)
+    for done in (0, 1, 64):  # the middle one comes within a second: not repeated
+        plain.draw({"fraction": done / 64, "generated": done, "target": 64})
+    assert pipe.getvalue().count("bench: ") == 2 and "\r" not in pipe.getvalue()

@@ -124,25 +124,14 @@ def cmd_bench(args: argparse.Namespace, client: Any) -> int:
     return 0
 
 
-class _ProgressWatcher:
-    """Follows engine.bench.progress on a second connection and draws it on ``stream``."""
+class ProgressView:
+    """Draws bench progress: a ``\\r``-redrawn bar on a terminal, else a line per second."""
 
-    def __init__(self, socket_path: str, stream: Any) -> None:
-        from velod.control.client import Client
-
+    def __init__(self, stream: Any) -> None:
         self.stream = stream
         self.tty = bool(getattr(stream, "isatty", lambda: False)())
         self._last_plain = 0.0
-        self._drawn = False
-        self.client = Client.connect(socket_path)
-        events = self.client.subscribe(["engine.bench.progress"])
-        self.thread = threading.Thread(target=self._run, args=(events,), daemon=True)
-        self.thread.start()
-
-    def _run(self, events: Any) -> None:
-        with contextlib.suppress(Exception):  # the connection closes when the bench ends
-            for event in events:
-                self.draw(event.get("data") or {})
+        self.drawn = False
 
     def draw(self, p: dict[str, Any]) -> None:
         fraction = min(max(float(p.get("fraction", 0.0)), 0.0), 1.0)
@@ -153,7 +142,7 @@ class _ProgressWatcher:
             filled = int(fraction * BAR_WIDTH)
             bar = "#" * filled + "." * (BAR_WIDTH - filled)
             self.stream.write(f"\r[{bar}] {text}\033[K")
-            self._drawn = True
+            self.drawn = True
         else:
             now = time.monotonic()
             if now - self._last_plain < PLAIN_INTERVAL and fraction < 1.0:
@@ -162,13 +151,34 @@ class _ProgressWatcher:
             self.stream.write(f"bench: {text}\n")
         self.stream.flush()
 
+    def finish(self) -> None:
+        if self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+class _ProgressWatcher:
+    """Follows engine.bench.progress on a second connection and draws it."""
+
+    def __init__(self, socket_path: str, stream: Any) -> None:
+        from velod.control.client import Client
+
+        self.view = ProgressView(stream)
+        self.client = Client.connect(socket_path)
+        events = self.client.subscribe(["engine.bench.progress"])
+        self.thread = threading.Thread(target=self._run, args=(events,), daemon=True)
+        self.thread.start()
+
+    def _run(self, events: Any) -> None:
+        with contextlib.suppress(Exception):  # the connection closes when the bench ends
+            for event in events:
+                self.view.draw(event.get("data") or {})
+
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.client.close()
         self.thread.join(timeout=1.0)
-        if self._drawn:
-            self.stream.write("\n")
-            self.stream.flush()
+        self.view.finish()
 
 
 def render_bench(r: dict[str, Any]) -> str:

@@ -71,7 +71,7 @@ class EngineComponent(Component):
         try:
             spec = EngineSpec.from_config(new) if new.enabled else None
         except GeometryError as exc:
-            raise ReconfigureRefused(f"engine kept its previous config: {exc}") from None
+            raise ReconfigureRefused(str(exc)) from None
         if spec != self.spec and self._busy():
             engine = self.engine
             load = (f"{engine.scheduler.num_running} running, {engine.scheduler.num_waiting} "

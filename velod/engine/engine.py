@@ -81,7 +81,9 @@ class EngineSpec:
     @property
     def kv_cache_text(self) -> str:
         if self.kv_cache_bytes is not None:
-            return f"{self.kv_cache_bytes} bytes"
+            from velod.config import format_size_exact
+
+            return format_size_exact(self.kv_cache_bytes)
         return f"{self.kv_cache_fraction:g} of free memory"
 
 
@@ -455,7 +457,7 @@ class Engine:
         query = stats.prefix_query_tokens
         return {
             "backend": self.backend.name,
-            "device": getattr(self.backend, "device_name", None) or "cpu (NumPy)",
+            "device": getattr(self.backend, "device_name", None) or "cpu",
             "model": {"name": self.model.name, "kind": self.model.kind},
             "geometry": g.to_dict(),
             "dtype": self.spec.dtype,

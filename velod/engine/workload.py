@@ -159,7 +159,7 @@ class BenchRun:
         return {
             "workload": self.workload.to_dict(),
             "backend": engine.backend.name,
-            "device": getattr(engine.backend, "device_name", None) or "cpu (NumPy)",
+            "device": getattr(engine.backend, "device_name", None) or "cpu",
             "geometry": engine.geometry.to_dict(), "dtype": engine.spec.dtype,
             "model": engine.model.kind,
             "pool_blocks": engine.pool.num_blocks, "block_size": engine.spec.block_size,
