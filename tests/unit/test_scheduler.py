@@ -346,3 +346,16 @@ def test_fork_needs_a_decoding_parent() -> None:
     waiting = s.submit([1, 2], 3)
     with pytest.raises(UnknownSequence, match="waiting"):
         s.fork(waiting)
+
+
+def test_stats_are_plain_data_and_track_the_queue() -> None:
+    s = Scheduler(small())
+    low = s.submit([1, 2, 3], 2, priority=2)
+    high = s.submit([4, 5], 2, priority=-2)
+    assert s.waiting_ids() == [high, low]
+    stats = s.stats().to_dict()
+    assert stats["waiting"] == 2 and stats["waiting_tokens"] == 5
+    assert all(isinstance(v, int | float) for v in stats.values())
+    run(s)
+    stats = s.stats().to_dict()
+    assert (stats["finished"], stats["generated_tokens"], stats["blocks_used"]) == (2, 4, 0)
