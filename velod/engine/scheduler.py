@@ -3,9 +3,11 @@
 The engine loop is ``batch = step()`` → run the model → ``complete_step(batch, tokens)``.
 
 Each step decodes one token for every decoding sequence, continues chunked prefills, then
-admits waiting requests while the batch has free rows (``max_batch_size``) and the step
-has token budget (``max_tokens_per_step``). A prompt longer than the budget is prefilled
-in chunks over several steps, so decode never stalls behind it.
+admits waiting requests, in heap order, while the batch has free rows (``max_batch_size``),
+the step has token budget (``max_tokens_per_step``) and the free blocks can hold the head's
+whole uncached prompt (the head is never overtaken, so a big request cannot starve). A
+prompt longer than the budget is prefilled in chunks over several steps, so decode never
+stalls behind it. Nothing is admitted in a step that had to preempt.
 
 Waiting requests sit in a heap keyed by ``(sort_key, arrival)``. Aging is linear: after
 ``w`` steps of waiting a request's effective priority is ``priority - w / aging_steps``.
