@@ -153,6 +153,15 @@ class TunerConfig:
                                _check("must not be empty", bool))
     verify: bool = _opt(False, "Benchmark after each applied change; roll back if slower.")
     explore: bool = _opt(False, "Try safe candidate settings when idle; keep the fastest.")
+    verify_tokens: int = _opt(64, "Tokens generated per request by verify/explore "
+                              "benchmarks.", positive)
+    verify_repeat: int = _opt(3, "Measured runs per verify/explore benchmark (after one "
+                              "warm-up).", positive)
+    verify_tolerance: float = _opt(0.05, "A change counts as slower (or faster) only beyond "
+                                   "this fraction of the speed and the measured spread.",
+                                   _check("must be between 0 and 1", lambda v: 0 <= v < 1))
+    verify_timeout: Duration = _opt(Duration(120.0), "Longest a verify/explore benchmark may "
+                                    "run.", positive)
 
 
 @dataclass(frozen=True)

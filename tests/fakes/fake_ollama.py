@@ -17,8 +17,11 @@ Test controls (environment at start, or ``POST /_fake/control`` at run time):
 ``FAKE_OLLAMA_MODE`` = ok | slow | fail | garbage (slow waits ``FAKE_OLLAMA_DELAY`` s, fail
 answers 500, garbage answers 200 with HTML); ``FAKE_OLLAMA_PRELOAD`` = comma-separated
 models loaded at start as if a client had just used them; ``FAKE_OLLAMA_VERSION``;
-``FAKE_OLLAMA_TOKEN_DELAY`` (s per generated token); ``FAKE_OLLAMA_STORE`` = a JSON file
-where models made by ``/api/create`` are kept across restarts, as Ollama keeps them.
+``FAKE_OLLAMA_TOKEN_DELAY`` (s per generated token; see ``GenerationTiming`` for
+the other speed knobs); ``FAKE_OLLAMA_DIE_AFTER_TOKENS`` (or ``die_after_tokens`` in a
+control request) exits the process abruptly after that many more generated tokens;
+``FAKE_OLLAMA_STORE`` = a JSON file where models made by ``/api/create`` are kept across
+restarts, as Ollama keeps them.
 ``FAKE_OLLAMA_BUSY`` = models with a request in flight from the start, or
 ``POST /_fake/busy {"model", "busy"}`` to hold or release one at run time.
 ``GET /_fake/state`` shows the settings the process read.
@@ -36,6 +39,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import re
 import signal
 import sys
@@ -218,14 +222,42 @@ def place(weights: int, geometry: Geometry, num_ctx: int, settings: Settings,
 
 
 class GenerationTiming:
-    """How long generating takes; the one place a benchmark-aware fake would change."""
+    """How long loading, prompt processing and generating take under the server settings.
+
+    Like a real GPU: layers on the CPU make each token ~10x slower (by the share of the
+    model in system RAM), flash attention speeds generation up by ``FAKE_OLLAMA_FLASH_SPEEDUP``
+    (1.25; below 1 on a GPU where it hurts), a q8_0 cache by ``FAKE_OLLAMA_Q8_SPEEDUP`` (1.1:
+    less memory traffic). Each request draws one factor of ``1 +- FAKE_OLLAMA_NOISE``
+    (default 0) from a ``FAKE_OLLAMA_SEED``-ed generator. Prompt tokens take
+    ``FAKE_OLLAMA_PROMPT_DELAY`` s each (default a twentieth of a generated token); a model
+    that must be loaded first takes ``FAKE_OLLAMA_LOAD_DELAY`` s (default 0).
+    """
 
     def __init__(self, env: Mapping[str, str]) -> None:
         self.token_delay = float(env.get("FAKE_OLLAMA_TOKEN_DELAY", "0.001"))
+        self.prompt_delay = float(env.get("FAKE_OLLAMA_PROMPT_DELAY", self.token_delay / 20))
+        self.load_delay = float(env.get("FAKE_OLLAMA_LOAD_DELAY", "0"))
+        self.flash_speedup = float(env.get("FAKE_OLLAMA_FLASH_SPEEDUP", "1.25"))
+        self.q8_speedup = float(env.get("FAKE_OLLAMA_Q8_SPEEDUP", "1.1"))
+        self.noise = float(env.get("FAKE_OLLAMA_NOISE", "0"))
+        self.rng = random.Random(int(env.get("FAKE_OLLAMA_SEED", "0")))
+
+    def speed(self, loaded: Loaded) -> float:
+        """Relative generation speed (1.0 = fully on the GPU, no flash attention, f16)."""
+        p = loaded.placement
+        cpu_share = 1 - p.size_vram / p.size
+        speed = 1 / (1 + 9 * cpu_share)  # CPU layers are ~10x slower
+        if p.flash_attention:
+            speed *= self.flash_speedup
+        if p.kv_cache_type == "q8_0":
+            speed *= self.q8_speedup
+        return speed
+
+    def jitter(self) -> float:
+        return 1 + self.rng.uniform(-self.noise, self.noise) if self.noise else 1.0
 
     def seconds_per_token(self, loaded: Loaded, settings: Settings) -> float:
-        cpu_share = 1 - loaded.placement.size_vram / loaded.placement.size
-        return self.token_delay * (1 + 9 * cpu_share)  # CPU layers are ~10x slower
+        return self.token_delay / self.speed(loaded)
 
 
 # --------------------------------------------------------------------------- state
@@ -317,6 +349,10 @@ class FakeOllama:
                     self.models[model.name] = model
         self.loaded: dict[str, Loaded] = {}
         self.requests: list[str] = []
+        self.generations: list[dict[str, Any]] = []  # the final figures of each generation
+        self.tokens_made = 0
+        die = env.get("FAKE_OLLAMA_DIE_AFTER_TOKENS")
+        self.die_after_tokens: int | None = int(die) if die else None
         self.app = self._build_app()
         preload = [n.strip() for n in env.get("FAKE_OLLAMA_PRELOAD", "").split(",")]
         for name in filter(None, preload):
@@ -469,42 +505,68 @@ class FakeOllama:
         body = await self._json(request)
         model = self._model(body.get("model"))
         options = body.get("options") or {}
-        loaded = self.load(model.name, options, body.get("keep_alive"))
         started = time.time()
-        count = int(options.get("num_predict", 8))
-        if not body.get("prompt") and not body.get("messages"):
-            count = 0  # an empty prompt only loads the model
+        before = self.loaded.get(model.name)
+        loaded = self.load(model.name, options, body.get("keep_alive"))
+        load_s = self.timing.load_delay if loaded is not before else 0.0
+        prompt = body.get("prompt") or " ".join(
+            str(m.get("content", "")) for m in body.get("messages") or [] if isinstance(m, dict))
+        prompt_count = len(prompt.split())  # a word per token is close enough for a fake
+        count = int(options.get("num_predict", 8)) if prompt_count else 0  # empty: load only
         is_chat = request.path.endswith("/chat")
-        loaded.in_flight += 1
-        try:
-            delay = self.timing.seconds_per_token(loaded, self.settings)
-            pieces = []
-            for i in range(count):
-                await asyncio.sleep(delay)
-                pieces.append(f"tok{i} ")
-        finally:
-            loaded.in_flight -= 1
-            loaded.expires_at = time.time() + loaded.session
-        final = {"model": model.name, "created_at": _now_iso(), "done": True,
-                 "done_reason": "stop" if count else "load",
-                 "total_duration": int((time.time() - started) * 1e9), "load_duration": 0,
-                 "prompt_eval_count": 1, "prompt_eval_duration": 1000,
-                 "eval_count": count, "eval_duration": int(count * delay * 1e9)}
         key = "message" if is_chat else "response"
 
         def content(text: str) -> Any:
             return {"role": "assistant", "content": text} if is_chat else text
 
-        if body.get("stream") is False:
+        loaded.in_flight += 1
+        resp: web.StreamResponse | None = None
+        try:
+            jitter = self.timing.jitter()
+            delay = self.timing.seconds_per_token(loaded, self.settings) * jitter
+            prompt_s = prompt_count * self.timing.prompt_delay * jitter
+            await asyncio.sleep(load_s + prompt_s)
+            pieces = []
+            if body.get("stream") is not False:
+                resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+                await resp.prepare(request)
+            for i in range(count):
+                await asyncio.sleep(delay)
+                self._count_token()
+                pieces.append(f"tok{i} ")
+                if resp is not None:  # stream each token as it is made, as Ollama does
+                    await resp.write((json.dumps({"model": model.name, "created_at": _now_iso(),
+                                                  key: content(pieces[-1]), "done": False})
+                                      + "\n").encode())
+        finally:
+            loaded.in_flight -= 1
+            loaded.expires_at = time.time() + loaded.session
+        final = {"model": model.name, "created_at": _now_iso(), "done": True,
+                 "done_reason": "stop" if count else "load",
+                 "total_duration": int((time.time() - started) * 1e9),
+                 "load_duration": int(load_s * 1e9),
+                 "prompt_eval_count": prompt_count, "prompt_eval_duration": int(prompt_s * 1e9),
+                 "eval_count": count, "eval_duration": int(count * delay * 1e9)}
+        self.generations.append({k: final[k] for k in (
+            "model", "load_duration", "prompt_eval_count", "prompt_eval_duration",
+            "eval_count", "eval_duration")})
+        if resp is None:
             return web.json_response({**final, key: content("".join(pieces))})
-        chunks = [{"model": model.name, "created_at": _now_iso(), key: content(p),
-                   "done": False} for p in pieces]
-        return await _ndjson(request, iter([*chunks, {**final, key: content("")}]))
+        await resp.write((json.dumps({**final, key: content("")}) + "\n").encode())
+        await resp.write_eof()
+        return resp
+
+    def _count_token(self) -> None:
+        self.tokens_made += 1
+        if self.die_after_tokens is not None and self.tokens_made >= self.die_after_tokens:
+            os._exit(3)  # as if Ollama crashed mid-answer (only ever set in a subprocess)
 
     async def h_control(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.mode = body.get("mode", self.mode)
         self.delay = float(body.get("delay", self.delay))
+        if "die_after_tokens" in body:
+            self.die_after_tokens = self.tokens_made + int(body["die_after_tokens"])
         return web.json_response({"mode": self.mode, "delay": self.delay})
 
     async def h_busy(self, request: web.Request) -> web.Response:
@@ -521,7 +583,8 @@ class FakeOllama:
             "pid": os.getpid(), "env": s.raw, "gpus": self.gpus, "mode": self.mode,
             "num_parallel": s.num_parallel, "context_length": s.context_length,
             "flash_attention": s.flash_attention, "kv_cache_type": s.kv_cache_type,
-            "requests": self.requests[-200:]})
+            "requests": self.requests[-200:], "generations": self.generations[-500:],
+            "speed": {name: self.timing.speed(lm) for name, lm in self.loaded.items()}})
 
 
 def _error(status: int, message: str) -> web.HTTPException:

@@ -67,6 +67,11 @@ class IdleTracker:
         self.last_active = time.monotonic() if now is None else now
         self._expiries = None
 
+    def rebase(self) -> None:
+        """Forget the last ``/api/ps`` view without counting it as activity (after velod's
+        own requests, which move ``expires_at`` too)."""
+        self._expiries = None
+
     def idle_for(self, now: float | None = None) -> float:
         return (time.monotonic() if now is None else now) - self.last_active
 
@@ -256,13 +261,16 @@ class Applier:
         return self._record(Outcome("verified", "loaded models run as planned",
                                     {"loaded": observed}))
 
-    async def rollback(self, reason: str, undone: dict[str, str] | None = None) -> Outcome:
-        """Restore the previous drop-in (admin request) and restart Ollama.
+    async def rollback(self, reason: str, undone: dict[str, str] | None = None,
+                       **extra: Any) -> Outcome:
+        """Restore the previous drop-in (admin request, or a change measured slower) and
+        restart Ollama.
 
         ``undone`` (the settings rolled away from) is recorded as ``failed`` so that the
-        tuner does not apply them again by itself, also after a daemon restart.
+        tuner does not apply them again by itself, also after a daemon restart; ``extra``
+        goes to the history entry (the measurements before and after, say).
         """
-        return await self._roll_back(reason, failed=undone)
+        return await self._roll_back(reason, failed=undone, **extra)
 
     async def _roll_back(self, reason: str, failed: dict[str, str] | None,
                          **extra: Any) -> Outcome:

@@ -12,6 +12,7 @@ import asyncio
 import ipaddress
 import json
 import os
+from collections.abc import AsyncIterator
 from typing import Any
 
 from velod.ollama.models import (
@@ -197,6 +198,48 @@ class OllamaClient:
         data = await self.request("POST", "/api/create", body, timeout=max(self.timeout, 60.0))
         if isinstance(data, dict) and data.get("error"):
             raise OllamaHTTPError(f"Ollama refused to create {model}: {data['error']}", 200)
+
+    async def generate_stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """POST ``/api/generate`` with streaming; yield each decoded chunk as it arrives.
+
+        The caller bounds the time (``asyncio.timeout``); a connection that drops mid-answer
+        is an OllamaUnreachable, an ``error`` chunk or HTTP error status an OllamaHTTPError.
+        """
+        import aiohttp
+
+        url = f"{self.base_url}/api/generate"
+        try:
+            session = self._get_session()
+            async with session.post(url, json={**body, "stream": True}) as resp:
+                if resp.status >= 400:
+                    detail = _error_detail((await resp.read()).decode("utf-8", "replace"))
+                    raise OllamaHTTPError(f"Ollama answered POST {url} with HTTP "
+                                          f"{resp.status}: {detail}", resp.status)
+                async for line in resp.content:
+                    if not line.strip():
+                        continue
+                    try:
+                        chunk = json.loads(line)
+                    except ValueError:
+                        raise OllamaBadResponse(f"Ollama streamed non-JSON from {url}: "
+                                                f"{_excerpt(line.decode('utf-8', 'replace'))}"
+                                                ) from None
+                    if not isinstance(chunk, dict):
+                        raise OllamaBadResponse(f"Ollama streamed a non-object from {url}")
+                    if isinstance(chunk.get("error"), str):
+                        raise OllamaHTTPError(f"Ollama stopped generating: {chunk['error']}",
+                                              resp.status)
+                    yield chunk
+                    if chunk.get("done"):
+                        return
+            raise OllamaUnreachable(f"Ollama ended the answer to POST {url} before it was done")
+        except aiohttp.ClientConnectorError as exc:
+            raise OllamaUnreachable(f"cannot connect to Ollama at {self.base_url}: "
+                                    f"{exc.os_error or exc} — is ollama running? "
+                                    "(set ollama.url or OLLAMA_HOST)") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise OllamaUnreachable(f"Ollama stopped answering POST {url} mid-answer: "
+                                    f"{exc or type(exc).__name__}") from None
 
     # ------------------------------------------------------------------ the whole state
     async def loaded(self) -> list[LoadedModel]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 DECISIONS = ("planned", "applied", "skipped-busy", "skipped-rate-limited", "verified",
-             "rolled-back", "error")
+             "rolled-back", "error", "explore-trial", "explore-kept", "explore-aborted")
 FILE_NAME = "tuner-history.jsonl"
 _TAIL_CHUNK = 64 * 1024
 

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from velod.blocking import run_blocking
@@ -27,10 +28,12 @@ from velod.control.registry import Method
 from velod.hardware.snapshot import Snapshot
 from velod.ollama import planner
 from velod.ollama.applier import Applier, Outcome, server_environment
+from velod.ollama.bench_service import Benchmarks
 from velod.ollama.client import OllamaClient, OllamaError, resolve_url
+from velod.ollama.closedloop import ClosedLoop
 from velod.ollama.dropin import Effective
 from velod.ollama.history import History
-from velod.ollama.models import OllamaState
+from velod.ollama.models import OllamaState, normalize_name
 
 if TYPE_CHECKING:
     from velod.bus import Event
@@ -70,7 +73,8 @@ class Tuner(Component):
         self.ollama_error: str | None = None
         self.failures = 0
         self.next_poll_at: float | None = None
-        self.plan: planner.Plan | None = None
+        self.plan: planner.Plan | None = None  # with an explored override, if one was kept
+        self.base_plan: planner.Plan | None = None  # the planner's own
         self.effective: Effective | None = None
         self.pending: dict[str, Any] | None = None  # changed plan waiting to settle
         # A plan velod will not apply again by itself (rolled back, or failed to write),
@@ -87,6 +91,10 @@ class Tuner(Component):
         self.lock: asyncio.Lock | None = None
         self._task: asyncio.Task[None] | None = None
         self._unsubscribe: Any = None
+        self.usage: Counter[str] = Counter()  # polls in which a loaded model had been used
+        self._expiry_seen: dict[str, str | None] = {}
+        self.bench = Benchmarks(self)
+        self.loop = ClosedLoop(self)
 
     @staticmethod
     def _make_client(config: Config) -> OllamaClient:
@@ -218,6 +226,9 @@ class Tuner(Component):
         self.state, self.error = "running", None
         self.ollama, self.last_ok = state, time.time()
         self.applier.idle.observe(state.loaded, self.snapshot)
+        seen = {normalize_name(m.name): m.expires_at for m in state.loaded}
+        self.usage.update(n for n, e in seen.items() if self._expiry_seen.get(n) != e)
+        self._expiry_seen = seen
         self.observed = []  # triggers seen in Ollama's state, for this cycle
         digests = frozenset((m.name, m.digest) for m in state.models)
         if self._digests is not None and digests != self._digests:
@@ -242,7 +253,8 @@ class Tuner(Component):
         if self.snapshot is None or not self.config.tuner.enabled:
             return None
         policy = planner.Policy.from_config(self.config.tuner)
-        self.plan = planner.plan(self.snapshot, self.planning_state(), policy)
+        self.base_plan = planner.plan(self.snapshot, self.planning_state(), policy)
+        self.plan = self.loop.with_kept(self.base_plan, policy)
         try:
             self.effective = await run_blocking(self.applier.dropins.effective, timeout=10)
         except (OSError, TimeoutError) as exc:
@@ -265,9 +277,18 @@ class Tuner(Component):
         if plan is None:
             self._triggers = reasons + [r for r in self._triggers if r not in reasons]
             return
-        await self._decide(plan, ", ".join(reasons) or "periodic check")
         tuner = self.config.tuner
+        policy = planner.Policy.from_config(tuner)
+        if self.loop.active and self.base_plan is not None:
+            await self.loop.step(self.base_plan, policy)  # exploration drives the settings
+            return
+        await self._decide(plan, ", ".join(reasons) or "periodic check")
         settled = self.effective is not None and not plan.changes(self.effective.environment)
+        if (tuner.mode == "apply" and tuner.explore and settled and self.pending is None
+                and self.base_plan is not None):
+            await self.loop.step(self.base_plan, policy)
+            if self.loop.active:
+                return
         if tuner.mode == "apply" and tuner.model_variants and settled:
             # Model parameters go with the server settings they were planned for, so the
             # variants follow once Ollama runs those.
@@ -318,12 +339,36 @@ class Tuner(Component):
                 self._skips_recorded.add((skip.decision, self.pending and self.pending["key"]))
                 self._record(skip)
             return skip
+        before = None
+        if (self.config.tuner.verify and self.applier.idle.idle_for()
+                >= self.config.tuner.restart_when_idle_for):
+            before = await self.loop.measure("verify-before")  # only while otherwise idle
         outcome = await self.applier.apply(plan, reason, changes)
+        if outcome.decision == "applied" and self.loop.speed(before) is not None:
+            assert before is not None
+            self.announce(outcome)
+            outcome = await self.loop.verify(before, outcome)
         self.pending = None
         if outcome.decision in ("rolled-back", "error"):
             self.block(env_key(server_environment(plan)), outcome)
         self.announce(outcome)
         return outcome
+
+    def record(self, outcome: Outcome) -> Outcome:
+        """Append ``outcome`` to the history and announce it."""
+        return self._record(outcome)
+
+    def most_used_model(self, installed: list[str]) -> str | None:
+        """The installed model used most while velod watched; ties go to ``tuner.models``
+        order, then to a loaded model, then by name."""
+        names = [normalize_name(n) for n in installed]
+        if not names:
+            return None
+        wanted = [normalize_name(n) for n in self.config.tuner.models]
+        loaded = {normalize_name(m.name) for m in (self.ollama.loaded if self.ollama else [])}
+        return min(names, key=lambda n: (-self.usage.get(n, 0),
+                                         wanted.index(n) if n in wanted else len(wanted),
+                                         n not in loaded, n))
 
     def _record(self, outcome: Outcome) -> Outcome:
         try:
@@ -356,12 +401,15 @@ class Tuner(Component):
                            "error": self.ollama_error, "failures": self.failures,
                            "retry_in": round(retry, 3) if retry is not None else None},
                 "pending": self.pending_dict(),
-                "changes": changes, "last_decision": self.last_decision}
+                "changes": changes, "last_decision": self.last_decision,
+                "verify": tuner.verify, "explore": self.loop.status() if tuner.explore else None,
+                "bench": self.bench.running}
 
     def methods(self) -> list[Method]:
+        from velod.ollama.bench_control import BenchMethods
         from velod.ollama.control import TunerMethods
 
-        return TunerMethods(self).methods()
+        return TunerMethods(self).methods() + BenchMethods(self).methods()
 
     def _summary(self, changes: int | None, retry: float | None) -> str:
         mode = self.config.tuner.mode

@@ -1,0 +1,263 @@
+"""End to end: ``velodctl bench`` and the closed loop (verify, explore) through the real
+daemon, against the fake Ollama whose speed follows its settings (``GenerationTiming``:
+CPU spill ~10x slower per share, flash attention and a q8_0 cache faster unless told
+otherwise, seeded noise), run by the fake systemctl on one fake 24 GiB GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fakes.fake_gpus import GiB, MiB, gpu, nvml_env, write_gpu_table
+from tests.integration.test_tuner_e2e import (
+    FAKE_BIN,
+    FAKE_OLLAMA,
+    SPILLING,
+    UNIT,
+    Machine,
+    decisions,
+    free_port,
+    wait_for,
+)
+
+MODEL = "llama3.1:8b"
+TOKEN_DELAY = 0.002
+NOISE = 0.02
+FAST = {"interval": "200ms", "settle": "200ms", "restart_when_idle_for": "200ms",
+        "verify_tokens": 16, "verify_repeat": 3, "verify_timeout": "20s"}
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[Callable[..., Machine]]:
+    """``world(user_dropin, **ollama_env)``: a fake machine whose Ollama is started."""
+    made: list[Machine] = []
+
+    def make(user_dropin: str | None = None, **ollama_env: str) -> Machine:
+        table = write_gpu_table(tmp_path / "nvml.json", [gpu(
+            "NVIDIA GeForce RTX 4090", memory_total=24 * GiB, memory_used=512 * MiB,
+            utilization_gpu=0, compute_capability=[8, 9])])
+        state = tmp_path / "systemctl-state"
+        state.mkdir()
+        env = {**os.environ, **nvml_env(table),
+               "PATH": f"{FAKE_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+               "FAKE_SYSTEMCTL_STATE": str(state), "FAKE_SYSTEMCTL_LOG": str(tmp_path / "calls"),
+               "FAKE_SYSTEMCTL_SYSTEMD_DIR": str(tmp_path / "systemd")}
+        m = Machine(tmp_path, free_port(), env)
+        m.dropin_dir.mkdir(parents=True)
+        if user_dropin:
+            (m.dropin_dir / "10-user.conf").write_text(user_dropin)
+        (state / f"{UNIT}.json").write_text(json.dumps({
+            "argv": [sys.executable, str(FAKE_OLLAMA), "--port", str(m.port)],
+            "env": {"FAKE_NVML_TABLE": str(table), "FAKE_OLLAMA_TOKEN_DELAY": str(TOKEN_DELAY),
+                    "FAKE_OLLAMA_NOISE": str(NOISE), "FAKE_OLLAMA_SEED": "7",
+                    "FAKE_OLLAMA_PRELOAD": MODEL, "PATH": "/usr/bin:/bin", **ollama_env},
+            "log": str(tmp_path / "ollama.log")}))
+        assert m.systemctl("start", UNIT).returncode == 0
+        wait_for(m.ollama_up, what="the fake Ollama to answer")
+        made.append(m)
+        return m
+
+    yield make
+    for m in made:
+        m.systemctl("stop", UNIT)
+
+
+def config(m: Machine, mode: str = "observe", **tuner: Any) -> dict[str, Any]:
+    return {"state_dir": str(m.tmp / "velod-state"), "hardware": {"interval": "200ms"},
+            "ollama": {"url": m.url, "systemd_dir": str(m.systemd_dir),
+                       "systemctl": "systemctl", "request_timeout": "2s"},
+            "tuner": {"mode": mode, **{**FAST, **tuner}}}
+
+
+def fake_state(m: Machine) -> dict[str, Any]:
+    return m.ollama("/_fake/state")
+
+
+def fake_control(m: Machine, **body: Any) -> None:
+    req = urllib.request.Request(m.url + "/_fake/control", method="POST",
+                                 data=json.dumps(body).encode())
+    urllib.request.urlopen(req, timeout=2).close()
+
+
+def bench(d: Any, *args: str, check: bool = True) -> tuple[int, dict[str, Any], str]:
+    out = d.ctl("--json", "bench", *args, check=check, timeout=120)
+    return out.returncode, json.loads(out.stdout) if out.stdout.strip() else {}, out.stderr
+
+
+def entries(d: Any, decision: str) -> list[dict[str, Any]]:
+    return [e for e in d.call("tuner.history", {"limit": 500})["entries"]
+            if e["decision"] == decision]
+
+
+# --------------------------------------------------------------------------- benchmark
+
+
+def test_benchmark_figures_are_what_the_fake_produced(world: Any, velod_factory: Any) -> None:
+    m = world()
+    d = velod_factory(config(m), env=m.env)
+    before = len(fake_state(m)["generations"])
+    rc, result, _ = bench(d, "--model", MODEL, "--gen", "12", "--concurrency", "1,2",
+                          "--repeat", "3")
+    assert rc == 0 and result["complete"] and result["error"] is None
+    made = fake_state(m)["generations"][before:]
+    assert len(made) == 1 + 3 * 1 + 3 * 2  # warm-up, then 3 repeats of each level
+
+    # Per repeat, the mean of the requests' eval_count / eval_duration; median over repeats.
+    def tps(g: dict[str, Any]) -> float:
+        return g["eval_count"] / (g["eval_duration"] / 1e9)
+
+    runs = [[made[1]], [made[2]], [made[3]], made[4:6], made[6:8], made[8:10]]
+    expected = [statistics.mean(tps(g) for g in run) for run in runs]
+    one, two = result["cases"]
+    assert (one["concurrency"], two["concurrency"]) == (1, 2)
+    assert one["metrics"]["gen_tps"]["median"] == pytest.approx(statistics.median(expected[:3]))
+    assert two["metrics"]["gen_tps"]["median"] == pytest.approx(statistics.median(expected[3:]))
+    assert one["metrics"]["gen_tps"]["spread"] == pytest.approx(
+        (max(expected[:3]) - min(expected[:3])) / 2)
+    prompt = made[1]["prompt_eval_count"] / (made[1]["prompt_eval_duration"] / 1e9)
+    assert one["runs"][0]["prompt_tps"] == pytest.approx(prompt)
+    # ... and those are the fake's configured speed (flash attention 1.25x, f16), +- noise.
+    speed = fake_state(m)["speed"][MODEL]
+    assert one["metrics"]["gen_tps"]["median"] == pytest.approx(speed / TOKEN_DELAY,
+                                                                rel=NOISE * 1.01)
+    # Client-side figures: a first token arrives before the answer ends.
+    for case in result["cases"]:
+        ttft, total = case["metrics"]["ttft_s"], case["metrics"]["total_s"]
+        assert 0 < ttft["median"] < total["median"]
+        assert case["metrics"]["aggregate_tps"]["median"] > 0
+    assert two["metrics"]["aggregate_tps"]["median"] > one["metrics"]["aggregate_tps"]["median"]
+
+    # Recorded with the model digest, Ollama's version and the settings in force; saved.
+    tags = {t["name"]: t for t in m.ollama("/api/tags")["models"]}
+    assert result["model"]["digest"] == tags[MODEL]["digest"]
+    assert result["ollama"]["version"] == m.ollama("/api/version")["version"]
+    assert result["loaded"]["gpu_percent"] == 100
+    assert Path(result["path"]).is_file()
+    shown = json.loads(d.ctl("--json", "bench", "show", result["id"]).stdout)
+    assert shown["cases"] == result["cases"]
+    assert result["id"] in d.ctl("bench", "list").stdout
+    text = d.ctl("bench", "show", result["id"][:15]).stdout
+    assert "GEN TOK/S" in text and MODEL in text
+
+    # A second run compares with the first: per metric A, B, ratio, noise or not.
+    rc, second, _ = bench(d, "--model", MODEL, "--gen", "12", "--concurrency", "1,2",
+                          "--repeat", "3")
+    cmp = json.loads(d.ctl("--json", "bench", "compare", result["id"], second["id"]).stdout)
+    row = next(r for r in cmp["rows"] if r["metric"] == "gen_tps" and r["concurrency"] == 1)
+    assert row["ratio"] == pytest.approx(second["cases"][0]["metrics"]["gen_tps"]["median"]
+                                         / one["metrics"]["gen_tps"]["median"])
+    assert row["significant"] is False  # same settings: the difference is noise
+    assert "B/A" in d.ctl("bench", "compare", result["id"], second["id"]).stdout
+
+
+def test_benchmark_errors_are_clear(world: Any, velod_factory: Any) -> None:
+    m = world()
+    d = velod_factory(config(m), env=m.env)
+    out = d.ctl("bench", "--model", "mistral:7b", "--gen", "4", check=False)
+    assert out.returncode == 1
+    assert "no model 'mistral:7b'" in out.stderr and MODEL in out.stderr  # lists installed
+
+    # Without --model: the most-used model (the one loaded and used here).
+    rc, result, _ = bench(d, "--gen", "4", "--repeat", "1")
+    assert rc == 0 and result["model"]["name"] == MODEL
+
+    # Ollama dies mid-benchmark: partial results are kept, with a clear error.
+    fake_control(m, die_after_tokens=4 + 2 * 4 + 2)  # warm-up, two repeats, then mid-answer
+    rc, partial, err = bench(d, "--model", MODEL, "--gen", "4", "--repeat", "5", check=False)
+    assert rc == 1 and not partial["complete"]
+    assert "stopped answering" in partial["error"] and "partial results kept" in err
+    assert partial["cases"][0]["repeats"] == 2
+    listing = json.loads(d.ctl("--json", "bench", "list").stdout)["results"]
+    assert listing[0]["id"] == partial["id"] and listing[0]["complete"] is False
+
+    out = d.ctl("bench", "--model", MODEL, check=False)  # and now it is down
+    assert out.returncode == 1 and "not reachable" in out.stderr
+    assert d.alive()
+
+
+def test_benchmark_that_times_out_keeps_partial_results(world: Any, velod_factory: Any
+                                                        ) -> None:
+    m = world(FAKE_OLLAMA_TOKEN_DELAY="0.02")
+    d = velod_factory(config(m), env=m.env)
+    rc, result, err = bench(d, "--model", MODEL, "--gen", "10", "--repeat", "20",
+                            "--timeout", "1.5", check=False)
+    assert rc == 1 and "did not finish within 1.5s" in err
+    assert 1 <= result["cases"][0]["repeats"] < 20
+    assert d.ctl("bench", "show", result["id"]).returncode == 0
+
+
+# --------------------------------------------------------------------------- closed loop
+
+
+def test_verify_keeps_a_change_that_makes_ollama_faster(world: Any, velod_factory: Any
+                                                       ) -> None:
+    m = world(SPILLING)  # the user's settings spill to the CPU: slow
+    d = velod_factory(config(m, "apply", verify=True, min_restart_interval="1h"), env=m.env)
+    (kept,) = wait_for(lambda: entries(d, "verified"), timeout=40, what="a verified change")
+    before, after = kept["before"]["gen_tps"]["median"], kept["after"]["gen_tps"]["median"]
+    assert after > 2 * before, kept["message"]
+    assert kept["message"].startswith("kept:") and "faster" in kept["message"]
+    assert m.velod_dropin.exists() and m.restarts() == 1
+    assert "rolled-back" not in decisions(d)
+
+
+def test_verify_rolls_back_a_change_that_makes_ollama_slower(world: Any, velod_factory: Any
+                                                             ) -> None:
+    # On this GPU flash attention hurts; the planner turns it on, the benchmark says no.
+    m = world('[Service]\nEnvironment="OLLAMA_FLASH_ATTENTION=false"\n',
+              FAKE_OLLAMA_FLASH_SPEEDUP="0.6")
+    d = velod_factory(config(m, "apply", verify=True, min_restart_interval="0s"), env=m.env)
+    (back,) = wait_for(lambda: entries(d, "rolled-back"), timeout=40, what="a rollback")
+    assert "slower" in back["message"]
+    assert back["after"]["gen_tps"]["median"] < 0.7 * back["before"]["gen_tps"]["median"]
+    assert back["failed"]["OLLAMA_FLASH_ATTENTION"] == "true"
+    assert not m.velod_dropin.exists()
+    wait_for(m.ollama_up, what="Ollama back on the previous settings")
+    assert fake_state(m)["flash_attention"] is False
+    time.sleep(1.0)  # not retried by itself
+    assert m.restarts() == 2 and len(entries(d, "rolled-back")) == 1
+
+
+def test_exploration_converges_on_the_fastest_safe_setting(world: Any, velod_factory: Any
+                                                          ) -> None:
+    m = world()  # the fake: flash attention 1.25x, q8_0 cache 1.1x, context no effect
+    interval = 0.6
+    d = velod_factory(config(m, "apply", explore=True, settle="0s",
+                             min_restart_interval=f"{interval}s"), env=m.env)
+    (kept,) = wait_for(lambda: entries(d, "explore-kept"), timeout=60,
+                       what="exploration to finish")
+    plan = d.call("tuner.show")
+    assert plan["up_to_date"], plan["changes"]
+    assert kept["pins"]["OLLAMA_KV_CACHE_TYPE"] == "q8_0"
+    assert kept["pins"]["OLLAMA_FLASH_ATTENTION"] == "true"
+    text = m.velod_dropin.read_text()
+    assert "OLLAMA_KV_CACHE_TYPE=q8_0" in text and "OLLAMA_FLASH_ATTENTION=true" in text
+    state = fake_state(m)
+    assert state["kv_cache_type"] == "q8_0" and state["flash_attention"] is True
+    # The context stays the plan's: a smaller one is no faster here, so it is not kept.
+    base_ctx = kept["base"]["OLLAMA_CONTEXT_LENGTH"]
+    assert kept["pins"]["OLLAMA_CONTEXT_LENGTH"] == base_ctx
+    assert state["context_length"] == int(base_ctx)
+    trials = entries(d, "explore-trial")
+    assert len(trials) == 1 + len(kept["trials"]) - 1 >= 4
+    assert all(not t.get("spills") for t in trials)
+    # Never more than one restart per min_restart_interval.
+    times = [json.loads(line)["time"] for line in
+             Path(m.env["FAKE_SYSTEMCTL_LOG"]).read_text().splitlines()
+             if json.loads(line)["argv"][:1] == ["restart"]]
+    assert len(times) >= 4
+    assert all(b - a >= interval * 0.99 for a, b in zip(times, times[1:], strict=False))
+    count = m.restarts()
+    time.sleep(1.5)  # explored once for this plan: nothing more happens
+    assert m.restarts() == count
+    assert "q8_0" in d.ctl("tune", "show").stdout
