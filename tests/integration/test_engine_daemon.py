@@ -67,6 +67,7 @@ def test_bench_completes_and_sampled_attention_equals_the_dense_reference(velod_
     assert after["pool"]["allocated"] is True
     assert after["pool"]["blocks"] == 16 * 1024**2 // BLOCK_BYTES
     assert after["backend"] == "numpy" and after["finished"] == 12
+    assert after["state"] == "idle" and after["stepping"] is False  # no loop without work
     text = d.ctl("engine", "status").stdout
     assert "blocks of 16 tokens" in text and "prefix cache" in text
 
@@ -130,7 +131,8 @@ def test_submit_reports_progress_and_completion_and_abort_stops_a_request(velod_
 
 INVALID = [
     ("engine.submit", {"prompt": [], "max_new_tokens": 4}, "prompt"),
-    ("engine.submit", {"prompt_length": 5000, "max_new_tokens": 4}, "prompt"),
+    ("engine.submit", {"prompt_length": 5000, "max_new_tokens": 4}, "prompt_length"),
+    ("engine.submit", {"prompt": list(range(1100)), "max_new_tokens": 4}, "prompt"),
     ("engine.submit", {"prompt_length": 1000, "max_new_tokens": 100}, "max_new_tokens"),
     ("engine.submit", {"prompt": [1, 2], "max_new_tokens": 0}, "max_new_tokens"),
     ("engine.submit", {"prompt": "1 2 3", "max_new_tokens": 4}, "prompt"),
@@ -142,6 +144,8 @@ INVALID = [
     ("engine.bench", {"requests": 0}, "requests"),
     ("engine.bench", {"requests": 2, "prompt": 1000, "gen": 100}, "gen"),
     ("engine.bench", {"requests": 2, "prompt": 0}, "prompt"),
+    ("engine.bench", {"requests": 2, "prompt": 10**9}, "prompt"),
+    ("engine.bench", {"requests": 5000, "prompt": 8, "gen": 4}, "requests"),
     ("engine.bench", {"requests": 2, "shared_prefix": 1.5}, "shared_prefix"),
     ("engine.bench", {"requests": 2, "verify": True}, "verify"),
     ("engine.abort", {"id": "7"}, "id"),

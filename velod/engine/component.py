@@ -28,6 +28,7 @@ PROGRESS_INTERVAL = 0.25
 MAX_BENCH_REQUESTS = 4096
 MAX_VERIFY = 32
 MAX_EMPTY_STEPS = 1000
+SUBMIT_CHUNK = 128
 
 
 class EngineComponent(Component):
@@ -285,6 +286,7 @@ class EngineComponent(Component):
             "idle_release_s": float(engine_config.idle_release),
             "allocations": self.allocations, "releases": self.releases,
             "bench": self.bench.progress() if self.bench else None,
+            "stepping": self._driver is not None,
         }
         if self.engine is not None:
             out.update(self.engine.status())
@@ -315,6 +317,12 @@ class EngineComponent(Component):
                         check=lambda v: None if v >= 1 else "must be at least 1")
         priority = param(params, "priority", int, 0)
         engine = await self._ensure_engine()
+        limit = engine.geometry.max_context - 1
+        if isinstance(prompt, int) and prompt > limit:
+            raise RpcError("invalid_params", f"parameter 'prompt_length' {prompt} exceeds the "
+                           f"{limit} tokens a prompt may have (max context "
+                           f"{limit + 1}, one token generated)", {"field": "prompt_length",
+                                                                  "limit": limit})
         if isinstance(prompt, int):
             from velod.engine.workload import Workload
 
@@ -359,18 +367,22 @@ class EngineComponent(Component):
         engine = await self._ensure_engine()
         if self.bench is not None:
             raise RpcError("busy", "a benchmark is already running")
+        _check_workload_fits(engine, workload)
         loop = asyncio.get_running_loop()
         tag = f"bench-{next(self._bench_ids)}"
-        try:
-            run = _start_bench(BenchRun, engine, workload, tag)
-        except RpcError:
-            self._schedule_release()
-            raise
+        prompts = await run_blocking(workload.prompts, timeout=BUILD_TIMEOUT)
+        if self.bench is not None:
+            raise RpcError("busy", "a benchmark is already running")
+        run = BenchRun(engine, workload, tag, prompts, submit=False)
         self.bench, self._bench_done = run, loop.create_future()
         self._last_bench_progress = time.monotonic()
         self.ctx.bus.publish("engine.bench.progress", run.progress())
-        self._kick()
         try:
+            # In chunks, so thousands of submits never hold the event loop for long.
+            while not run.submitted_all and not self._bench_done.done():
+                _submit_bench(run, SUBMIT_CHUNK)
+                self._kick()
+                await asyncio.sleep(0)
             await self._bench_done
             verify = (await run_blocking(run.verify, timeout=BUILD_TIMEOUT)
                       if workload.verify else None)
@@ -431,17 +443,32 @@ def _read_workload(params: dict[str, Any]) -> Any:
                     seed=param(params, "seed", int, 0))
 
 
-def _start_bench(cls: Any, engine: Engine, workload: Any, tag: str) -> BenchRun:
+def _check_workload_fits(engine: Engine, workload: Any) -> None:
+    """Refuse a workload the engine could never hold before building its prompts."""
+    context = engine.geometry.max_context
+    if workload.prompt >= context:
+        raise RpcError("invalid_params", f"prompt: {workload.prompt} tokens leave no room to "
+                       f"generate in a context of {context}", {"field": "prompt"})
+    if workload.prompt + workload.gen > context:
+        raise RpcError("invalid_params", f"gen: prompt + gen = {workload.prompt + workload.gen}"
+                       f" exceeds the context of {context}", {"field": "gen"})
+    queue = engine.scheduler.config.max_waiting_tokens
+    if workload.requests * workload.prompt > queue:
+        raise RpcError("invalid_params", f"requests: {workload.requests} x {workload.prompt} "
+                       f"prompt tokens exceed the {queue} the queue holds", {"field": "requests"})
+
+
+def _submit_bench(run: BenchRun, count: int) -> None:
     from velod.engine.errors import InvalidRequest, QueueFull
 
     fields = {"prompt": "prompt", "max_new_tokens": "gen"}
     try:
-        return cls(engine, workload, tag)
+        run.submit(count)
     except InvalidRequest as exc:
         field = fields.get(exc.field, exc.field)
         raise RpcError("invalid_params", f"{field}: {exc}", {"field": field}) from None
     except QueueFull as exc:
-        raise RpcError("busy", f"{exc} (the workload has {workload.requests} requests)",
+        raise RpcError("busy", f"{exc} (the workload has {run.workload.requests} requests)",
                        {"limit": exc.limit}) from None
 
 

@@ -68,33 +68,50 @@ class Workload:
 class BenchRun:
     """One workload in flight: submit, observe steps and finished requests, summarize."""
 
-    def __init__(self, engine: Engine, workload: Workload, tag: str) -> None:
+    def __init__(self, engine: Engine, workload: Workload, tag: str,
+                 prompts: list[np.ndarray] | None = None, *, submit: bool = True) -> None:
         self.engine = engine
         self.workload = workload
         self.tag = tag
-        stats = engine.scheduler.stats()
-        self._base = stats
-        self.prompts = workload.prompts()
+        self._base = engine.scheduler.stats()
+        self.prompts = prompts if prompts is not None else workload.prompts()
+        self._priorities = workload.priorities()
+        self._verified = set(workload.verified_indices())
+        self._positions = workload.checked_positions(engine.spec.block_size)
         self.ids: list[int] = []
+        self._index: dict[int, int] = {}
         self.finished: dict[int, FinishedRequest] = {}
         self.tracks: dict[int, RequestTrack] = {}
         self.steps: list[StepRecord] = []
         self.started = time.monotonic()
         self.ended: float | None = None
         self.verify_ids: set[int] = set()
+        if submit:
+            self.submit(len(self.prompts))
+
+    @property
+    def submitted_all(self) -> bool:
+        return len(self.ids) == len(self.prompts)
+
+    def submit(self, count: int) -> None:
+        """Submit the next ``count`` requests (all of them, in chunks, from an event loop).
+
+        On an error (InvalidRequest, QueueFull) every request of the run is aborted.
+        """
+        engine = self.engine
         try:
-            for prompt, priority in zip(self.prompts, workload.priorities(), strict=True):
-                self.ids.append(engine.submit(prompt, workload.gen, priority=priority, tag=tag,
-                                              keep_gaps=True))
+            for index in range(len(self.ids), min(len(self.ids) + count, len(self.prompts))):
+                seq_id = engine.submit(self.prompts[index], self.workload.gen,
+                                       priority=self._priorities[index], tag=self.tag,
+                                       keep_gaps=True)
+                self.ids.append(seq_id)
+                self._index[seq_id] = index
+                if index in self._verified:
+                    engine.watch[seq_id] = set(self._positions)
+                    self.verify_ids.add(seq_id)
         except Exception:
             self.cancel()
             raise
-        positions = workload.checked_positions(engine.spec.block_size)
-        for index in workload.verified_indices():
-            seq_id = self.ids[index]
-            engine.watch[seq_id] = set(positions)
-            self.verify_ids.add(seq_id)
-        self._index = {seq_id: i for i, seq_id in enumerate(self.ids)}
 
     def cancel(self) -> None:
         for seq_id in self.ids:
@@ -102,7 +119,7 @@ class BenchRun:
 
     @property
     def done(self) -> bool:
-        return len(self.finished) == len(self.ids)
+        return self.submitted_all and len(self.finished) == len(self.ids)
 
     def on_step(self, record: StepRecord | None,
                 finished: list[tuple[FinishedRequest, RequestTrack | None]]) -> None:
