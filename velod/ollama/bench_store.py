@@ -1,7 +1,7 @@
 """Saved benchmark results: one JSON file per run in ``<state_dir>/bench/``.
 
-Blocking file I/O (call through ``run_blocking``). IDs are ``YYYYmmdd-HHMMSS-xxxx`` (UTC
-time plus random hex), so they sort by time and never name a path outside the directory.
+Blocking file I/O (call through ``run_blocking``). IDs are ``YYYYmmdd-HHMMSS-mmmxx`` (UTC
+time, milliseconds and two random hex digits), so they sort by time and never name a path outside the directory.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-ID_PATTERN = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{4}$")
+ID_PATTERN = re.compile(r"^\d{8}-\d{6}-\d{3}[0-9a-f]{2}$")
 
 
 class BenchNotFound(LookupError):
@@ -22,8 +22,9 @@ class BenchNotFound(LookupError):
 
 
 def new_id(now: float | None = None) -> str:
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(time.time() if now is None else now))
-    return f"{stamp}-{secrets.token_hex(2)}"
+    now = time.time() if now is None else now
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
+    return f"{stamp}-{int(now * 1000) % 1000:03d}{secrets.token_hex(1)}"
 
 
 class BenchStore:
@@ -32,7 +33,7 @@ class BenchStore:
 
     def path(self, run_id: str) -> Path:
         if not ID_PATTERN.match(run_id):
-            raise BenchNotFound(f"{run_id!r} is not a benchmark ID (like 20261127-001500-ab12)")
+            raise BenchNotFound(f"{run_id!r} is not a benchmark ID (like 20261127-001500-123ab)")
         return self.directory / f"{run_id}.json"
 
     def save(self, result: dict[str, Any]) -> Path:
