@@ -172,6 +172,13 @@ def test_disabled_engine_answers_unavailable(velod_factory):
     run = d.ctl("engine", "bench", "--requests", "1", check=False)
     assert run.returncode == 1 and "disabled" in run.stderr
 
+    # Enabled, but with a pool this machine cannot hold: a clear refusal, nothing allocated.
+    d.write_config({**d.call("config.get")["config"], **engine_config(kv_cache="100TiB")})
+    assert d.call("config.reload")["refused"] == {}
+    error = remote_error(d, "engine.submit", {"prompt": [1], "max_new_tokens": 1})
+    assert error.code == "unavailable" and "engine.kv_cache asks for" in error.message
+    assert d.call("engine.status")["pool"]["allocated"] is False
+
 
 def test_reconfigure_rebuilds_when_idle_and_is_refused_while_busy(velod_factory):
     d = velod_factory(engine_config())

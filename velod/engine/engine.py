@@ -415,12 +415,13 @@ class Engine:
 
     def _record_plan(self, batch: StepBatch, rows: np.ndarray,
                      lens: np.ndarray) -> _Record | None:
-        if not self.watch:
+        watch = dict(self.watch)  # a snapshot: the loop may add or drop entries meanwhile
+        if not watch:
             return None
         token_ids = batch.seq_ids[rows]
-        candidates = np.flatnonzero(np.isin(token_ids, np.fromiter(self.watch, np.int64)))
+        candidates = np.flatnonzero(np.isin(token_ids, np.fromiter(watch, np.int64)))
         keep = [(int(i), int(token_ids[i]), int(batch.positions[i])) for i in candidates
-                if lens[i] and int(batch.positions[i]) in self.watch[int(token_ids[i])]]
+                if lens[i] and int(batch.positions[i]) in watch.get(int(token_ids[i]), ())]
         if not keep:
             return None
         return np.array([i for i, _, _ in keep]), [(s, p) for _, s, p in keep]
