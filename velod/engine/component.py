@@ -140,7 +140,10 @@ class EngineComponent(Component):
             self.ctx.bus.publish("engine.allocated", {"blocks": engine.pool.num_blocks,
                                                       "bytes": engine.pool.nbytes})
             return engine
-        await asyncio.shield(self._building)
+        try:
+            await asyncio.shield(self._building)
+        except Exception as exc:  # the first caller logged it
+            raise RpcError("unavailable", str(exc)) from None
         if self.engine is None:
             raise RpcError("unavailable", self.error or "the KV pool could not be allocated")
         return self.engine
