@@ -256,3 +256,32 @@ async def test_methods_answer_before_the_first_cycle_has_run(make: Any) -> None:
     assert status["reachable"] is True and status["loaded"]
     show = await r.call("tuner.show")
     assert show["settings"] and show["mode"] == "observe"
+
+
+async def test_the_most_used_model_is_the_one_clients_keep_using(make: Any) -> None:
+    r = await make({"mode": "observe", "models": ["qwen2.5:7b"]},
+                   env={"FAKE_OLLAMA_VRAM": "24GiB"})
+    installed = ["llama3.1:8b", "llama3.2:3b", "qwen2.5:7b"]
+    assert r.tuner.most_used_model(installed) == "qwen2.5:7b"  # unused yet: tuner.models
+    for _ in range(3):  # a client uses llama3.2:3b between polls
+        await r.call("bench.run", {"model": "llama3.2:3b", "gen": 1, "repeat": 1})
+        before = r.tuner.last_poll
+        await until(lambda b=before: r.tuner.last_poll != b)
+    assert r.tuner.most_used_model(installed) == "llama3.2:3b"
+    assert r.tuner.most_used_model([]) is None
+
+
+async def test_bench_methods_check_their_parameters(make: Any) -> None:
+    r = await make({"mode": "observe"}, env={"FAKE_OLLAMA_VRAM": "24GiB"})
+    for params in ({"concurrency": [0]}, {"prompts": ["poem"]}, {"gen": 0},
+                   {"concurrency": "1"}):
+        with pytest.raises(RpcError) as err:
+            await r.call("bench.run", params)
+        assert err.value.code == "invalid_params"
+    with pytest.raises(RpcError) as err:
+        await r.call("bench.show", {"id": "last"})
+    assert err.value.code == "not_found"
+    r.tuner.bench.running = {"id": "x"}
+    with pytest.raises(RpcError) as err:
+        await r.call("bench.run", {})
+    assert err.value.code == "busy"
