@@ -314,6 +314,14 @@ def _cross_checks(config: Config) -> list[ConfigIssue]:
     if engine.max_tokens_per_step < engine.max_batch_size:
         issues.append(ConfigIssue("engine.max_tokens_per_step", engine.max_tokens_per_step,
                                   "must be at least engine.max_batch_size"))
+    from velod.engine.geometry import CUSTOM, PRESETS  # light: no NumPy
+
+    if engine.model != CUSTOM and engine.model not in PRESETS:
+        hint = difflib.get_close_matches(engine.model, list(PRESETS), n=1)
+        extra = f"; did you mean '{hint[0]}'?" if hint else ""
+        issues.append(ConfigIssue("engine.model", engine.model,
+                                  f"is not a known preset ({', '.join(sorted(PRESETS))}) "
+                                  f"or 'custom'{extra}"))
     if engine.model == "custom" and engine.geometry is None:
         issues.append(ConfigIssue("engine.geometry", None, "required when engine.model is "
                                   "'custom'"))

@@ -150,6 +150,8 @@ def test_cross_field_rules():
         parse_config({"engine": {"model": "custom"}})
     with pytest.raises(ConfigError, match="must divide"):
         parse_config({"engine": {"model": "custom", "geometry": {"heads": 12, "kv_heads": 5}}})
+    with pytest.raises(ConfigError, match=r"did you mean 'llama3\.1-8b'"):
+        parse_config({"engine": {"model": "llama3.1-8"}})
     with pytest.raises(ConfigError, match="environment variable name"):
         parse_config({"tuner": {"pin": {"keep alive": "5m"}}})
 

@@ -65,8 +65,8 @@ class EngineComponent(Component):
         self.state = "stopped"
 
     async def reconfigure(self, config: Config) -> None:
-        from velod.engine.engine import EngineSpec
         from velod.engine.geometry import GeometryError
+        from velod.engine.spec import EngineSpec
 
         new = config.engine
         try:
@@ -87,8 +87,8 @@ class EngineComponent(Component):
         self._schedule_release()
 
     def _adopt(self, config: Config) -> None:
-        from velod.engine.engine import EngineSpec
         from velod.engine.geometry import GeometryError
+        from velod.engine.spec import EngineSpec
 
         self.config = config
         self.spec, self.spec_error, self.error = None, None, None

@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 
 from velod.engine.errors import EngineError
-from velod.engine.geometry import ModelGeometry, from_engine_config
 from velod.engine.metrics import KERNEL_PHASES, PHASES, StepRecord, StepWindow
 from velod.engine.scheduler import Scheduler
 from velod.engine.scheduler_config import SchedulerConfig
 from velod.engine.sequence import FinishedRequest
+from velod.engine.spec import EngineSpec
 from velod.engine.step import StepBatch
 from velod.engine.synthetic import Model, SyntheticModel, dense_attention
 from velod.kernels.layout import to_float32
@@ -51,40 +51,6 @@ def storage_dtype(name: str) -> np.dtype:
         return np.dtype(_STORAGE[name])
     except KeyError:
         raise PoolError(f"engine.dtype {name!r} is not one of {', '.join(_STORAGE)}") from None
-
-
-@dataclass(frozen=True)
-class EngineSpec:
-    """Everything that decides the pool and the scheduler (a change rebuilds the engine)."""
-
-    geometry: ModelGeometry
-    dtype: str = "float16"
-    device: str = "auto"
-    kv_cache_bytes: int | None = 1024**3
-    kv_cache_fraction: float | None = None
-    block_size: int = 16
-    max_batch_size: int = 64
-    max_tokens_per_step: int = 2048
-    max_waiting: int = 4096
-    # "all": every token's attention, as a real model needs. "last": only rows that are
-    # sampled (decode tokens, a prompt's last token); other prompt tokens only write their
-    # K/V. A benchmark shortcut for backends without a prefill kernel (see bench/engine.py).
-    prefill_attention: str = "all"
-
-    @classmethod
-    def from_config(cls, engine: Any) -> EngineSpec:
-        """From ``velod.config.EngineConfig``; GeometryError for an unknown preset."""
-        return cls(from_engine_config(engine), engine.dtype, engine.device,
-                   engine.kv_cache.bytes, engine.kv_cache.fraction, engine.block_size,
-                   engine.max_batch_size, engine.max_tokens_per_step, engine.max_waiting)
-
-    @property
-    def kv_cache_text(self) -> str:
-        if self.kv_cache_bytes is not None:
-            from velod.config import format_size_exact
-
-            return format_size_exact(self.kv_cache_bytes)
-        return f"{self.kv_cache_fraction:g} of free memory"
 
 
 @dataclass(frozen=True)
