@@ -262,3 +262,13 @@ def test_exploration_converges_on_the_fastest_safe_setting(world: Any, velod_fac
     time.sleep(1.5)  # explored once for this plan: nothing more happens
     assert m.restarts() == count
     assert "q8_0" in d.ctl("tune", "show").stdout
+
+    # The choice holds across a daemon restart: no new exploration, no restart.
+    d.stop()
+    d2 = velod_factory(config(m, "apply", explore=True, settle="0s",
+                              min_restart_interval=f"{interval}s"), env=m.env)
+    wait_for(lambda: d2.call("tuner.history", {"limit": 1})["entries"] and
+             d2.call("system.status")["components"]["tuner"]["changes"] == 0,
+             what="the restarted daemon to plan")
+    time.sleep(1.0)
+    assert m.restarts() == count and len(entries(d2, "explore-kept")) == 1

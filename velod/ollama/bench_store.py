@@ -1,7 +1,8 @@
 """Saved benchmark results: one JSON file per run in ``<state_dir>/bench/``.
 
 Blocking file I/O (call through ``run_blocking``). IDs are ``YYYYmmdd-HHMMSS-mmmxx`` (UTC
-time, milliseconds and two random hex digits), so they sort by time and never name a path outside the directory.
+time, milliseconds and two random hex digits), so they sort by time and never name a
+path outside the directory.
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ class ClosedLoop:
     def __init__(self, tuner: Tuner) -> None:
         self.t = tuner
         self.session: dict[str, Any] | None = None  # an exploration in progress
+        self._begin_after = 0.0  # monotonic time before which a failed start is not retried
         self.kept: dict[str, Any] | None = self._kept_from_history()
 
     def _kept_from_history(self) -> dict[str, Any] | None:
@@ -105,6 +106,8 @@ class ClosedLoop:
     def with_kept(self, base: Plan, policy: planner.Policy) -> Plan:
         """``base``, or the explored override of it when one was kept for this very plan."""
         kept = self.kept
+        if not self.t.config.tuner.explore:
+            return base  # turning exploration off returns to the plan
         if not kept or not kept["pins"] or kept["base"] != env_key(server_environment(base)):
             return base
         plan = self.replan_with(policy, kept["pins"])
@@ -136,7 +139,7 @@ class ClosedLoop:
 
     async def _begin(self, base: Plan, policy: planner.Policy, base_env: dict[str, str]) -> None:
         idle = self.t.applier.idle.idle_for()
-        if idle < self.t.config.tuner.restart_when_idle_for:
+        if idle < self.t.config.tuner.restart_when_idle_for or time.monotonic() < self._begin_after:
             return  # measure only while Ollama is otherwise idle
         candidates = explore.safe_candidates(base, lambda pins: self.replan_with(policy, pins))
         if not candidates:
@@ -144,7 +147,10 @@ class ClosedLoop:
             return
         baseline = await self.measure("explore-baseline")
         if self.speed(baseline) is None:
-            self.t.log.info("exploration postponed: the plan could not be measured")
+            cfg = self.t.config.tuner
+            wait = max(cfg.interval, cfg.min_restart_interval)
+            self.t.log.info("exploration postponed %.0fs: the plan could not be measured", wait)
+            self._begin_after = time.monotonic() + wait
             return
         self.session = {"base": env_key(base_env), "base_env": base_env,
                         "queue": candidates, "running": base_env, "started": time.time(),

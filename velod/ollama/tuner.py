@@ -10,7 +10,12 @@ restarts anything. Every decision goes to the history and out as event ``tuner.d
 Manual apply (``tuner.apply``, admin) works in both modes: it skips the settle wait, but is
 refused (error ``busy``, nothing changed) while Ollama is busy or within
 ``min_restart_interval``; ``now: true`` skips those checks too and restarts Ollama at once
-(requests in flight are cut off). The control methods are in ``velod.ollama.control``.
+(requests in flight are cut off). The control methods are in ``velod.ollama.control`` and
+``velod.ollama.bench_control``.
+
+Closed loop (``velod.ollama.closedloop``): with ``tuner.verify`` each apply is measured
+before and after and rolled back when slower; with ``tuner.explore`` (apply mode) the
+settled plan is compared with safe alternatives while Ollama is idle and the fastest kept.
 """
 
 from __future__ import annotations
