@@ -6,8 +6,9 @@ path. Imports stay minimal so ``velodctl status`` starts nearly as fast as Pytho
 
 from __future__ import annotations
 
+# The C module directly: `socket` adds selectors, array and enum to every velodctl start.
+import _socket
 import itertools
-import socket
 
 import msgpack
 
@@ -15,6 +16,7 @@ from velod.control import wire as protocol
 
 TYPE_CHECKING = False  # like typing.TYPE_CHECKING, without importing typing
 if TYPE_CHECKING:
+    import socket
     from collections.abc import Iterator
     from typing import Any
 
@@ -43,7 +45,7 @@ class Client:
 
     @classmethod
     def connect(cls, path: str, timeout: float | None = 30.0) -> Client:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:
             sock.connect(path)
