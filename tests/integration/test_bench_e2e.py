@@ -107,8 +107,8 @@ def test_benchmark_figures_are_what_the_fake_produced(world: Any, velod_factory:
     m = world()
     d = velod_factory(config(m), env=m.env)
     before = len(fake_state(m)["generations"])
-    rc, result, _ = bench(d, "--model", MODEL, "--gen", "12", "--concurrency", "1,2",
-                          "--repeat", "3")
+    rc, result, _ = bench(d, "--model", MODEL, "--prompt", "chat", "--gen", "12",
+                          "--concurrency", "1,2", "--repeat", "3")
     assert rc == 0 and result["complete"] and result["error"] is None
     made = fake_state(m)["generations"][before:]
     assert len(made) == 1 + 3 * 1 + 3 * 2  # warm-up, then 3 repeats of each level
@@ -151,8 +151,8 @@ def test_benchmark_figures_are_what_the_fake_produced(world: Any, velod_factory:
     assert "GEN TOK/S" in text and MODEL in text
 
     # A second run compares with the first: per metric A, B, ratio, noise or not.
-    rc, second, _ = bench(d, "--model", MODEL, "--gen", "12", "--concurrency", "1,2",
-                          "--repeat", "3")
+    rc, second, _ = bench(d, "--model", MODEL, "--prompt", "chat", "--gen", "12",
+                          "--concurrency", "1,2", "--repeat", "3")
     cmp = json.loads(d.ctl("--json", "bench", "compare", result["id"], second["id"]).stdout)
     row = next(r for r in cmp["rows"] if r["metric"] == "gen_tps" and r["concurrency"] == 1)
     assert row["ratio"] == pytest.approx(second["cases"][0]["metrics"]["gen_tps"]["median"]
@@ -168,13 +168,18 @@ def test_benchmark_errors_are_clear(world: Any, velod_factory: Any) -> None:
     assert out.returncode == 1
     assert "no model 'mistral:7b'" in out.stderr and MODEL in out.stderr  # lists installed
 
-    # Without --model: the most-used model (the one loaded and used here).
+    # Without --model: the most-used model (the one loaded and used here); by default
+    # the three fixed prompts, the document summary the longest.
     rc, result, _ = bench(d, "--gen", "4", "--repeat", "1")
     assert rc == 0 and result["model"]["name"] == MODEL
+    assert [c["prompt"] for c in result["cases"]] == ["chat", "summary", "code"]
+    counts = {c["prompt"]: c["samples"][0][0]["prompt_count"] for c in result["cases"]}
+    assert counts["summary"] > 5 * counts["chat"]
 
     # Ollama dies mid-benchmark: partial results are kept, with a clear error.
     fake_control(m, die_after_tokens=4 + 2 * 4 + 2)  # warm-up, two repeats, then mid-answer
-    rc, partial, err = bench(d, "--model", MODEL, "--gen", "4", "--repeat", "5", check=False)
+    rc, partial, err = bench(d, "--model", MODEL, "--prompt", "chat", "--gen", "4",
+                             "--repeat", "5", check=False)
     assert rc == 1 and not partial["complete"]
     assert "stopped answering" in partial["error"] and "partial results kept" in err
     assert partial["cases"][0]["repeats"] == 2
@@ -190,8 +195,8 @@ def test_benchmark_that_times_out_keeps_partial_results(world: Any, velod_factor
                                                         ) -> None:
     m = world(FAKE_OLLAMA_TOKEN_DELAY="0.02")
     d = velod_factory(config(m), env=m.env)
-    rc, result, err = bench(d, "--model", MODEL, "--gen", "10", "--repeat", "20",
-                            "--timeout", "1.5", check=False)
+    rc, result, err = bench(d, "--model", MODEL, "--prompt", "code", "--gen", "10",
+                            "--repeat", "20", "--timeout", "1.5", check=False)
     assert rc == 1 and "did not finish within 1.5s" in err
     assert 1 <= result["cases"][0]["repeats"] < 20
     assert d.ctl("bench", "show", result["id"]).returncode == 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
 import time
 from typing import Any
 
@@ -24,8 +23,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "total time, aggregate tokens/s and load time; median and spread over the repeats, "
         "warm-up excluded. Results are saved in velod's state directory.")
     bench.add_argument("--model", help="model to measure (default: the most-used one)")
-    bench.add_argument("--prompt", default="chat", type=_prompts, metavar="KIND[,KIND]",
-                       help="fixed prompts: chat, summary, code or all (default chat)")
+    bench.add_argument("--prompt", default=list(PROMPT_CHOICES), type=_prompts,
+                       metavar="KIND[,KIND]", help="fixed prompts shipped with velod: chat "
+                       "(short), summary (a long document), code (completion), or all "
+                       "(default all)")
     bench.add_argument("--prompt-tokens", type=_positive, metavar="N",
                        help="stretch or cut the prompt to about N tokens")
     bench.add_argument("--gen", type=_positive, default=128, metavar="N",
@@ -213,6 +214,8 @@ class ProgressBar:
         self.events: Any = None
 
     def start(self) -> None:
+        import threading
+
         from velod.control.client import Client
 
         try:

@@ -33,7 +33,7 @@ class BenchMethods:
         ]
 
     async def m_run(self, params: dict[str, Any], ctx: CallContext) -> Any:
-        prompts = param(params, "prompts", (list, str), ["chat"])
+        prompts = param(params, "prompts", (list, str), list(PROMPTS))
         if isinstance(prompts, str):
             prompts = [p for p in prompts.split(",") if p]
         levels = param(params, "concurrency", (list, int), [1])
