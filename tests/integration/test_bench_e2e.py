@@ -11,6 +11,7 @@ import json
 import os
 import statistics
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -107,11 +108,26 @@ def test_benchmark_figures_are_what_the_fake_produced(world: Any, velod_factory:
     m = world()
     d = velod_factory(config(m), env=m.env)
     before = len(fake_state(m)["generations"])
+    progress: list[dict[str, Any]] = []
+    stream = d.client().subscribe(["bench.progress"])
+
+    def listen() -> None:
+        for event in stream:
+            progress.append(event["data"])
+            if event["data"]["phase"] == "finished":
+                return
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
     rc, result, _ = bench(d, "--model", MODEL, "--prompt", "chat", "--gen", "12",
                           "--concurrency", "1,2", "--repeat", "3")
     assert rc == 0 and result["complete"] and result["error"] is None
     made = fake_state(m)["generations"][before:]
     assert len(made) == 1 + 3 * 1 + 3 * 2  # warm-up, then 3 repeats of each level
+    listener.join(10)
+    assert progress[0]["phase"] == "warm-up" and progress[-1]["phase"] == "finished"
+    assert [p["done"] for p in progress] == sorted(p["done"] for p in progress)
+    assert progress[-1]["done"] == progress[-1]["total"] == len(made)
 
     # Per repeat, the mean of the requests' eval_count / eval_duration; median over repeats.
     def tps(g: dict[str, Any]) -> float:
