@@ -10,7 +10,9 @@ ARGS   ?=
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# A current pip writes console scripts that do not import `re` at every start.
 $(DEPS): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@
 

@@ -3,8 +3,6 @@
 Kept free of heavy imports: velodctl imports this on every call.
 """
 
-from __future__ import annotations
-
 import os
 
 SYSTEM_SOCKET = "/run/velod/velod.sock"

@@ -6,9 +6,6 @@ module of the command being run is imported. The commands scripts call most ofte
 (``status``, ``ping``) bypass argparse entirely, which costs more than the round trip.
 """
 
-from __future__ import annotations
-
-import importlib
 import sys
 import time
 
@@ -52,7 +49,7 @@ def _global_options(argv: list[str]) -> tuple[list[str], bool, str | None]:
     return rest, as_json, sock
 
 
-def build_parser(command: str | None) -> argparse.ArgumentParser:
+def build_parser(command: str | None) -> "argparse.ArgumentParser":
     import argparse
 
     parser = argparse.ArgumentParser(
@@ -82,6 +79,8 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     modules = ([PLUGINS[command]] if command in PLUGINS
                else [] if command in {"status", "ping", "reload", "watch", "config"}
                else list(dict.fromkeys(PLUGINS.values())))
+    import importlib
+
     for name in modules:
         try:
             module = importlib.import_module(name)
@@ -124,14 +123,14 @@ def main(argv: list[str] | None = None) -> int:
 class _Args:
     """The parsed-arguments object of a fast-path command (what argparse would give)."""
 
-    def __init__(self, **values: Any) -> None:
+    def __init__(self, **values: "Any") -> None:
         self.__dict__.update(values)
 
 
 # ---------------------------------------------------------------------------- commands
 
 
-def cmd_ping(args: argparse.Namespace, client: Client) -> int:
+def cmd_ping(args: "argparse.Namespace", client: "Client") -> int:
     start = time.perf_counter()
     client.call("system.ping")
     ms = (time.perf_counter() - start) * 1000
@@ -142,7 +141,7 @@ def cmd_ping(args: argparse.Namespace, client: Client) -> int:
     return EXIT_OK
 
 
-def cmd_status(args: argparse.Namespace, client: Client) -> int:
+def cmd_status(args: "argparse.Namespace", client: "Client") -> int:
     status = client.call("system.status")
     if args.json:
         print_json(status)
@@ -151,7 +150,7 @@ def cmd_status(args: argparse.Namespace, client: Client) -> int:
     return EXIT_OK
 
 
-def render_status(s: dict[str, Any]) -> str:
+def render_status(s: "dict[str, Any]") -> str:
     lines = [f"velod {s['version']}: running, pid {s['pid']}, up {human_duration(s['uptime'])}"]
     reload = s.get("last_reload") or {}
     if reload.get("time"):
@@ -177,7 +176,7 @@ def render_status(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def cmd_reload(args: argparse.Namespace, client: Client) -> int:
+def cmd_reload(args: "argparse.Namespace", client: "Client") -> int:
     result = client.call("config.reload", timeout=120)
     if args.json:
         print_json(result)
@@ -194,7 +193,7 @@ def cmd_reload(args: argparse.Namespace, client: Client) -> int:
     return EXIT_OK if result.get("applied") else EXIT_REMOTE
 
 
-def cmd_watch(args: argparse.Namespace, client: Client) -> int:
+def cmd_watch(args: "argparse.Namespace", client: "Client") -> int:
     for event in client.subscribe(args.topics):
         if args.json:
             print_json_line(event)
@@ -207,7 +206,7 @@ def cmd_watch(args: argparse.Namespace, client: Client) -> int:
     return EXIT_OK
 
 
-def cmd_config_show(args: argparse.Namespace, client: Client) -> int:
+def cmd_config_show(args: "argparse.Namespace", client: "Client") -> int:
     result = client.call("config.get")
     if args.json:
         print_json(result)
@@ -219,7 +218,7 @@ def cmd_config_show(args: argparse.Namespace, client: Client) -> int:
     return EXIT_OK
 
 
-def cmd_config_validate(args: argparse.Namespace, client: Client | None) -> int:
+def cmd_config_validate(args: "argparse.Namespace", client: "Client | None") -> int:
     try:
         with open(args.file, encoding="utf-8") as f:
             text = f.read()

@@ -4,15 +4,10 @@ The transport is any connected stream socket; :meth:`Client.connect` makes one f
 path. Imports stay minimal so ``velodctl status`` starts nearly as fast as Python.
 """
 
-from __future__ import annotations
-
 # The C module directly: `socket` adds selectors, array and enum to every velodctl start.
 import _socket
-import itertools
 
-import msgpack
-
-from velod.control import wire as protocol
+from velod.control import minipack, wire
 
 TYPE_CHECKING = False  # like typing.TYPE_CHECKING, without importing typing
 if TYPE_CHECKING:
@@ -28,7 +23,7 @@ class DaemonUnreachable(Exception):
 class RemoteError(Exception):
     """The daemon answered with an error map {code, message, data}."""
 
-    def __init__(self, code: str, message: str, data: Any = None) -> None:
+    def __init__(self, code: str, message: str, data: "Any" = None) -> None:
         super().__init__(f"{message} [{code}]")
         self.code = code
         self.message = message
@@ -36,15 +31,14 @@ class RemoteError(Exception):
 
 
 class Client:
-    def __init__(self, sock: socket.socket, max_message_size: int = 64 * 1024**2) -> None:
+    def __init__(self, sock: "socket.socket", max_message_size: int = 64 * 1024**2) -> None:
         self.sock = sock
-        self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max_message_size,
-                                          strict_map_key=False)
-        self._ids = itertools.count(1)
+        self._unpacker = minipack.Unpacker(max_buffer_size=max_message_size)
+        self._last_id = 0
         self._pending: list[Any] = []  # notifications that arrived during a call
 
     @classmethod
-    def connect(cls, path: str, timeout: float | None = 30.0) -> Client:
+    def connect(cls, path: str, timeout: float | None = 30.0) -> "Client":
         sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:
@@ -68,16 +62,19 @@ class Client:
     def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> "Client":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _next_message(self) -> Any:
+    def _next_message(self) -> "Any":
         while True:
-            for obj in self._unpacker:
-                return obj
+            try:
+                for obj in self._unpacker:
+                    return obj
+            except minipack.FormatError as exc:
+                raise DaemonUnreachable(f"velod's answer could not be decoded: {exc}") from None
             try:
                 data = self.sock.recv(65536)
             except TimeoutError:
@@ -88,50 +85,50 @@ class Client:
                 raise DaemonUnreachable("velod closed the connection")
             self._unpacker.feed(data)
 
-    def call(self, method: str, params: dict[str, Any] | None = None,
-             timeout: float | None = None) -> Any:
+    def call(self, method: str, params: "dict[str, Any] | None" = None,
+             timeout: float | None = None) -> "Any":
         """Send one request and wait for its response; RemoteError on an error reply."""
-        msgid = next(self._ids)
+        self._last_id = msgid = self._last_id % wire.MAX_MSGID + 1
         if timeout is not None:
             self.sock.settimeout(timeout)
-        self.sock.sendall(protocol.encode_request(msgid, method, params))
+        self.sock.sendall(minipack.packb(wire.request(msgid, method, params)))
         while True:
             msg = self._next_message()
             if not isinstance(msg, list) or not msg:
                 continue
-            if msg[0] == protocol.RESPONSE and len(msg) == 4 and msg[1] == msgid:
+            if msg[0] == wire.RESPONSE and len(msg) == 4 and msg[1] == msgid:
                 if msg[2] is not None:
                     err = msg[2] if isinstance(msg[2], dict) else {"message": str(msg[2])}
                     raise RemoteError(str(err.get("code", "internal")),
                                       str(err.get("message", err)), err.get("data"))
                 return msg[3]
-            if msg[0] == protocol.NOTIFICATION and len(msg) == 3:
+            if msg[0] == wire.NOTIFICATION and len(msg) == 3:
                 self._raise_if_error(msg)
                 self._pending.append(msg)
 
     @staticmethod
-    def _raise_if_error(msg: list[Any]) -> None:
+    def _raise_if_error(msg: "list[Any]") -> None:
         if msg[1] == "error":
             err = msg[2][0] if isinstance(msg[2], list) and msg[2] else {}
             raise RemoteError(str(err.get("code", "invalid_request")),
                               str(err.get("message", "connection closed by velod")))
 
-    def notifications(self) -> Iterator[tuple[str, Any]]:
+    def notifications(self) -> "Iterator[tuple[str, Any]]":
         """Yield (method, params) of notifications until the connection ends."""
         self.sock.settimeout(None)
         while True:
             msg = self._pending.pop(0) if self._pending else self._next_message()
-            if isinstance(msg, list) and len(msg) == 3 and msg[0] == protocol.NOTIFICATION:
+            if isinstance(msg, list) and len(msg) == 3 and msg[0] == wire.NOTIFICATION:
                 self._raise_if_error(msg)
                 yield msg[1], msg[2]
 
-    def subscribe(self, topics: list[str]) -> Iterator[dict[str, Any]]:
+    def subscribe(self, topics: list[str]) -> "Iterator[dict[str, Any]]":
         """Subscribe now to event topics; iterate the result for event maps
         {topic, seq, time, data}."""
         self.call("events.subscribe", {"topics": topics})
         return self._events()
 
-    def _events(self) -> Iterator[dict[str, Any]]:
+    def _events(self) -> "Iterator[dict[str, Any]]":
         for method, params in self.notifications():
             if method == "event" and isinstance(params, list) and params:
                 yield params[0]

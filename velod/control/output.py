@@ -1,7 +1,5 @@
 """Printing helpers shared by velodctl commands: JSON for scripts, compact text for people."""
 
-from __future__ import annotations
-
 import sys
 import time
 
@@ -10,21 +8,21 @@ if TYPE_CHECKING:
     from typing import Any
 
 
-def print_json(obj: Any) -> None:
+def print_json(obj: "Any") -> None:
     import json  # lazy: most invocations print text
 
     json.dump(obj, sys.stdout, indent=2, sort_keys=True, default=_fallback)
     sys.stdout.write("\n")
 
 
-def print_json_line(obj: Any) -> None:
+def print_json_line(obj: "Any") -> None:
     import json
 
     sys.stdout.write(json.dumps(obj, sort_keys=True, default=_fallback) + "\n")
     sys.stdout.flush()
 
 
-def _fallback(obj: Any) -> Any:
+def _fallback(obj: "Any") -> "Any":
     if isinstance(obj, bytes):
         return obj.hex()
     return str(obj)

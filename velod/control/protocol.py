@@ -14,16 +14,11 @@ from typing import Any
 
 import msgpack
 
-from velod.control.wire import (  # noqa: F401  (re-exported for the server)
-    MAX_MSGID,
-    NOTIFICATION,
-    REQUEST,
-    RESPONSE,
-    encode_notification,
-    encode_request,
-    encode_response,
-    error_map,
-)
+from velod.control import wire
+from velod.control.wire import MAX_MSGID, NOTIFICATION, REQUEST, RESPONSE, error_map
+
+__all__ = ["NOTIFICATION", "REQUEST", "RESPONSE", "Decoder", "FramingError", "classify",
+           "encode_notification", "encode_request", "encode_response", "error_map"]
 
 
 @dataclass(frozen=True)
@@ -146,3 +141,19 @@ def _params(params: Any) -> dict[str, Any] | str:
     if not isinstance(candidate, dict) or not all(isinstance(k, str) for k in candidate):
         return "params must be [] or [map] with string keys"
     return candidate
+
+
+def _pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def encode_request(msgid: int, method: str, params: dict[str, Any] | None = None) -> bytes:
+    return _pack(wire.request(msgid, method, params))
+
+
+def encode_response(msgid: int, error: dict[str, Any] | None, result: Any) -> bytes:
+    return _pack(wire.response(msgid, error, result))
+
+
+def encode_notification(method: str, params: Any) -> bytes:
+    return _pack(wire.notification(method, params))

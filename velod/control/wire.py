@@ -1,12 +1,8 @@
-"""The msgpack-rpc wire constants and encoders: the light half of the protocol.
+"""The msgpack-rpc message shapes, shared by the server and velodctl without any codec.
 
-velodctl imports only this module (not the decoder and its message types), which keeps
-its start-up close to Python's own.
+The server encodes them with the C msgpack (``protocol``); velodctl with the small
+pure-Python ``minipack``, so that its start-up stays close to Python's own.
 """
-
-from __future__ import annotations
-
-import msgpack
 
 TYPE_CHECKING = False  # like typing.TYPE_CHECKING, without importing typing
 if TYPE_CHECKING:
@@ -16,21 +12,17 @@ REQUEST, RESPONSE, NOTIFICATION = 0, 1, 2
 MAX_MSGID = 2**32 - 1
 
 
-def _pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
+def request(msgid: int, method: str, params: "dict[str, Any] | None" = None) -> "list[Any]":
+    return [REQUEST, msgid, method, [params or {}]]
 
 
-def encode_request(msgid: int, method: str, params: dict[str, Any] | None = None) -> bytes:
-    return _pack([REQUEST, msgid, method, [params or {}]])
+def response(msgid: int, error: "dict[str, Any] | None", result: "Any") -> "list[Any]":
+    return [RESPONSE, msgid, error, result]
 
 
-def encode_response(msgid: int, error: dict[str, Any] | None, result: Any) -> bytes:
-    return _pack([RESPONSE, msgid, error, result])
+def notification(method: str, params: "Any") -> "list[Any]":
+    return [NOTIFICATION, method, params]
 
 
-def encode_notification(method: str, params: Any) -> bytes:
-    return _pack([NOTIFICATION, method, params])
-
-
-def error_map(code: str, message: str, data: Any = None) -> dict[str, Any]:
+def error_map(code: str, message: str, data: "Any" = None) -> "dict[str, Any]":
     return {"code": code, "message": message, "data": data}
