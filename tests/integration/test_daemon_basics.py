@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -187,3 +188,10 @@ def test_velodctl_watch_prints_events(velod):
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(10) == 0
+
+
+def test_an_idle_daemon_loads_neither_numpy_nor_pycuda(velod):
+    velod.call("system.status")
+    velod.call("engine.status")
+    maps = Path(f"/proc/{velod.proc.pid}/maps").read_text()
+    assert "numpy" not in maps and "pycuda" not in maps

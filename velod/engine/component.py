@@ -280,7 +280,7 @@ class EngineComponent(Component):
         ]
 
     async def m_status(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
-        from velod.engine.synthetic import KIND
+        from velod.engine.spec import SYNTHETIC_KIND as KIND
 
         engine_config = self.config.engine
         out: dict[str, Any] = {

@@ -11,6 +11,9 @@ from typing import Any
 
 from velod.engine.geometry import ModelGeometry, from_engine_config
 
+# What engine.status says the built-in model is (here, not in synthetic.py, to stay NumPy-free).
+SYNTHETIC_KIND = "synthetic attention-path workload (not a language model)"
+
 
 @dataclass(frozen=True)
 class EngineSpec:

@@ -20,11 +20,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from velod.engine.spec import SYNTHETIC_KIND as KIND
 from velod.kernels.layout import from_float32, to_float32
 
 VOCAB_SIZE = 32000
 QUERY_GAIN = 4.0  # a power of two (exact): sharper softmax than uniform [-1, 1) queries give
-KIND = "synthetic attention-path workload (not a language model)"
 
 _M1, _M2, _M3 = 0x9E3779B1, 0x85EBCA77, 0x27D4EB2F
 _MASK = 0xFFFFFFFF
