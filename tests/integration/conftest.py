@@ -97,6 +97,18 @@ class RunningDaemon:
         return self.proc.returncode
 
 
+def wait_for(predicate: Any, timeout: float = 20.0, interval: float = 0.05,
+             what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy, and return that."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
 def wait_until_ready(daemon: RunningDaemon, timeout: float = START_TIMEOUT) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import statistics
-import sys
 import threading
 import time
 import urllib.request
@@ -20,15 +18,12 @@ from typing import Any
 
 import pytest
 
-from tests.fakes.fake_gpus import GiB, MiB, gpu, nvml_env, write_gpu_table
 from tests.integration.test_tuner_e2e import (
-    FAKE_BIN,
-    FAKE_OLLAMA,
     SPILLING,
     UNIT,
     Machine,
     decisions,
-    free_port,
+    fake_machine,
     wait_for,
 )
 
@@ -45,25 +40,9 @@ def world(tmp_path: Path) -> Iterator[Callable[..., Machine]]:
     made: list[Machine] = []
 
     def make(user_dropin: str | None = None, **ollama_env: str) -> Machine:
-        table = write_gpu_table(tmp_path / "nvml.json", [gpu(
-            "NVIDIA GeForce RTX 4090", memory_total=24 * GiB, memory_used=512 * MiB,
-            utilization_gpu=0, compute_capability=[8, 9])])
-        state = tmp_path / "systemctl-state"
-        state.mkdir()
-        env = {**os.environ, **nvml_env(table),
-               "PATH": f"{FAKE_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-               "FAKE_SYSTEMCTL_STATE": str(state), "FAKE_SYSTEMCTL_LOG": str(tmp_path / "calls"),
-               "FAKE_SYSTEMCTL_SYSTEMD_DIR": str(tmp_path / "systemd")}
-        m = Machine(tmp_path, free_port(), env)
-        m.dropin_dir.mkdir(parents=True)
-        if user_dropin:
-            (m.dropin_dir / "10-user.conf").write_text(user_dropin)
-        (state / f"{UNIT}.json").write_text(json.dumps({
-            "argv": [sys.executable, str(FAKE_OLLAMA), "--port", str(m.port)],
-            "env": {"FAKE_NVML_TABLE": str(table), "FAKE_OLLAMA_TOKEN_DELAY": str(TOKEN_DELAY),
-                    "FAKE_OLLAMA_NOISE": str(NOISE), "FAKE_OLLAMA_SEED": "7",
-                    "FAKE_OLLAMA_PRELOAD": MODEL, "PATH": "/usr/bin:/bin", **ollama_env},
-            "log": str(tmp_path / "ollama.log")}))
+        m = fake_machine(tmp_path, user_dropin, {
+            "FAKE_OLLAMA_TOKEN_DELAY": str(TOKEN_DELAY), "FAKE_OLLAMA_NOISE": str(NOISE),
+            "FAKE_OLLAMA_SEED": "7", "FAKE_OLLAMA_PRELOAD": MODEL, **ollama_env})
         assert m.systemctl("start", UNIT).returncode == 0
         wait_for(m.ollama_up, what="the fake Ollama to answer")
         made.append(m)

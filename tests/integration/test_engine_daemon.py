@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from tests.integration.conftest import wait_for
 from velod.control.client import RemoteError
 
 # 2 layers, 4 heads, 2 KV heads, head dim 64, fp32: one 16-token block is 32 KiB.
@@ -34,15 +35,6 @@ def remote_error(daemon: Any, method: str, params: dict[str, Any]) -> RemoteErro
         daemon.call(method, params)
     return info.value
 
-
-def wait_for(predicate: Any, timeout: float = 20.0, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def test_bench_completes_and_sampled_attention_equals_the_dense_reference(velod_factory):

@@ -5,21 +5,10 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import yaml
 
-from tests.integration.conftest import base_config, deep_merge
-
-
-def wait_for(predicate, timeout=10.0, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("condition not met in time")
+from tests.integration.conftest import base_config, deep_merge, wait_for
 
 
 def running(daemon, *keys):

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from tests.fakes.fake_gpus import GiB, MiB, gpu, nvml_env, write_gpu_table
+from tests.integration.conftest import wait_for
 from velod.control.client import RemoteError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,15 +41,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-
-def wait_for(check: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @dataclass
@@ -109,8 +101,9 @@ class Machine:
                 "tuner": {"mode": mode, **{**FAST, **tuner}}}
 
 
-@pytest.fixture
-def machine(tmp_path: Path) -> Iterator[Machine]:
+def fake_machine(tmp_path: Path, user_dropin: str | None, ollama_env: dict[str, str]) -> Machine:
+    """One fake 24 GiB GPU, a systemd directory, the fake systemctl on PATH, and a fake
+    Ollama registered as ollama.service (not started) with ``ollama_env`` in its unit."""
     table = write_gpu_table(tmp_path / "nvml.json", [gpu(
         "NVIDIA GeForce RTX 4090", memory_total=24 * GiB, memory_used=512 * MiB,
         utilization_gpu=0, compute_capability=[8, 9])])
@@ -122,14 +115,21 @@ def machine(tmp_path: Path) -> Iterator[Machine]:
            "FAKE_SYSTEMCTL_SYSTEMD_DIR": str(tmp_path / "systemd")}
     m = Machine(tmp_path, free_port(), env)
     m.dropin_dir.mkdir(parents=True)
-    (m.dropin_dir / "10-user.conf").write_text(SPILLING)
+    if user_dropin:
+        (m.dropin_dir / "10-user.conf").write_text(user_dropin)
     (state / f"{UNIT}.json").write_text(json.dumps({
         "argv": [sys.executable, str(FAKE_OLLAMA), "--port", str(m.port)],
-        # As if a client used the model right after every start, so /api/ps shows it.
-        "env": {"FAKE_NVML_TABLE": str(table), "FAKE_OLLAMA_PRELOAD": "llama3.1:8b",
-                "FAKE_OLLAMA_STORE": str(tmp_path / "ollama-models.json"),
-                "PATH": "/usr/bin:/bin"},
+        "env": {"FAKE_NVML_TABLE": str(table), "PATH": "/usr/bin:/bin", **ollama_env},
         "log": str(tmp_path / "ollama.log")}))
+    return m
+
+
+@pytest.fixture
+def machine(tmp_path: Path) -> Iterator[Machine]:
+    # As if a client used the model right after every start, so /api/ps shows it.
+    m = fake_machine(tmp_path, SPILLING, {
+        "FAKE_OLLAMA_PRELOAD": "llama3.1:8b",
+        "FAKE_OLLAMA_STORE": str(tmp_path / "ollama-models.json")})
     yield m
     m.systemctl("stop", UNIT)
 
