@@ -5,6 +5,7 @@ import time
 
 TYPE_CHECKING = False  # like typing.TYPE_CHECKING, without importing typing
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 
@@ -13,6 +14,14 @@ def print_json(obj: "Any") -> None:
 
     json.dump(obj, sys.stdout, indent=2, sort_keys=True, default=_fallback)
     sys.stdout.write("\n")
+
+
+def emit(args: "Any", result: "Any", render: "Callable[[Any], str]") -> None:
+    """Print ``result`` as JSON with ``--json``, else as ``render(result)`` for people."""
+    if args.json:
+        print_json(result)
+    else:
+        print(render(result))
 
 
 def print_json_line(obj: "Any") -> None:

@@ -9,7 +9,7 @@ import threading
 import time
 from typing import Any
 
-from velod.control.output import print_json, table
+from velod.control.output import emit, print_json, table
 
 BAR_WIDTH = 30
 PLAIN_INTERVAL = 1.0
@@ -57,10 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_status(args: argparse.Namespace, client: Any) -> int:
     status = client.call("engine.status")
-    if args.json:
-        print_json(status)
-    else:
-        print(render_status(status))
+    emit(args, status, render_status)
     return 0
 
 
@@ -117,10 +114,7 @@ def cmd_bench(args: argparse.Namespace, client: Any) -> int:
     finally:
         if watcher is not None:
             watcher.close()
-    if args.json:
-        print_json(result)
-    else:
-        print(render_bench(result))
+    emit(args, result, render_bench)
     return 0
 
 

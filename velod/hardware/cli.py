@@ -7,7 +7,7 @@ import sys
 import time
 from typing import Any
 
-from velod.control.output import print_json, print_json_line, table
+from velod.control.output import emit, print_json_line, table
 from velod.units import format_size
 
 CLEAR_HOME = "\x1b[H\x1b[2J"  # cursor home, clear screen: redraw in place on a terminal
@@ -37,10 +37,7 @@ def _positive_seconds(text: str) -> float:
 def cmd_hw(args: argparse.Namespace, client: Any) -> int:
     if not args.watch:
         result = client.call("hardware.get")
-        if args.json:
-            print_json(result)
-        else:
-            print(render(result))
+        emit(args, result, render)
         return EXIT_OK
     in_place = sys.stdout.isatty() and not args.json
     try:

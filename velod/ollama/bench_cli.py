@@ -7,7 +7,7 @@ import sys
 import time
 from typing import Any
 
-from velod.control.output import print_json, table
+from velod.control.output import emit, print_json, table
 
 PROMPT_CHOICES = ("chat", "summary", "code")
 # (metric key, column header) in display order
@@ -90,10 +90,7 @@ def cmd_run(args: argparse.Namespace, client: Any) -> int:
     finally:
         if bar is not None:
             bar.stop()
-    if args.json:
-        print_json(result)
-    else:
-        print(render_result(result))
+    emit(args, result, render_result)
     if result.get("error"):
         print(f"velodctl: {result['error']}", file=sys.stderr)
         return 1
@@ -117,19 +114,13 @@ def cmd_list(args: argparse.Namespace, client: Any) -> int:
 
 def cmd_show(args: argparse.Namespace, client: Any) -> int:
     result = client.call("bench.show", {"id": args.id})
-    if args.json:
-        print_json(result)
-    else:
-        print(render_result(result))
+    emit(args, result, render_result)
     return 0
 
 
 def cmd_compare(args: argparse.Namespace, client: Any) -> int:
     result = client.call("bench.compare", {"a": args.a, "b": args.b})
-    if args.json:
-        print_json(result)
-    else:
-        print(render_compare(result))
+    emit(args, result, render_compare)
     return 0
 
 

@@ -6,7 +6,7 @@ import argparse
 import time
 from typing import Any
 
-from velod.control.output import ago, print_json, table
+from velod.control.output import ago, emit, print_json, table
 from velod.units import format_size, parse_size
 
 EXIT_OK = 0
@@ -62,19 +62,13 @@ def _size(text: str) -> int:
 
 def cmd_ollama(args: argparse.Namespace, client: Any) -> int:
     result = client.call("ollama.status")
-    if args.json:
-        print_json(result)
-    else:
-        print(render_ollama(result))
+    emit(args, result, render_ollama)
     return EXIT_OK if result.get("reachable") else 1
 
 
 def cmd_show(args: argparse.Namespace, client: Any) -> int:
     result = client.call("tuner.show")
-    if args.json:
-        print_json(result)
-    else:
-        print(render_show(result))
+    emit(args, result, render_show)
     return EXIT_OK
 
 
