@@ -21,7 +21,7 @@ from velod import PROTOCOL_VERSION, __version__, paths
 from velod.blocking import run_blocking
 from velod.bus import Bus
 from velod.component import Component, Context, ReconfigureRefused
-from velod.config import Config, ConfigError, load_config, parse_config, to_plain
+from velod.config import Config, ConfigError, ConfigIssue, load_config, parse_config, to_plain
 from velod.config_watch import watch_config
 from velod.control.registry import CallContext, Method, Registry, RpcError, param
 from velod.control.server import ControlServer, SocketInUse
@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
 def load_config_strict(path: Path) -> Config:
     """Like load_config, but a missing file is an error (for --check-config)."""
     if not path.exists():
-        raise ConfigError(str(path), [])
+        raise ConfigError(str(path), [ConfigIssue("", str(path), "no such file")])
     return load_config(path)
 
 
