@@ -13,9 +13,10 @@ import json
 import time
 
 import msgpack
-from harness import BenchDaemon, machine, percentile
+from harness import BenchDaemon, machine
 
 from velod.control import protocol
+from velod.engine.metrics import percentile
 
 
 async def worker(path: str, deadline: float, latencies: list[float]) -> None:

@@ -66,10 +66,3 @@ class BenchDaemon:
     def client(self) -> Client:
         return Client.connect(str(self.socket))
 
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]

@@ -29,7 +29,6 @@ def main() -> None:
         after = proc.cpu_times()
         elapsed = time.monotonic() - start
         rss = proc.memory_info().rss
-        modules = None
         with daemon.client() as client:
             status = client.call("system.status")
     cpu = (after.user - before.user) + (after.system - before.system)
@@ -39,7 +38,7 @@ def main() -> None:
         "cpu_percent_of_one_core": round(100 * cpu / elapsed, 3),
         "targets": {"rss_mb": 60, "cpu_percent": 0.5},
         "components": {k: v.get("state") for k, v in status["components"].items()},
-        "modules": modules, "machine": machine()}, indent=2))
+        "machine": machine()}, indent=2))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,15 +27,11 @@ from typing import Any
 
 from harness import ROOT, BenchDaemon, machine
 
+from tests.fakes.fake_ollama import free_port
+
 FAKE = ROOT / "tests" / "fakes" / "fake_ollama.py"
 MODEL = "llama3.2:3b"
 FLASH_SPEEDUP = 1.25  # the fake's default: flash attention is on with a GPU
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_fake(token_delay: float) -> tuple[subprocess.Popen[bytes], str]:

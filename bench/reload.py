@@ -13,7 +13,9 @@ import os
 import time
 
 import yaml
-from harness import BenchDaemon, machine, percentile
+from harness import BenchDaemon, machine
+
+from velod.engine.metrics import percentile
 
 
 def main() -> None:

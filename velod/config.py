@@ -18,7 +18,7 @@ from typing import Any, Literal, NewType
 
 import yaml
 
-from velod.units import format_duration, format_size, parse_duration, parse_size
+from velod.units import format_duration, parse_duration, parse_size
 
 Duration = NewType("Duration", float)  # seconds; written "500ms", "30s", "10m"
 Size = NewType("Size", int)  # bytes; written "512MiB", "2GiB"
@@ -411,4 +411,4 @@ def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, str]]
     return rows
 
 
-__all__ = ["Config", "ConfigError", "ConfigIssue", "format_size", "load_config", "parse_config"]
+__all__ = ["Config", "ConfigError", "ConfigIssue", "load_config", "parse_config"]

@@ -601,6 +601,17 @@ async def _ndjson(request: web.Request, items: Any) -> web.StreamResponse:
     return resp
 
 
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for a fake Ollama)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @contextlib.asynccontextmanager
 async def serve(fake: FakeOllama, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
     """Serve ``fake`` in this event loop; yields its base URL."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -177,7 +176,3 @@ def velod_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 def velod(velod_factory: Any) -> RunningDaemon:
     """One running daemon with the test defaults."""
     return velod_factory()
-
-
-def which(name: str) -> str | None:
-    return shutil.which(name)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from typing import Any
 import pytest
 
 from tests.fakes.fake_gpus import GiB, MiB, gpu, nvml_env, write_gpu_table
+from tests.fakes.fake_ollama import free_port
 from tests.integration.conftest import wait_for
 from velod.control.client import RemoteError
 
@@ -34,12 +34,6 @@ UNIT = "ollama.service"
 # of f16 KV cache at 128 KiB per token is 32 GiB before the weights.
 SPILLING = '[Service]\nEnvironment="OLLAMA_CONTEXT_LENGTH=65536" "OLLAMA_NUM_PARALLEL=4"\n'
 FAST = {"interval": "200ms", "settle": "300ms", "restart_when_idle_for": "200ms"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -13,6 +12,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from tests.fakes.fake_ollama import free_port
 from velod.config import OllamaConfig, TunerConfig
 from velod.hardware.snapshot import Cpu, Gpu, Memory, OsInfo, Snapshot
 from velod.ollama.applier import Applier, IdleTracker, model_parameters
@@ -26,12 +26,6 @@ FAKE_BIN = REPO / "tests" / "fakes" / "bin"
 FAKE_OLLAMA = REPO / "tests" / "fakes" / "fake_ollama.py"
 UNIT = "ollama.service"
 GIB = 1024**3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_plan(server: dict[str, str], model_params: dict[str, dict[str, str]] | None = None,

@@ -8,6 +8,7 @@ module of the command being run is imported. The commands scripts call most ofte
 
 import sys
 import time
+from types import SimpleNamespace  # already loaded by the interpreter: free
 
 from velod import __version__, paths
 from velod.control.client import Client, DaemonUnreachable, RemoteError
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     fast = FAST_COMMANDS.get(tuple(argv))
     if fast is not None:
-        args: Any = _Args(func=fast)
+        args: Any = SimpleNamespace(func=fast)  # what argparse would give
     else:
         args = build_parser(command).parse_args(argv)
     args.json = as_json
@@ -118,13 +119,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     except BrokenPipeError:
         return EXIT_OK
-
-
-class _Args:
-    """The parsed-arguments object of a fast-path command (what argparse would give)."""
-
-    def __init__(self, **values: "Any") -> None:
-        self.__dict__.update(values)
 
 
 # ---------------------------------------------------------------------------- commands

@@ -33,6 +33,7 @@ from velod.engine.spec import EngineSpec
 from velod.engine.step import StepBatch
 from velod.engine.synthetic import Model, SyntheticModel, dense_attention
 from velod.kernels.layout import to_float32
+from velod.units import format_size
 
 MIN_BLOCKS = 2
 MAX_ROWS_PER_CALL = 65535  # the CUDA kernel's grid limit on sequences per call
@@ -74,8 +75,9 @@ def plan_pool(spec: EngineSpec, free_bytes: int, device: str) -> PoolPlan:
         wanted = spec.kv_cache_bytes
         if wanted > free_bytes:
             raise PoolError(
-                f"engine.kv_cache asks for {_gib(wanted)} but only {_gib(free_bytes)} of "
-                f"{device} memory is free; lower engine.kv_cache or use a fraction such as 0.5")
+                f"engine.kv_cache asks for {format_size(wanted)} but only "
+                f"{format_size(free_bytes)} of {device} memory is free; lower engine.kv_cache "
+                "or use a fraction such as 0.5")
     else:
         wanted = int(free_bytes * (spec.kv_cache_fraction or 0.0))
     blocks = wanted // block_bytes
@@ -85,10 +87,6 @@ def plan_pool(spec: EngineSpec, free_bytes: int, device: str) -> PoolPlan:
             f"of {block_bytes} bytes ({spec.block_size} tokens of {spec.geometry.name}); at "
             f"least {MIN_BLOCKS} are needed: raise engine.kv_cache")
     return PoolPlan(blocks, block_bytes, free_bytes)
-
-
-def _gib(n: int) -> str:
-    return f"{n / 1024**3:.2f} GiB"
 
 
 class KVPool:
@@ -109,7 +107,7 @@ class KVPool:
         except Exception as exc:  # MemoryError, pycuda.driver.MemoryError, ...
             self.keys.clear()
             self.values.clear()
-            raise PoolError(f"cannot allocate the KV pool ({_gib(plan.bytes)}, "
+            raise PoolError(f"cannot allocate the KV pool ({format_size(plan.bytes)}, "
                             f"{plan.num_blocks} blocks): {exc}; lower engine.kv_cache") from None
 
     @property
