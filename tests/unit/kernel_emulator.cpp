@@ -252,13 +252,15 @@ int main(int argc, char** argv) {
                    key_cache.data(), value_cache.data(),
                    static_cast<const unsigned char*>(key.data()),
                    static_cast<const unsigned char*>(value.data()),
-                   reinterpret_cast<const long long*>(index.data()), row, row, row);
+                   reinterpret_cast<const long long*>(index.data()), row, row, row,
+                   static_cast<long long>(i("num_slots")));
         } else {
             launch(&velod_write_cache_i32, dim3(tokens, 2, 1), velod::kThreads, 0,
                    key_cache.data(), value_cache.data(),
                    static_cast<const unsigned char*>(key.data()),
                    static_cast<const unsigned char*>(value.data()),
-                   reinterpret_cast<const int*>(index.data()), row, row, row);
+                   reinterpret_cast<const int*>(index.data()), row, row, row,
+                   static_cast<long long>(i("num_slots")));
         }
     } else {
         const long long block = static_cast<long long>(p.at("block_bytes"));

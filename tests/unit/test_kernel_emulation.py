@@ -151,10 +151,13 @@ def test_emulated_write_cache_and_copy_blocks_are_exact(emulators, tmp_path, ind
     value = rng.standard_normal((20, 2, 80)).astype(np.float16)
     expected_k, expected_v = key_cache.copy(), value_cache.copy()
     reference.write_cache(key, value, expected_k, expected_v, slots)
+    # A slot past the cache (an unvalidated device mapping) is skipped, never written.
+    slots[3] = 6 * 16 + 5
     for name, arr in (("key_cache", key_cache), ("value_cache", value_cache), ("key", key),
                       ("value", value), ("index", slots)):
         arr.tofile(tmp_path / f"{name}.bin")
-    (tmp_path / "params.txt").write_text(f"row_bytes {2 * 80 * 2}\nnum_tokens 20\n")
+    (tmp_path / "params.txt").write_text(
+        f"row_bytes {2 * 80 * 2}\nnum_tokens 20\nnum_slots {6 * 16}\n")
     suffix = "i32" if index_type == np.int32 else "i64"
     subprocess.run([str(binary), "write_cache", f"velod_write_cache_{suffix}", str(tmp_path)],
                    check=True, capture_output=True, timeout=120)

@@ -32,7 +32,7 @@ from velod.engine.sequence import FinishedRequest
 from velod.engine.spec import EngineSpec
 from velod.engine.step import StepBatch
 from velod.engine.synthetic import Model, SyntheticModel, dense_attention
-from velod.kernels.layout import to_float32
+from velod.kernels.layout import check_slots, to_float32
 from velod.units import format_size
 
 MIN_BLOCKS = 2
@@ -193,6 +193,7 @@ class Engine:
         self.last_active = self.created
         self._schedule_s = 0.0
         self._out: Any = None
+        self._clock = _DeviceClock() if self.profile else None
 
     # ------------------------------------------------------------------ requests
 
@@ -235,7 +236,7 @@ class Engine:
     def _execute(self, batch: StepBatch) -> StepResult:
         backend, pool, model = self.backend, self.pool, self.model
         cuda = getattr(backend, "name", "") == "cuda"
-        clock = _DeviceClock() if self.profile else None
+        clock = self._clock
         phases = dict.fromkeys(PHASES, 0.0)
         tick = time.perf_counter()
 
@@ -262,8 +263,14 @@ class Engine:
             lens[~keep] = 0  # the kernels skip rows with an empty context
         longest = int(lens.max())
         record = self._record_plan(batch, rows, lens)
+        slots = batch.slot_mapping
         if cuda:
+            # One upload of each index array per step, all before the first launch: a
+            # host-to-device copy from pageable memory waits for the device, so an upload
+            # inside the layer loop would serialize the launches.
+            check_slots(slots, pool.num_blocks * self.spec.block_size)
             tables, lens_arg = backend.to_device(tables), backend.to_device(lens)
+            slots = backend.to_device(slots)
         else:
             lens_arg = lens
         outputs: list[Any] = []
@@ -276,7 +283,7 @@ class Engine:
                 clock.stop(mark)
             lap("model")
             mark = clock.start() if clock else None
-            backend.write_cache(k, v, pool.keys[layer], pool.values[layer], batch.slot_mapping)
+            backend.write_cache(k, v, pool.keys[layer], pool.values[layer], slots)
             if clock:
                 clock.stop(mark)
             lap("write")
@@ -443,28 +450,40 @@ class Engine:
 
 
 class _DeviceClock:
-    """CUDA events around kernel phases: their sum is the device time of a step."""
+    """CUDA events around kernel phases: their sum is the device time of a step.
+
+    Events are created once and reused step after step (creating two per phase per layer
+    would itself add to the host time being measured).
+    """
 
     def __init__(self) -> None:
         import pycuda.driver as drv
 
         self._drv = drv
         self._pairs: list[tuple[Any, Any]] = []
+        self._free: list[Any] = []
+
+    def _event(self) -> Any:
+        return self._free.pop() if self._free else self._drv.Event()
 
     def start(self) -> Any:
-        event = self._drv.Event()
+        event = self._event()
         event.record()
         return event
 
     def stop(self, start: Any) -> None:
-        end = self._drv.Event()
+        end = self._event()
         end.record()
         self._pairs.append((start, end))
 
     def total(self) -> float:
         if self._pairs:
             self._pairs[-1][1].synchronize()
-        return sum(start.time_till(end) for start, end in self._pairs) / 1000.0
+        seconds = sum(start.time_till(end) for start, end in self._pairs) / 1000.0
+        for pair in self._pairs:
+            self._free.extend(pair)
+        self._pairs.clear()
+        return seconds
 
 
 def build_engine(spec: EngineSpec, *, backend: Any = None, model: Model | None = None,

@@ -252,6 +252,7 @@ class _CudaGenerator:
         self._buffers: dict[str, Any] = {}
         self._count = 0
         self._tokens = self._positions = None
+        self._views: tuple[Any, Any, Any] = ()
         self._grid = backend.num_sms * 8
 
     def _buffer(self, name: str, count: int, width: int) -> Any:
@@ -262,26 +263,34 @@ class _CudaGenerator:
         return buffer
 
     def begin_step(self, token_ids: np.ndarray, positions: np.ndarray) -> None:
-        with self.backend.active():
-            self._tokens = self._gpuarray.to_gpu(np.ascontiguousarray(token_ids, np.int32))
-            self._positions = self._gpuarray.to_gpu(np.ascontiguousarray(positions, np.int32))
-        self._count = len(token_ids)
-
-    def layer_qkv(self, layer: int) -> tuple[Any, Any, Any]:
-        m, count = self.model, self._count
+        m, count = self.model, len(token_ids)
         q_width, kv_width = m.heads * m.head_dim, m.kv_heads * m.head_dim
         with self.backend.active():
+            self._tokens = self.backend.to_device(np.ascontiguousarray(token_ids, np.int32))
+            self._positions = self.backend.to_device(np.ascontiguousarray(positions, np.int32))
             q = self._buffer("q", count, q_width)
             k = self._buffer("k", count, kv_width)
             v = self._buffer("v", count, kv_width)
-            if count:
-                self._kernel.prepared_call(
-                    (self._grid, 1, 1), (256, 1, 1), int(q.gpudata), int(k.gpudata),
+            # The step's views, made once: every layer overwrites the same rows.
+            self._views = (q[:count].reshape((count, m.heads, m.head_dim)),
+                           k[:count].reshape((count, m.kv_heads, m.head_dim)),
+                           v[:count].reshape((count, m.kv_heads, m.head_dim)))
+        self._count = count
+
+    def layer_qkv(self, layer: int) -> tuple[Any, Any, Any]:
+        """Launches the generator for ``layer`` (asynchronously) and returns q, k, v views.
+
+        The views are the same buffers for every layer of a step: a layer's q/k/v must be
+        consumed (by launches queued after this one) before the next layer is asked for.
+        """
+        m, count = self.model, self._count
+        q, k, v = self._views
+        if count:
+            with self.backend.active():
+                self._kernel.prepared_async_call(
+                    (self._grid, 1, 1), (256, 1, 1), None, int(q.gpudata), int(k.gpudata),
                     int(v.gpudata), int(self._tokens.gpudata), int(self._positions.gpudata),
-                    count, q_width, kv_width, salt(m.seed, layer, 0), salt(m.seed, layer, 1),
-                    salt(m.seed, layer, 2), np.float32(QUERY_GAIN),
-                    _DTYPE_CODES[m.dtype.name])
-            shape_q = (count, m.heads, m.head_dim)
-            shape_kv = (count, m.kv_heads, m.head_dim)
-            return (q[:count].reshape(shape_q), k[:count].reshape(shape_kv),
-                    v[:count].reshape(shape_kv))
+                    count, m.heads * m.head_dim, m.kv_heads * m.head_dim,
+                    salt(m.seed, layer, 0), salt(m.seed, layer, 1), salt(m.seed, layer, 2),
+                    np.float32(QUERY_GAIN), _DTYPE_CODES[m.dtype.name])
+        return q, k, v

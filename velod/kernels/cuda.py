@@ -161,6 +161,13 @@ class CudaBackend:
         self._functions: dict[str, object] = {}
         self._workspace: dict[str, object] = {}
         self._keepalive: tuple = ()
+        self._plans: dict[tuple, tuple] = {}
+        # Small uploads (indices, queries) come from a pool: cuMemAlloc/cuMemFree per call
+        # would cost tens of microseconds and cuMemFree synchronizes the device.
+        from pycuda.tools import DeviceMemoryPool
+
+        with self.active():
+            self._upload_pool = DeviceMemoryPool()
 
     # ---- context, memory -------------------------------------------------------------------
 
@@ -175,7 +182,12 @@ class CudaBackend:
 
     def to_device(self, array: np.ndarray):
         with self.active():
-            return self._gpuarray.to_gpu(np.ascontiguousarray(array))
+            return self._upload(array)
+
+    def _upload(self, array: np.ndarray):
+        """A device copy of a host array from the upload pool (caller holds the context)."""
+        return self._gpuarray.to_gpu(np.ascontiguousarray(array),
+                                     allocator=self._upload_pool.allocate)
 
     def to_host(self, array) -> np.ndarray:
         if isinstance(array, np.ndarray):
@@ -194,7 +206,7 @@ class CudaBackend:
     def _device(self, array):
         """A device array for ``array`` (uploads NumPy input; caller holds the context)."""
         if isinstance(array, np.ndarray):
-            return self._gpuarray.to_gpu(np.ascontiguousarray(array))
+            return self._upload(array)
         if not array.flags.c_contiguous:
             raise AttentionArgumentError("device arrays must be C-contiguous")
         return array
@@ -329,32 +341,40 @@ class CudaBackend:
         return out
 
     def write_cache(self, key, value, key_cache, value_cache, slot_mapping, *, stream=None):
-        """Scatters K and V rows into their cache slots (negative slots are skipped)."""
+        """Scatters K and V rows into their cache slots (negative slots are skipped).
+
+        A NumPy ``slot_mapping`` is validated (range, no slot twice) and uploaded. A device
+        array is used as it is, with no copy or synchronization: the engine uploads a step's
+        slots once for all layers. The kernel skips any slot outside the cache, so an
+        unvalidated mapping can never write past it.
+        """
         with self.active():
             self._write_cache(key, value, key_cache, value_cache, slot_mapping, stream)
 
     def _write_cache(self, key, value, key_cache, value_cache, slot_mapping, stream):
-        slots_host = _host(slot_mapping)
-        check_cache_write_args(key, value, key_cache, value_cache, slots_host)
         num_blocks, block_size = key_cache.shape[:2]
-        check_slots(slots_host, num_blocks * block_size)
-        if slots_host.size == 0:
+        num_slots = num_blocks * block_size
+        if isinstance(slot_mapping, np.ndarray):
+            check_cache_write_args(key, value, key_cache, value_cache, slot_mapping)
+            check_slots(slot_mapping, num_slots)
+        else:
+            check_cache_write_args(key, value, key_cache, value_cache, slot_mapping)
+        tokens = int(slot_mapping.shape[0])
+        if tokens == 0:
             return
         row_bytes = int(np.prod(key_cache.shape[2:])) * np.dtype(key_cache.dtype).itemsize
-        with self.active():
-            k, v = self._device(key), self._device(value)
-            slots = self._device(slot_mapping if not isinstance(slot_mapping, np.ndarray)
-                                 else slots_host)
-            self._keepalive = (k, v, slots)
-            kernel = self._function(f"velod_write_cache_{_index_name(slots_host.dtype)}",
-                                    DTYPE_NAMES[np.dtype(key_cache.dtype).name])
-            if not hasattr(kernel, "arg_format"):
-                kernel.prepare([np.uintp] * 5 + [np.int64] * 3)
-            kernel.prepared_async_call(
-                (slots_host.shape[0], 2), (KERNEL_THREADS, 1, 1), stream,
-                int(self._device(key_cache).gpudata), int(self._device(value_cache).gpudata),
-                int(k.gpudata), int(v.gpudata), int(slots.gpudata), row_bytes, row_bytes,
-                row_bytes)
+        k, v = self._device(key), self._device(value)
+        slots = self._device(slot_mapping)
+        self._keepalive = (k, v, slots)
+        kernel = self._function(f"velod_write_cache_{_index_name(slot_mapping.dtype)}",
+                                DTYPE_NAMES[np.dtype(key_cache.dtype).name])
+        if not hasattr(kernel, "arg_format"):
+            kernel.prepare([np.uintp] * 5 + [np.int64] * 4)
+        kernel.prepared_async_call(
+            (tokens, 2), (KERNEL_THREADS, 1, 1), stream,
+            int(self._device(key_cache).gpudata), int(self._device(value_cache).gpudata),
+            int(k.gpudata), int(v.gpudata), int(slots.gpudata), row_bytes, row_bytes,
+            row_bytes, num_slots)
 
     def copy_blocks(self, key_cache, value_cache, block_pairs, *, stream=None):
         """Copies whole blocks source -> destination for each row of ``block_pairs``."""

@@ -382,15 +382,17 @@ __device__ __forceinline__ void copy_bytes(unsigned char* dst, const unsigned ch
 }
 
 // Scatters one token's K and V rows (row_bytes each) into cache slot slot_mapping[token].
+// Slots outside [0, num_slots) are skipped: negative ones are padding, and a slot past the
+// cache never writes outside it even when the host did not validate a device-resident mapping.
 template <typename I>
 __device__ __forceinline__ void write_cache(
     unsigned char* __restrict__ key_cache, unsigned char* __restrict__ value_cache,
     const unsigned char* __restrict__ key, const unsigned char* __restrict__ value,
     const I* __restrict__ slot_mapping, const int64_t row_bytes, const int64_t key_stride,
-    const int64_t value_stride) {
+    const int64_t value_stride, const int64_t num_slots) {
     const int64_t token = blockIdx.x;
     const int64_t slot = static_cast<int64_t>(slot_mapping[token]);
-    if (slot < 0) return;  // padding token
+    if (slot < 0 || slot >= num_slots) return;
     if (blockIdx.y == 0) {
         copy_bytes(key_cache + slot * row_bytes, key + token * key_stride, row_bytes);
     } else {
@@ -461,9 +463,9 @@ VELOD_ATTENTION_ALL(bf16, __nv_bfloat16)
     extern "C" __global__ void velod_write_cache_##INAME(                                     \
         unsigned char* key_cache, unsigned char* value_cache, const unsigned char* key,       \
         const unsigned char* value, const I* slot_mapping, long long row_bytes,               \
-        long long key_stride, long long value_stride) {                                       \
+        long long key_stride, long long value_stride, long long num_slots) {                  \
         velod::write_cache<I>(key_cache, value_cache, key, value, slot_mapping, row_bytes,    \
-                              key_stride, value_stride);                                      \
+                              key_stride, value_stride, num_slots);                           \
     }                                                                                         \
     extern "C" __global__ void velod_copy_blocks_##INAME(                                     \
         unsigned char* key_cache, unsigned char* value_cache, const I* pairs,                 \
