@@ -189,8 +189,12 @@ print(reason or 'CUDA usable through PyCUDA')
 sys.exit(1 if reason else 0)" || { overall=1; cat "$OUT/cuda_probe.log" | tee -a "$SUMMARY"; }
 # Every GPU test under tests/gpu (other issues add theirs there).
 # A test that hangs (a kernel that never ends) fails after 90 s instead of eating the budget.
+# With pytest-xdist, two worker processes: faster, and a worker that crashes (a fault in
+# native code) is reported and replaced instead of ending the run.
+XDIST=()
+"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 2)
 step pytest_gpu "$OUT/pytest_gpu.log" 200 "$PY" -m pytest tests/gpu -v -rs -p no:cacheprovider \
-    -o timeout=90 || overall=1
+    -o timeout=90 "${XDIST[@]}" || overall=1
 step bench_attention "$OUT/attention.log" 150 "$PY" bench/attention.py --backend cuda \
     --out "$OUT/attention.json" || overall=1
 if [[ -f bench/engine.py ]]; then

@@ -40,10 +40,12 @@ def cuda_backend(tmp_path_factory):
     """One CudaBackend for the session; kernels compile into $VELOD_KERNEL_CACHE or a temp dir."""
     if CUDA_REASON is not None:
         pytest.skip(f"needs CUDA through PyCUDA: {CUDA_REASON}")
-    from velod.kernels.cuda import CudaBackend
+    from velod.kernels import get_backend
 
     cache = os.environ.get("VELOD_KERNEL_CACHE")
-    backend = CudaBackend(0, cache_dir=Path(cache) if cache else tmp_path_factory.mktemp("cubin"))
+    # The process's one backend for device 0: the engine tests' build_engine gets it too.
+    backend = get_backend("cuda", cache_dir=Path(cache) if cache
+                          else tmp_path_factory.mktemp("cubin"))
     print(f"\nCUDA device: {backend.device_name} ({backend.arch}, {backend.num_sms} SMs)")
     backend.precompile()  # the three dtype modules compile in parallel
     return backend

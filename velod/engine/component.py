@@ -42,6 +42,7 @@ class EngineComponent(Component):
         self._building: asyncio.Task[Engine] | None = None
         self._driver: asyncio.Task[None] | None = None
         self._release: asyncio.TimerHandle | None = None
+        self._in_flight: Engine | None = None  # whose execute runs in a worker thread
         self.bench: BenchRun | None = None
         self._bench_done: asyncio.Future[None] | None = None
         self._bench_ids = itertools.count(1)
@@ -155,6 +156,8 @@ class EngineComponent(Component):
         if self.engine is not None:
             self.log.info("KV pool released (%s)", reason)
             self.ctx.bus.publish("engine.released", {"reason": reason})
+            if self.engine is not self._in_flight:
+                self.engine.close()  # else the garbage collector frees it after the step
             self.engine = None
             self.releases += 1
 
@@ -196,12 +199,15 @@ class EngineComponent(Component):
                     await asyncio.sleep(0)
                     continue
                 empty = 0
+                self._in_flight = engine
                 result = await run_blocking(engine.execute, batch)
+                self._in_flight = None  # not on cancellation: the thread may still run
                 if engine is self.engine:
                     self._after_step(engine.complete(batch, result))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            self._in_flight = None
             self.log.exception("engine step failed")
             self.error = f"step failed: {exc}"
             self._fail_bench(self.error)

@@ -274,6 +274,7 @@ class Engine:
         else:
             lens_arg = lens
         outputs: list[Any] = []
+        out = self._device_out(len(lens))  # one output view for every layer of the step
         model.begin_step(batch.token_ids, batch.positions)
         lap("prepare")
         for layer in range(self.geometry.layers):
@@ -288,13 +289,13 @@ class Engine:
                 clock.stop(mark)
             lap("write")
             mark = clock.start() if clock else None
-            out = self._attention(q, layer, tables, lens_arg, longest)
+            result = self._attention(q, layer, tables, lens_arg, longest, out)
             if clock:
                 clock.stop(mark)
             lap("attention")
-            model.layer_output(layer, out)
-            if record is not None and out is not None:
-                outputs.append(to_float32(backend.to_host(out)[record[0]]))
+            model.layer_output(layer, result)
+            if record is not None and result is not None:
+                outputs.append(to_float32(backend.to_host(result)[record[0]]))
         tokens = model.sample(batch.sample_indices)
         if cuda:
             backend.synchronize()
@@ -304,30 +305,31 @@ class Engine:
         kernel_s = clock.total() if clock else None
         return StepResult(tokens, phases, kernel_s)
 
-    def _attention(self, q: Any, layer: int, tables: Any, lens: Any, longest: int) -> Any:
+    def _attention(self, q: Any, layer: int, tables: Any, lens: Any, longest: int,
+                   out: Any) -> Any:
         backend, pool = self.backend, self.pool
         rows = q.shape[0]
         if longest == 0:
             return None  # prefill_attention="last" and no row of this step is sampled
         if rows <= MAX_ROWS_PER_CALL:
             return backend.paged_attention(q, pool.keys[layer], pool.values[layer], tables,
-                                           lens, self.scale, max_context=longest,
-                                           out=self._device_out(q))
+                                           lens, self.scale, max_context=longest, out=out)
         parts = [backend.to_host(backend.paged_attention(
             q[i:i + MAX_ROWS_PER_CALL], pool.keys[layer], pool.values[layer],
             tables[i:i + MAX_ROWS_PER_CALL], lens[i:i + MAX_ROWS_PER_CALL], self.scale,
             max_context=longest)) for i in range(0, rows, MAX_ROWS_PER_CALL)]
         return np.concatenate(parts)
 
-    def _device_out(self, q: Any) -> Any:
+    def _device_out(self, rows: int) -> Any:
         """A reused output buffer on CUDA (no allocation per layer); None on the CPU."""
-        if getattr(self.backend, "name", "") != "cuda":
+        if getattr(self.backend, "name", "") != "cuda" or rows > MAX_ROWS_PER_CALL:
             return None
         buffer = self._out
-        if buffer is None or buffer.shape[0] < q.shape[0]:
-            buffer = self._out = self.backend.empty((max(q.shape[0], 256), *q.shape[1:]),
+        if buffer is None or buffer.shape[0] < rows:
+            g = self.geometry
+            buffer = self._out = self.backend.empty((max(rows, 256), g.heads, g.head_dim),
                                                     self.pool.dtype)
-        return buffer[: q.shape[0]]
+        return buffer[:rows]
 
     def complete(self, batch: StepBatch, result: StepResult) -> StepOutcome:
         """Feed the sampled tokens back; returns finished requests and the step record."""
@@ -381,6 +383,25 @@ class Engine:
                 return finished
             finished.extend(self.step().finished)
         raise EngineError(f"still busy after {max_steps} steps")
+
+    def close(self) -> None:
+        """Frees the KV pool and the device buffers now rather than whenever the garbage
+        collector gets to them; on CUDA inside the device context, so any thread may call
+        it (PyCUDA cannot free memory of a context that is not current in the thread)."""
+        close_model = getattr(self.model, "close", None)
+        if getattr(self.backend, "name", "") == "cuda":
+            with self.backend.active():
+                self._free(close_model)
+        else:
+            self._free(close_model)
+
+    def _free(self, close_model: Any) -> None:
+        if close_model is not None:
+            close_model()
+        self.pool.keys.clear()
+        self.pool.values.clear()
+        self._out = None
+        self._clock = None
 
     # ------------------------------------------------------------------ verification
 

@@ -16,6 +16,7 @@ it to its projection and MLP to make the next layer's input), then ``sample``.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Protocol
 
 import numpy as np
@@ -142,6 +143,12 @@ class SyntheticModel:
     def layer_output(self, layer: int, attention: Any) -> None:
         return None  # no projection or MLP: the next layer's q/k/v do not depend on it
 
+    def close(self) -> None:
+        """Frees device buffers (the CUDA generator's); the model is unusable afterwards."""
+        if self._device is not None:
+            self._device.close()
+            self._device = None
+
     def sample(self, sample_indices: np.ndarray) -> np.ndarray:
         return next_tokens(self._tokens[sample_indices], self._positions[sample_indices],
                            self.seed)
@@ -240,7 +247,7 @@ class _CudaGenerator:
 
         from velod.kernels.cuda import find_nvcc
 
-        self.model = model
+        self.model = weakref.proxy(model)  # no cycle: buffers go when the model goes
         self.backend = backend
         self._gpuarray = gpuarray
         with backend.active():
@@ -276,6 +283,13 @@ class _CudaGenerator:
                            k[:count].reshape((count, m.kv_heads, m.head_dim)),
                            v[:count].reshape((count, m.kv_heads, m.head_dim)))
         self._count = count
+
+    def close(self) -> None:
+        """Frees the device buffers now (inside the context: any thread may call it)."""
+        with self.backend.active():
+            self._buffers.clear()
+            self._views = ()
+            self._tokens = self._positions = None
 
     def layer_qkv(self, layer: int) -> tuple[Any, Any, Any]:
         """Launches the generator for ``layer`` (asynchronously) and returns q, k, v views.

@@ -15,6 +15,7 @@ PyCUDA; only building a CUDA backend does.
 from __future__ import annotations
 
 import importlib.util
+import threading
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -115,9 +116,30 @@ def cuda_unavailable_reason(device: int = 0) -> str | None:
     return None
 
 
+_CUDA_BACKENDS: dict[int, Any] = {}
+_CUDA_LOCK = threading.Lock()
+
+
+def _cuda_backend(index: int, cache_dir: Path | None) -> Any:
+    """The process's one CudaBackend for device ``index``.
+
+    One per device, never dropped: every device array then belongs to one PyCUDA context
+    object (the device's primary context), whichever thread frees it, and modules compile
+    and load once.
+    """
+    with _CUDA_LOCK:
+        backend = _CUDA_BACKENDS.get(index)
+        if backend is None:
+            from velod.kernels.cuda import CudaBackend
+
+            backend = _CUDA_BACKENDS[index] = CudaBackend(index, cache_dir=cache_dir)
+        return backend
+
+
 def get_backend(device: str = "auto", *, cache_dir: Path | None = None) -> AttentionBackend:
     """A backend for ``device``: "auto" (CUDA if it can run, else NumPy), "cpu"/"numpy",
-    "cuda" or "cuda:N". Raises BackendUnavailable when CUDA is asked for and cannot run."""
+    "cuda" or "cuda:N". Raises BackendUnavailable when CUDA is asked for and cannot run.
+    A CUDA backend is made once per device and process (``cache_dir`` applies to the first)."""
     if device in ("cpu", "numpy"):
         return NumpyBackend()
     if device == "auto":
@@ -129,7 +151,5 @@ def get_backend(device: str = "auto", *, cache_dir: Path | None = None) -> Atten
         reason = cuda_unavailable_reason(index)
         if reason is not None:
             raise BackendUnavailable(reason)
-        from velod.kernels.cuda import CudaBackend
-
-        return CudaBackend(index, cache_dir=cache_dir)
+        return _cuda_backend(index, cache_dir)
     raise ValueError(f"unknown device {device!r}: use auto, cpu, numpy, cuda or cuda:N")

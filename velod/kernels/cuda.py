@@ -19,8 +19,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
@@ -137,6 +136,26 @@ def _host(array) -> np.ndarray:
     return array.get() if hasattr(array, "get") else np.asarray(array)
 
 
+class _Activation:
+    """``with`` block that pushes a context unless this thread already has it pushed."""
+
+    def __init__(self, context, context_class) -> None:
+        self._context = context
+        self._pop = context_class.pop
+        self._depth = threading.local()
+
+    def __enter__(self) -> None:
+        depth = getattr(self._depth, "n", 0)
+        if depth == 0:
+            self._context.push()
+        self._depth.n = depth + 1
+
+    def __exit__(self, *exc) -> None:
+        self._depth.n -= 1
+        if self._depth.n == 0:
+            self._pop()
+
+
 class CudaBackend:
     """Paged attention, cache writes and block copies on one CUDA device through PyCUDA."""
 
@@ -155,13 +174,15 @@ class CudaBackend:
         self.arch = f"sm_{major}{minor}"
         self.num_sms = self.device.get_attribute(drv.device_attribute.MULTIPROCESSOR_COUNT)
         self._context = self.device.retain_primary_context()
+        self._activation = _Activation(self._context, drv.Context)
         self._cache_dir = cache_dir
         self._lock = threading.Lock()
         self._modules: dict[tuple[str, ...], object] = {}
         self._functions: dict[str, object] = {}
         self._workspace: dict[str, object] = {}
         self._keepalive: tuple = ()
-        self._plans: dict[tuple, tuple] = {}
+        self._launches: dict[tuple, tuple] = {}  # attention calls, by argument shapes
+        self._writes: dict[tuple, tuple] = {}    # cache writes, likewise
         # Small uploads (indices, queries) come from a pool: cuMemAlloc/cuMemFree per call
         # would cost tens of microseconds and cuMemFree synchronizes the device.
         from pycuda.tools import DeviceMemoryPool
@@ -171,14 +192,13 @@ class CudaBackend:
 
     # ---- context, memory -------------------------------------------------------------------
 
-    @contextmanager
-    def active(self) -> Iterator[None]:
-        """Makes the device's primary context current in this thread for the block."""
-        self._context.push()
-        try:
-            yield
-        finally:
-            self._drv.Context.pop()
+    def active(self) -> _Activation:
+        """Makes the device's primary context current in this thread for a ``with`` block.
+
+        Nested blocks in one thread push nothing more (a push and pop costs a few
+        microseconds, and every launch wrapper enters one).
+        """
+        return self._activation
 
     def to_device(self, array: np.ndarray):
         with self.active():
@@ -272,17 +292,76 @@ class CudaBackend:
     def _paged_attention(self, query, key_cache, value_cache, block_tables, context_lens,
                          scale, partition_size, out, stream, max_context):
         on_device = not isinstance(context_lens, np.ndarray)
-        if on_device and max_context is not None:
-            lens_host = None
+        lens_host = None
+        if not (on_device and max_context is not None):
+            lens_host = _host(context_lens)
+            max_context = None
+        # Every layer of an engine step makes the same call on other arrays: the checks and
+        # the launch plan are done once per distinct shape and reused.
+        key = (tuple(query.shape), tuple(key_cache.shape), tuple(value_cache.shape),
+               tuple(block_tables.shape), tuple(context_lens.shape), query.dtype,
+               key_cache.dtype, value_cache.dtype, block_tables.dtype, context_lens.dtype,
+               max_context, partition_size)
+        launch = self._launches.get(key)
+        if launch is None or lens_host is not None:
+            launch = self._plan_attention(query, key_cache, value_cache, block_tables,
+                                          context_lens if lens_host is None else lens_host,
+                                          partition_size, max_context)
+            if lens_host is None:
+                if len(self._launches) > 4096:
+                    self._launches.clear()
+                self._launches[key] = launch
+        shape, dtype, plan, kernel, merge = launch
+        if shape.num_seqs == 0:
+            return out if out is not None else self.empty(tuple(query.shape), dtype)
+        if out is not None and (tuple(out.shape) != tuple(query.shape) or out.dtype != dtype):
+            raise AttentionArgumentError(
+                f"out must be {tuple(query.shape)} {dtype.name}, got {tuple(out.shape)} "
+                f"{np.dtype(out.dtype).name}")
+        q = self._device(query)
+        k, v = self._device(key_cache), self._device(value_cache)
+        tables = self._device(block_tables)
+        lens = self._device(context_lens if on_device else lens_host)
+        if out is None:
+            out = self._gpuarray.empty(tuple(query.shape), dtype)
+        pointers = (int(q.gpudata), int(k.gpudata), int(v.gpudata), int(out.gpudata))
+        if (pointers[0] | pointers[1] | pointers[2] | pointers[3]) & 15:
+            raise AttentionArgumentError(
+                "query, key_cache, value_cache and out must start on 16-byte boundaries")
+        # Uploaded temporaries must outlive the queued launch.
+        self._keepalive = (q, tables, lens)
+        part_out = part_max = part_sum = 0
+        if plan.max_parts > 1:
+            rows = shape.num_seqs * shape.num_heads * plan.max_parts
+            part_out = int(self._scratch("part_out", rows * shape.head_dim).gpudata)
+            part_max = int(self._scratch("part_max", rows).gpudata)
+            part_sum = int(self._scratch("part_sum", rows).gpudata)
+        kernel.prepared_async_call(
+            plan.grid, (plan.threads, 1, 1), stream, pointers[3], part_out, part_max, part_sum,
+            pointers[0], pointers[1], pointers[2], int(tables.gpudata), int(lens.gpudata),
+            np.float32(scale * math.log2(math.e)), shape.num_heads, shape.num_kv_heads,
+            plan.heads_per_block, shape.max_blocks_per_seq, plan.partition_size,
+            plan.max_parts, shared_size=plan.smem_bytes)
+        if plan.max_parts > 1:
+            merge.prepared_async_call(
+                (shape.num_heads, shape.num_seqs), (plan.threads, 1, 1), stream, pointers[3],
+                part_out, part_max, part_sum, int(lens.gpudata), shape.num_heads,
+                shape.head_dim, plan.partition_size, plan.max_parts)
+        return out
+
+    def _plan_attention(self, query, key_cache, value_cache, block_tables, context_lens,
+                        partition_size, max_context):
+        """Checks a call's arguments; returns (shape, dtype, plan, kernel, merge kernel)."""
+        if max_context is not None:
             shape = check_attention_args(query, key_cache, value_cache, block_tables,
                                          context_lens)
             probe = np.array([max_context], np.int32)
             check_context_lens(probe, replace(shape, num_seqs=1))
         else:
-            lens_host = _host(context_lens)
-            shape = check_attention_args(query, key_cache, value_cache, block_tables, lens_host)
-            check_context_lens(lens_host, shape)
-            max_context = int(lens_host.max()) if lens_host.size else 0
+            shape = check_attention_args(query, key_cache, value_cache, block_tables,
+                                         context_lens)
+            check_context_lens(context_lens, shape)
+            max_context = int(context_lens.max()) if context_lens.size else 0
         dtype = np.dtype(key_cache.dtype)
         if shape.head_dim not in SUPPORTED_HEAD_DIMS:
             raise AttentionArgumentError(
@@ -291,54 +370,17 @@ class CudaBackend:
             raise AttentionArgumentError(
                 f"block_size {shape.block_size} has no CUDA kernel; "
                 f"supported: {SUPPORTED_BLOCK_SIZES}")
-        if shape.num_seqs == 0:
-            return out if out is not None else self.empty(tuple(query.shape), dtype)
         plan = plan_attention_launch(shape, dtype.itemsize, max_context, self.num_sms,
                                      partition_size)
-        if out is not None and (tuple(out.shape) != tuple(query.shape) or out.dtype != dtype):
-            raise AttentionArgumentError(
-                f"out must be {tuple(query.shape)} {dtype.name}, got {tuple(out.shape)} "
-                f"{np.dtype(out.dtype).name}")
-        with self.active():
-            q = self._device(query)
-            k, v = self._device(key_cache), self._device(value_cache)
-            tables = self._device(block_tables)
-            lens = self._device(context_lens if on_device else lens_host)
-            if out is None:
-                out = self._gpuarray.empty(tuple(query.shape), dtype)
-            for name, array in (("query", q), ("key_cache", k), ("value_cache", v), ("out", out)):
-                if int(array.gpudata) % 16:
-                    raise AttentionArgumentError(f"{name} must start on a 16-byte boundary")
-            # Uploaded temporaries must outlive the queued launch.
-            self._keepalive = (q, tables, lens)
-            rows = shape.num_seqs * shape.num_heads * plan.max_parts
-            part_out = part_max = part_sum = 0
-            if plan.max_parts > 1:
-                part_out = self._scratch("part_out", rows * shape.head_dim).gpudata
-                part_max = self._scratch("part_max", rows).gpudata
-                part_sum = self._scratch("part_sum", rows).gpudata
-            dtype_option = DTYPE_NAMES[dtype.name]
-            kernel = self._function(
-                attention_kernel_name(dtype, shape.head_dim, shape.block_size), dtype_option)
-            if not hasattr(kernel, "arg_format"):
-                kernel.prepare([np.uintp] * 9 + [np.float32] + [np.int32] * 6)
-            kernel.prepared_async_call(
-                plan.grid, (plan.threads, 1, 1), stream, int(out.gpudata), int(part_out),
-                int(part_max), int(part_sum), int(q.gpudata), int(k.gpudata), int(v.gpudata),
-                int(tables.gpudata), int(lens.gpudata), np.float32(scale * math.log2(math.e)),
-                shape.num_heads, shape.num_kv_heads, plan.heads_per_block,
-                shape.max_blocks_per_seq, plan.partition_size, plan.max_parts,
-                shared_size=plan.smem_bytes)
-            if plan.max_parts > 1:
-                merge = self._function(f"velod_merge_partitions_{dtype_option}", dtype_option)
-                if not hasattr(merge, "arg_format"):
-                    merge.prepare([np.uintp] * 5 + [np.int32] * 4)
-                merge.prepared_async_call(
-                    (shape.num_heads, shape.num_seqs), (plan.threads, 1, 1), stream,
-                    int(out.gpudata), int(part_out), int(part_max), int(part_sum),
-                    int(lens.gpudata), shape.num_heads, shape.head_dim, plan.partition_size,
-                    plan.max_parts)
-        return out
+        dtype_option = DTYPE_NAMES[dtype.name]
+        kernel = self._function(
+            attention_kernel_name(dtype, shape.head_dim, shape.block_size), dtype_option)
+        if not hasattr(kernel, "arg_format"):
+            kernel.prepare([np.uintp] * 9 + [np.float32] + [np.int32] * 6)
+        merge = self._function(f"velod_merge_partitions_{dtype_option}", dtype_option)
+        if not hasattr(merge, "arg_format"):
+            merge.prepare([np.uintp] * 5 + [np.int32] * 4)
+        return shape, dtype, plan, kernel, merge
 
     def write_cache(self, key, value, key_cache, value_cache, slot_mapping, *, stream=None):
         """Scatters K and V rows into their cache slots (negative slots are skipped).
@@ -352,24 +394,32 @@ class CudaBackend:
             self._write_cache(key, value, key_cache, value_cache, slot_mapping, stream)
 
     def _write_cache(self, key, value, key_cache, value_cache, slot_mapping, stream):
-        num_blocks, block_size = key_cache.shape[:2]
-        num_slots = num_blocks * block_size
-        if isinstance(slot_mapping, np.ndarray):
+        host_slots = isinstance(slot_mapping, np.ndarray)
+        shape_key = (tuple(key.shape), tuple(value.shape), tuple(key_cache.shape),
+                     tuple(value_cache.shape), tuple(slot_mapping.shape), key.dtype,
+                     value.dtype, key_cache.dtype, slot_mapping.dtype)
+        launch = self._writes.get(shape_key)
+        if launch is None:
             check_cache_write_args(key, value, key_cache, value_cache, slot_mapping)
+            num_blocks, block_size = key_cache.shape[:2]
+            row_bytes = int(np.prod(key_cache.shape[2:])) * np.dtype(key_cache.dtype).itemsize
+            kernel = self._function(f"velod_write_cache_{_index_name(slot_mapping.dtype)}",
+                                    DTYPE_NAMES[np.dtype(key_cache.dtype).name])
+            if not hasattr(kernel, "arg_format"):
+                kernel.prepare([np.uintp] * 5 + [np.int64] * 4)
+            launch = (kernel, row_bytes, num_blocks * block_size)
+            if len(self._writes) > 4096:
+                self._writes.clear()
+            self._writes[shape_key] = launch
+        kernel, row_bytes, num_slots = launch
+        if host_slots:
             check_slots(slot_mapping, num_slots)
-        else:
-            check_cache_write_args(key, value, key_cache, value_cache, slot_mapping)
         tokens = int(slot_mapping.shape[0])
         if tokens == 0:
             return
-        row_bytes = int(np.prod(key_cache.shape[2:])) * np.dtype(key_cache.dtype).itemsize
         k, v = self._device(key), self._device(value)
         slots = self._device(slot_mapping)
         self._keepalive = (k, v, slots)
-        kernel = self._function(f"velod_write_cache_{_index_name(slot_mapping.dtype)}",
-                                DTYPE_NAMES[np.dtype(key_cache.dtype).name])
-        if not hasattr(kernel, "arg_format"):
-            kernel.prepare([np.uintp] * 5 + [np.int64] * 4)
         kernel.prepared_async_call(
             (tokens, 2), (KERNEL_THREADS, 1, 1), stream,
             int(self._device(key_cache).gpudata), int(self._device(value_cache).gpudata),
