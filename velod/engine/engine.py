@@ -269,8 +269,9 @@ class Engine:
             # host-to-device copy from pageable memory waits for the device, so an upload
             # inside the layer loop would serialize the launches.
             check_slots(slots, pool.num_blocks * self.spec.block_size)
-            tables, lens_arg = backend.to_device(tables), backend.to_device(lens)
-            slots = backend.to_device(slots)
+            tables = backend.stage("engine.tables", tables)
+            lens_arg = backend.stage("engine.lens", lens)
+            slots = backend.stage("engine.slots", slots)
         else:
             lens_arg = lens
         outputs: list[Any] = []

@@ -273,8 +273,10 @@ class _CudaGenerator:
         m, count = self.model, len(token_ids)
         q_width, kv_width = m.heads * m.head_dim, m.kv_heads * m.head_dim
         with self.backend.active():
-            self._tokens = self.backend.to_device(np.ascontiguousarray(token_ids, np.int32))
-            self._positions = self.backend.to_device(np.ascontiguousarray(positions, np.int32))
+            self._tokens = self.backend.stage("synthetic.tokens",
+                                              np.ascontiguousarray(token_ids, np.int32))
+            self._positions = self.backend.stage("synthetic.positions",
+                                                 np.ascontiguousarray(positions, np.int32))
             q = self._buffer("q", count, q_width)
             k = self._buffer("k", count, kv_width)
             v = self._buffer("v", count, kv_width)

@@ -56,6 +56,8 @@ class AttentionBackend(Protocol):
 
     def to_device(self, array: np.ndarray) -> Any: ...
 
+    def stage(self, name: str, array: np.ndarray) -> Any: ...
+
     def to_host(self, array: Any) -> np.ndarray: ...
 
     def empty(self, shape: tuple[int, ...], dtype: Any) -> Any: ...
@@ -85,6 +87,9 @@ class NumpyBackend:
 
     def to_device(self, array: np.ndarray) -> np.ndarray:
         return np.array(array, copy=True, order="C")
+
+    def stage(self, name: str, array: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(array)
 
     def to_host(self, array: np.ndarray) -> np.ndarray:
         return np.asarray(array)

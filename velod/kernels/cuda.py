@@ -183,12 +183,7 @@ class CudaBackend:
         self._keepalive: tuple = ()
         self._launches: dict[tuple, tuple] = {}  # attention calls, by argument shapes
         self._writes: dict[tuple, tuple] = {}    # cache writes, likewise
-        # Small uploads (indices, queries) come from a pool: cuMemAlloc/cuMemFree per call
-        # would cost tens of microseconds and cuMemFree synchronizes the device.
-        from pycuda.tools import DeviceMemoryPool
-
-        with self.active():
-            self._upload_pool = DeviceMemoryPool()
+        self._staging: dict[str, object] = {}
 
     # ---- context, memory -------------------------------------------------------------------
 
@@ -202,12 +197,28 @@ class CudaBackend:
 
     def to_device(self, array: np.ndarray):
         with self.active():
-            return self._upload(array)
+            return self._gpuarray.to_gpu(np.ascontiguousarray(array))
 
-    def _upload(self, array: np.ndarray):
-        """A device copy of a host array from the upload pool (caller holds the context)."""
-        return self._gpuarray.to_gpu(np.ascontiguousarray(array),
-                                     allocator=self._upload_pool.allocate)
+    def stage(self, name: str, array: np.ndarray):
+        """``array`` copied into the reusable device buffer ``name``, as a device array.
+
+        For the engine's per-step index arrays: no allocation per step (cuMemAlloc and the
+        synchronizing cuMemFree cost tens of microseconds each). The buffer is overwritten by
+        the next ``stage`` of the same name, so work queued on the previous contents must be
+        finished (the engine synchronizes at the end of every step; the copy itself waits
+        for queued work too). PyCUDA's DeviceMemoryPool is not used: a pooled block freed
+        while no context is current aborts the process.
+        """
+        array = np.ascontiguousarray(array)
+        with self.active():
+            buffer = self._staging.get(name)
+            if buffer is None or buffer.size < array.nbytes:
+                buffer = self._gpuarray.empty(max(2 * array.nbytes, 4096), np.uint8)
+                self._staging[name] = buffer
+            if array.nbytes:
+                self._drv.memcpy_htod(buffer.gpudata, array)
+            return self._gpuarray.GPUArray(array.shape, array.dtype, gpudata=buffer.gpudata,
+                                           base=buffer)
 
     def to_host(self, array) -> np.ndarray:
         if isinstance(array, np.ndarray):
@@ -226,7 +237,7 @@ class CudaBackend:
     def _device(self, array):
         """A device array for ``array`` (uploads NumPy input; caller holds the context)."""
         if isinstance(array, np.ndarray):
-            return self._upload(array)
+            return self._gpuarray.to_gpu(np.ascontiguousarray(array))
         if not array.flags.c_contiguous:
             raise AttentionArgumentError("device arrays must be C-contiguous")
         return array
