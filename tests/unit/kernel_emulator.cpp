@@ -7,9 +7,12 @@
 //                                   block_tables,context_lens}.bin, writes DIR/out.bin
 //   emulator write_cache KERNEL DIR / emulator copy_blocks KERNEL DIR   (see main)
 // Emulated: threadIdx/blockIdx, __syncthreads (block barrier), __shfl_xor_sync (barrier per
-// lane group of the mask), dynamic shared memory, cp.async groups (copies happen only at
-// wait_group, zero-fill included). Blocks run one after another.
+// lane group of the mask), __syncwarp, dynamic shared memory, cp.async groups (copies happen
+// only at wait_group, zero-fill included), and the tensor-core path's ldmatrix (.trans) and
+// mma.m16n8k16 (f16/bf16 in, f32 accumulators) with PTX's fragment layouts, through the warp's
+// barrier. Blocks run one after another.
 
+#include <array>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -86,6 +89,81 @@ inline float __shfl_xor_sync(unsigned mask, float value, int offset) {
     return result;
 }
 
+namespace emu {
+std::vector<std::array<uint32_t, 6>> warp_words;  // per thread: mma a[4], b0, b1
+std::vector<const void*> warp_rows;                // per thread: ldmatrix row address
+
+inline std::barrier<>& warp_barrier() {
+    return *lane_barriers.at({static_cast<int>(threadIdx.x) - static_cast<int>(threadIdx.x % 32),
+                              32});
+}
+
+inline float half_bits_to_float(uint16_t bits, bool bf16) {
+    if (bf16) {
+        const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+        float f;
+        std::memcpy(&f, &wide, 4);
+        return f;
+    }
+    __half h;
+    std::memcpy(&h, &bits, 2);
+    return __half2float(h);
+}
+}  // namespace emu
+
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::warp_barrier().arrive_and_wait(); }
+
+// ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16: lane l gives row l % 8 of matrix l / 8.
+inline void velod_emulated_ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
+    const int lane = threadIdx.x % 32;
+    const int base = static_cast<int>(threadIdx.x) - lane;
+    emu::warp_rows[threadIdx.x] = row;
+    emu::warp_barrier().arrive_and_wait();
+    for (int i = 0; i < 4; ++i) {
+        uint16_t lo, hi;
+        if (!trans) {  // row lane / 4, columns 2 (lane % 4) and + 1
+            const auto* p = static_cast<const uint16_t*>(emu::warp_rows[base + i * 8 + lane / 4]);
+            lo = p[2 * (lane % 4)];
+            hi = p[2 * (lane % 4) + 1];
+        } else {  // rows 2 (lane % 4) and + 1, column lane / 4
+            lo = static_cast<const uint16_t*>(
+                emu::warp_rows[base + i * 8 + 2 * (lane % 4)])[lane / 4];
+            hi = static_cast<const uint16_t*>(
+                emu::warp_rows[base + i * 8 + 2 * (lane % 4) + 1])[lane / 4];
+        }
+        r[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+    }
+    emu::warp_barrier().arrive_and_wait();
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: d += A (16x16) * B (16x8), PTX's
+// fragment layouts: A row r, column k in lane (r % 8) * 4 + (k % 8) / 2, register
+// (r / 8) + 2 (k / 8), half k % 2; B row k, column n in lane n * 4 + (k % 8) / 2,
+// register k / 8, half k % 2; D row g + 8 (c / 2), column 2 (lane % 4) + c % 2.
+inline void velod_emulated_mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                    uint32_t b1, bool bf16) {
+    const int lane = threadIdx.x % 32;
+    const int base = static_cast<int>(threadIdx.x) - lane;
+    emu::warp_words[threadIdx.x] = {a[0], a[1], a[2], a[3], b0, b1};
+    emu::warp_barrier().arrive_and_wait();
+    auto element = [&](int owner, int reg, int half) {
+        const uint32_t word = emu::warp_words[base + owner][reg];
+        return emu::half_bits_to_float(static_cast<uint16_t>(half ? word >> 16 : word), bf16);
+    };
+    for (int c = 0; c < 4; ++c) {
+        const int row = lane / 4 + 8 * (c / 2);
+        const int col = 2 * (lane % 4) + c % 2;
+        float sum = 0.f;
+        for (int k = 0; k < 16; ++k) {
+            const float av = element((row % 8) * 4 + (k % 8) / 2, row / 8 + 2 * (k / 8), k % 2);
+            const float bv = element(col * 4 + (k % 8) / 2, 4 + k / 8, k % 2);
+            sum += av * bv;
+        }
+        d[c] += sum;
+    }
+    emu::warp_barrier().arrive_and_wait();
+}
+
 inline void velod_emulated_copy16(void* dst, const void* src, bool valid) {
     emu::open_group.push_back({dst, src, valid});
 }
@@ -114,6 +192,8 @@ void launch(void (*kernel)(Params...), dim3 grid, unsigned threads, size_t smem,
     std::vector<unsigned char> shared(smem > 0 ? smem : 1);
     g_smem = shared.data();
     emu::shuffle_slots.assign(threads, 0.f);
+    emu::warp_words.assign(threads, {});
+    emu::warp_rows.assign(threads, nullptr);
     emu::block_barrier = std::make_unique<std::barrier<>>(threads);
     emu::lane_barriers.clear();
     for (int width = 1; width <= 32; width *= 2)
@@ -216,7 +296,7 @@ int main(int argc, char** argv) {
         std::vector<float> part_out(split ? rows * i("head_dim") : 0, NAN);
         std::vector<float> part_max(split ? rows : 0, NAN), part_sum(split ? rows : 0, NAN);
         launch(kAttention.at(kernel), dim3(i("max_parts"), i("grid_y"), i("num_seqs")),
-               velod::kThreads, static_cast<size_t>(i("smem_bytes")),
+               static_cast<unsigned>(i("threads")), static_cast<size_t>(i("smem_bytes")),
                static_cast<void*>(out.data()), split ? part_out.data() : nullptr,
                split ? part_max.data() : nullptr, split ? part_sum.data() : nullptr,
                static_cast<const void*>(query.data()),

@@ -81,16 +81,17 @@ def run_attention(binary: Path, workdir: Path, case, partition_size: int | None)
     shape = check_attention_args(query, case.key_cache, case.value_cache, case.block_tables,
                                  case.context_lens)
     max_context = int(case.context_lens.max())
-    # The launch the CUDA backend makes; partition_size None = its automatic choice for a
+    # The launch the CUDA backend makes on an sm_80+ device (the emulator runs the tensor-core
+    # path for fp16/bf16); partition_size None = its automatic choice for a
     # 132-SM device (so small test batches split into partitions, as on an H100).
     plan = plan_attention_launch(shape, query.dtype.itemsize, max_context, num_sms=132,
-                                 partition_size=partition_size)
+                                 partition_size=partition_size, tensor_cores=True)
     params = {
         "num_seqs": shape.num_seqs, "num_heads": shape.num_heads,
         "num_kv_heads": shape.num_kv_heads, "head_dim": shape.head_dim,
         "heads_per_block": plan.heads_per_block, "grid_y": plan.grid[1],
         "max_blocks_per_seq": shape.max_blocks_per_seq, "partition_size": plan.partition_size,
-        "max_parts": plan.max_parts, "smem_bytes": plan.smem_bytes,
+        "max_parts": plan.max_parts, "smem_bytes": plan.smem_bytes, "threads": plan.threads,
         "scale_log2": case.scale * math.log2(math.e),
     }
     workdir.mkdir(parents=True, exist_ok=True)

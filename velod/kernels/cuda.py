@@ -172,6 +172,7 @@ class CudaBackend:
         self.device_name = self.device.name()
         major, minor = self.device.compute_capability()
         self.arch = f"sm_{major}{minor}"
+        self.tensor_cores = major >= 8  # the module's fp16/bf16 kernels use mma.sync
         self.num_sms = self.device.get_attribute(drv.device_attribute.MULTIPROCESSOR_COUNT)
         self._context = self.device.retain_primary_context()
         self._activation = _Activation(self._context, drv.Context)
@@ -382,7 +383,7 @@ class CudaBackend:
                 f"block_size {shape.block_size} has no CUDA kernel; "
                 f"supported: {SUPPORTED_BLOCK_SIZES}")
         plan = plan_attention_launch(shape, dtype.itemsize, max_context, self.num_sms,
-                                     partition_size)
+                                     partition_size, tensor_cores=self.tensor_cores)
         dtype_option = DTYPE_NAMES[dtype.name]
         kernel = self._function(
             attention_kernel_name(dtype, shape.head_dim, shape.block_size), dtype_option)

@@ -88,6 +88,25 @@ def kernel_geometry(itemsize: int, head_dim: int) -> KernelGeometry:
     return KernelGeometry(lanes, KERNEL_THREADS // lanes, tile, 2 * 2 * tile * row_bytes)
 
 
+MMA_ROWS = 16  # query heads per tensor-core tile (the M of mma.m16n8k16)
+
+
+@dataclass(frozen=True)
+class MmaGeometry:
+    """The tensor-core kernel's launch for a head_dim (``MmaGeometry`` in the .cu file)."""
+
+    warps: int
+    threads: int
+    smem_bytes: int
+
+
+def mma_geometry(head_dim: int) -> MmaGeometry:
+    """Warps, threads and shared memory of the tensor-core kernel (fp16/bf16, sm_80+)."""
+    warp_bytes = 2 * 2 * 16 * (head_dim + 8) * 2  # 2 stages x (K, V) x 16 padded rows
+    warps = max(1, min(4, 49152 // warp_bytes))
+    return MmaGeometry(warps, warps * 32, warps * warp_bytes)
+
+
 @dataclass(frozen=True)
 class AttentionLaunch:
     """How the CUDA backend launches one paged-attention call."""
@@ -101,10 +120,21 @@ class AttentionLaunch:
 
 
 def plan_attention_launch(shape: AttentionShape, itemsize: int, max_context: int,
-                          num_sms: int, partition_size: int | None = None) -> AttentionLaunch:
-    """Grid, heads per block and partitioning for a call (pure; mirrors the kernel)."""
-    geometry = kernel_geometry(itemsize, shape.head_dim)
-    heads_per_block = min(shape.group_size, geometry.groups)
+                          num_sms: int, partition_size: int | None = None, *,
+                          tensor_cores: bool = False) -> AttentionLaunch:
+    """Grid, heads per block and partitioning for a call (pure; mirrors the kernel).
+
+    ``tensor_cores``: the device runs the tensor-core kernel (sm_80 and newer), which the
+    module uses for 2-byte caches (fp16, bf16); float32 caches always take the CUDA-core one.
+    """
+    if tensor_cores and itemsize == 2:
+        mma = mma_geometry(shape.head_dim)
+        heads_per_block = min(shape.group_size, MMA_ROWS)
+        threads, smem_bytes = mma.threads, mma.smem_bytes
+    else:
+        geometry = kernel_geometry(itemsize, shape.head_dim)
+        heads_per_block = min(shape.group_size, geometry.groups)
+        threads, smem_bytes = KERNEL_THREADS, geometry.smem_bytes
     chunks = -(-shape.group_size // heads_per_block)
     if partition_size is None:
         partition_size = choose_partition_size(
@@ -115,7 +145,7 @@ def plan_attention_launch(shape: AttentionShape, itemsize: int, max_context: int
         raise AttentionArgumentError("at most 65535 sequences and kv-head chunks per call")
     max_parts = max(1, -(-max_context // partition_size))
     return AttentionLaunch((max_parts, shape.num_kv_heads * chunks, shape.num_seqs),
-                           heads_per_block, partition_size, max_parts, geometry.smem_bytes)
+                           heads_per_block, partition_size, max_parts, smem_bytes, threads)
 
 
 def choose_partition_size(

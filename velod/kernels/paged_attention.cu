@@ -27,11 +27,13 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 namespace velod {
 
 constexpr int kThreads = 128;        // threads per attention block
 constexpr int kStageBytes = 16384;   // K + V bytes per pipeline stage
-constexpr int kUnroll = 4;           // tokens per online-softmax step in one group
+[[maybe_unused]] constexpr int kUnroll = 4;  // tokens per online-softmax step in one group
 
 __host__ __device__ constexpr int pow2_ceil(int x) { return x <= 1 ? 1 : 2 * pow2_ceil((x + 1) / 2); }
 __host__ __device__ constexpr int pow2_floor(int x) { return x < 2 ? 1 : 2 * pow2_floor(x / 2); }
@@ -339,6 +341,311 @@ __device__ __forceinline__ void paged_attention(
     }
 }
 
+// ---- tensor-core path (fp16 and bf16 caches, sm_80 and newer) ----------------------------
+//
+// The query heads that share a KV head are the M rows (up to 16) of mma.sync m16n8k16 tiles,
+// so each K/V element is read from shared memory once for all of them and the dot products
+// and the weighted sum of V run on tensor cores (fp32 accumulation), not lane by lane.
+// Each warp streams its own 16-token sub-tiles of the partition (sub-tiles w, w + kWarps, ...)
+// through its own two-stage cp.async buffer and keeps an online softmax for its rows; the
+// warps are merged through shared memory at the end, as in the CUDA-core path.
+//   S = Q·Kᵀ: A = Q (16 heads × 16 dims, registers), B = Kᵀ (ldmatrix of K rows).
+//   O += P·V: A = P (the S accumulators rounded to T: FlashAttention-2's register reuse),
+//             B = V (ldmatrix.trans of V rows).
+// Rows of the staged tiles are padded by 16 bytes so that ldmatrix reads are conflict-free.
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(VELOD_HOST_EMULATION)
+#define VELOD_TENSOR_CORES 1
+#endif
+
+template <int HEAD_DIM>
+struct MmaGeometry {
+    static constexpr int kStride = HEAD_DIM + 8;                  // elements per staged row
+    static constexpr int kWarpElems = 2 * 2 * 16 * kStride;       // 2 stages x (K, V) x 16 rows
+    static constexpr int kWarpBytes = kWarpElems * 2;
+    static constexpr int kWarps = cmax(1, cmin(4, 49152 / kWarpBytes));
+    static constexpr int kThreads = kWarps * 32;
+    static constexpr int kSmemBytes = kWarps * kWarpBytes;
+    static_assert(HEAD_DIM % 16 == 0, "head_dim must be a multiple of 16");
+    static_assert(kWarps * (16 * HEAD_DIM + 32) * 4 <= kSmemBytes, "merge buffer must fit");
+};
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+// Four 8x8 b16 matrices from shared memory; lane l gives the row address l % 8 of matrix l / 8.
+template <bool TRANS>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+#if defined(VELOD_HOST_EMULATION)
+    velod_emulated_ldmatrix_x4(r, row, TRANS);
+#else
+    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(row));
+    if constexpr (TRANS) {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+    } else {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+    }
+#endif
+}
+
+// d += a (16x16, row) * b (16x8, col), fp32 accumulators.
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+#if defined(VELOD_HOST_EMULATION)
+    velod_emulated_mma16816(d, a, b0, b1, std::is_same_v<T, __nv_bfloat16>);
+#else
+    if constexpr (std::is_same_v<T, __half>) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    } else {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+#endif
+}
+
+__device__ __forceinline__ float quad_max(float v) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float v) {
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+template <typename T, int HEAD_DIM, int BLOCK_SIZE>
+__device__ __forceinline__ void paged_attention_mma(
+    T* __restrict__ out, float* __restrict__ part_out, float* __restrict__ part_max,
+    float* __restrict__ part_sum, const T* __restrict__ query,
+    const T* __restrict__ key_cache, const T* __restrict__ value_cache,
+    const int* __restrict__ block_tables, const int* __restrict__ context_lens,
+    const float scale_log2, const int num_heads, const int num_kv_heads,
+    const int heads_per_block, const int max_blocks_per_seq, const int partition_size,
+    const int max_parts) {
+    using G = MmaGeometry<HEAD_DIM>;
+    constexpr int kStride = G::kStride;
+    constexpr int kWarps = G::kWarps;
+    constexpr int kSteps = HEAD_DIM / 16;   // k-steps of S, pairs of n-tiles of O
+    constexpr int kRowVecs = HEAD_DIM / 8;  // 16-byte vectors per row
+#if defined(VELOD_HOST_EMULATION)
+    unsigned char* const smem_raw = velod_emulated_smem();
+#else
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+#endif
+    const int seq = blockIdx.z;
+    const int part = blockIdx.x;
+    const int ctx = context_lens[seq];
+    const int num_parts = ctx <= 0 ? 1 : ceil_div(ctx, partition_size);
+    if (part >= num_parts) return;  // uniform for the block, before any barrier
+    const int start = part * partition_size;
+    const int end = min(ctx, start + partition_size);
+
+    const int group_size = num_heads / num_kv_heads;
+    const int chunks = ceil_div(group_size, heads_per_block);
+    const int kv_head = blockIdx.y / chunks;
+    const int chunk = blockIdx.y % chunks;
+    const int head0 = kv_head * group_size + chunk * heads_per_block;
+    const int heads_here = min(heads_per_block, group_size - chunk * heads_per_block);
+
+    const int warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    const int g = lane / 4;  // fragment row (and token / dim column of B)
+    const int t = lane % 4;  // fragment column pair
+    T* const wsmem = reinterpret_cast<T*>(smem_raw) + warp * G::kWarpElems;
+
+    // Q as A fragments, rows g and g + 8 (heads past heads_here are zero).
+    uint32_t qa[kSteps][4];
+#pragma unroll
+    for (int kk = 0; kk < kSteps; ++kk) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const int row = g + (r & 1) * 8;
+            const int col = kk * 16 + (r >> 1) * 8 + 2 * t;
+            qa[kk][r] = row < heads_here
+                ? *reinterpret_cast<const uint32_t*>(
+                      query + (static_cast<int64_t>(seq) * num_heads + head0 + row) * HEAD_DIM +
+                      col)
+                : 0u;
+        }
+    }
+    float o[2 * kSteps][4];
+#pragma unroll
+    for (int n = 0; n < 2 * kSteps; ++n)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) o[n][c] = 0.f;
+    float m[2] = {-INFINITY, -INFINITY};  // running max of rows g, g + 8 (log2 domain)
+    float l[2] = {0.f, 0.f};              // this thread's part of the running sums
+
+    const int* const table = block_tables + static_cast<int64_t>(seq) * max_blocks_per_seq;
+    const int num_sub = end > start ? ceil_div(end - start, 16) : 0;
+    const int mine = num_sub > warp ? ceil_div(num_sub - warp, kWarps) : 0;
+
+    auto load_sub = [&](int i, int stage) {
+        const int t0 = start + (warp + i * kWarps) * 16;
+        const int n = min(16, end - t0);
+        T* const ks = wsmem + stage * 2 * 16 * kStride;
+        T* const vs = ks + 16 * kStride;
+        for (int v = lane; v < 16 * kRowVecs; v += 32) {
+            const int tok = v / kRowVecs;
+            const int col = (v % kRowVecs) * 8;
+            const bool valid = tok < n;
+            int64_t offset = 0;
+            if (valid) {
+                const int pos = t0 + tok;
+                const int64_t slot = static_cast<int64_t>(table[pos / BLOCK_SIZE]) * BLOCK_SIZE +
+                                     pos % BLOCK_SIZE;
+                offset = (slot * num_kv_heads + kv_head) * HEAD_DIM + col;
+            }
+            copy16_async(ks + tok * kStride + col, key_cache + offset, valid);
+            copy16_async(vs + tok * kStride + col, value_cache + offset, valid);
+        }
+    };
+
+    if (mine > 0) load_sub(0, 0);
+    copy_commit();
+    for (int i = 0; i < mine; ++i) {
+        if (i + 1 < mine) load_sub(i + 1, (i + 1) & 1);
+        copy_commit();
+        copy_wait<1>();
+        __syncwarp();
+        const T* const ks = wsmem + (i & 1) * 2 * 16 * kStride;
+        const T* const vs = ks + 16 * kStride;
+        const int n = min(16, end - (start + (warp + i * kWarps) * 16));
+
+        float s[2][4];
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) s[j][c] = 0.f;
+        const int mat = lane / 8;
+        const int mrow = lane % 8;
+#pragma unroll
+        for (int kk = 0; kk < kSteps; ++kk) {
+            uint32_t b[4];  // n-tile 0: b[0], b[1]; n-tile 1: b[2], b[3]
+            ldmatrix_x4<false>(b, ks + ((mat / 2) * 8 + mrow) * kStride + kk * 16 + (mat % 2) * 8);
+            mma16816<T>(s[0], qa[kk], b[0], b[1]);
+            mma16816<T>(s[1], qa[kk], b[2], b[3]);
+        }
+        float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const int tok = j * 8 + 2 * t + (c & 1);
+                s[j][c] = tok < n ? s[j][c] * scale_log2 : -INFINITY;
+                mx[c >> 1] = fmaxf(mx[c >> 1], s[j][c]);
+            }
+        float corr[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const float m_new = fmaxf(m[r], quad_max(mx[r]));  // finite: token 0 is valid
+            corr[r] = exp2f(m[r] - m_new);
+            m[r] = m_new;
+            l[r] *= corr[r];
+        }
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                s[j][c] = exp2f(s[j][c] - m[c >> 1]);
+                l[c >> 1] += s[j][c];
+            }
+#pragma unroll
+        for (int nt = 0; nt < 2 * kSteps; ++nt)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) o[nt][c] *= corr[c >> 1];
+        const uint32_t pa[4] = {pack2<T>(s[0][0], s[0][1]), pack2<T>(s[0][2], s[0][3]),
+                                pack2<T>(s[1][0], s[1][1]), pack2<T>(s[1][2], s[1][3])};
+#pragma unroll
+        for (int nn = 0; nn < kSteps; ++nn) {
+            uint32_t b[4];  // dims nn*16..+7: b[0], b[1]; dims +8..+15: b[2], b[3]
+            ldmatrix_x4<true>(b, vs + ((mat % 2) * 8 + mrow) * kStride + nn * 16 + (mat / 2) * 8);
+            mma16816<T>(o[2 * nn], pa, b[0], b[1]);
+            mma16816<T>(o[2 * nn + 1], pa, b[2], b[3]);
+        }
+        __syncwarp();  // the next iteration refills this stage
+    }
+    copy_wait<0>();
+    __syncthreads();  // every warp is done with the staging buffers
+
+    // Merge the warps through shared memory: m, l and o of all 16 rows per warp.
+    float* const red_m = reinterpret_cast<float*>(smem_raw);
+    float* const red_l = red_m + kWarps * 16;
+    float* const red_o = red_l + kWarps * 16;  // [kWarps][16][HEAD_DIM]
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const float total = quad_sum(l[r]);
+        if (t == 0) {
+            red_m[warp * 16 + g + r * 8] = m[r];
+            red_l[warp * 16 + g + r * 8] = total;
+        }
+    }
+#pragma unroll
+    for (int nt = 0; nt < 2 * kSteps; ++nt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+            red_o[(warp * 16 + g + (c >> 1) * 8) * HEAD_DIM + nt * 8 + 2 * t + (c & 1)] = o[nt][c];
+    __syncthreads();
+
+    const bool split = num_parts > 1;
+    for (int i = threadIdx.x; i < heads_here * HEAD_DIM; i += G::kThreads) {
+        const int h = i / HEAD_DIM;
+        const int d = i % HEAD_DIM;
+        float m_all = -INFINITY;
+        for (int w = 0; w < kWarps; ++w) m_all = fmaxf(m_all, red_m[w * 16 + h]);
+        float l_all = 0.f;
+        float acc = 0.f;
+        for (int w = 0; w < kWarps; ++w) {
+            const float mw = red_m[w * 16 + h];
+            const float scale = mw == -INFINITY ? 0.f : exp2f(mw - m_all);
+            l_all = fmaf(red_l[w * 16 + h], scale, l_all);
+            acc = fmaf(red_o[(w * 16 + h) * HEAD_DIM + d], scale, acc);
+        }
+        const float result = l_all > 0.f ? acc / l_all : 0.f;
+        const int64_t row = static_cast<int64_t>(seq) * num_heads + head0 + h;
+        if (split) {
+            const int64_t slot = row * max_parts + part;
+            part_out[slot * HEAD_DIM + d] = result;
+            if (d == 0) {
+                part_max[slot] = m_all;
+                part_sum[slot] = l_all;
+            }
+        } else {
+            out[row * HEAD_DIM + d] = from_float<T>(result);
+        }
+    }
+}
+
+// Threads per block of the attention kernel for (T, HEAD_DIM): layout.py mirrors it.
+template <typename T, int HEAD_DIM>
+struct AttentionThreads {
+#if defined(VELOD_TENSOR_CORES)
+    static constexpr int value =
+        sizeof(T) == 2 ? MmaGeometry<HEAD_DIM>::kThreads : kThreads;
+#else
+    static constexpr int value = kThreads;
+#endif
+};
+
 // Merges the partitions of sequences that were split; others were written directly.
 template <typename T>
 __device__ __forceinline__ void merge_partitions(
@@ -415,17 +722,35 @@ __device__ __forceinline__ void copy_blocks(
 
 // ---- extern "C" entry points, looked up by name from velod/kernels/cuda.py ----------------
 
+#if defined(VELOD_TENSOR_CORES)
+#define VELOD_ATTENTION_BODY(T, D, BS)                                                        \
+    if constexpr (sizeof(T) == 2) {                                                           \
+        velod::paged_attention_mma<T, D, BS>(                                                 \
+            out, part_out, part_max, part_sum, query, key_cache, value_cache, block_tables,   \
+            context_lens, scale_log2, num_heads, num_kv_heads, heads_per_block,               \
+            max_blocks_per_seq, partition_size, max_parts);                                   \
+    } else {                                                                                  \
+        velod::paged_attention<T, D, BS>(                                                     \
+            out, part_out, part_max, part_sum, query, key_cache, value_cache, block_tables,   \
+            context_lens, scale_log2, num_heads, num_kv_heads, heads_per_block,               \
+            max_blocks_per_seq, partition_size, max_parts);                                   \
+    }
+#else
+#define VELOD_ATTENTION_BODY(T, D, BS)                                                        \
+    velod::paged_attention<T, D, BS>(out, part_out, part_max, part_sum, query, key_cache,     \
+                                     value_cache, block_tables, context_lens, scale_log2,     \
+                                     num_heads, num_kv_heads, heads_per_block,                \
+                                     max_blocks_per_seq, partition_size, max_parts);
+#endif
+
 #define VELOD_ATTENTION(TNAME, T, D, BS)                                                      \
-    extern "C" __global__ void __launch_bounds__(velod::kThreads)                             \
+    extern "C" __global__ void __launch_bounds__(velod::AttentionThreads<T, D>::value)        \
         velod_paged_attention_##TNAME##_d##D##_b##BS(                                         \
             T* out, float* part_out, float* part_max, float* part_sum, const T* query,        \
             const T* key_cache, const T* value_cache, const int* block_tables,                \
             const int* context_lens, float scale_log2, int num_heads, int num_kv_heads,       \
             int heads_per_block, int max_blocks_per_seq, int partition_size, int max_parts) { \
-        velod::paged_attention<T, D, BS>(out, part_out, part_max, part_sum, query, key_cache, \
-                                         value_cache, block_tables, context_lens, scale_log2, \
-                                         num_heads, num_kv_heads, heads_per_block,            \
-                                         max_blocks_per_seq, partition_size, max_parts);      \
+        VELOD_ATTENTION_BODY(T, D, BS)                                                        \
     }
 
 #define VELOD_ATTENTION_BS(TNAME, T, D) \
