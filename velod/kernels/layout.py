@@ -62,7 +62,7 @@ class AttentionShape:
 
 @dataclass(frozen=True)
 class KernelGeometry:
-    """Compile-time geometry of one kernel instantiation (see ``Geometry`` in the .cu file)."""
+    """Compile-time geometry of one CUDA-core kernel instantiation (``Geometry`` in the .cu)."""
 
     lanes: int            # threads that share one head_dim row
     groups: int           # thread groups per block = most query heads one block serves
@@ -79,7 +79,7 @@ def _pow2_floor(x: int) -> int:
 
 
 def kernel_geometry(itemsize: int, head_dim: int) -> KernelGeometry:
-    """Geometry of the attention kernel for an element size and head_dim."""
+    """Geometry of the CUDA-core attention kernel for an element size and head_dim."""
     vec = 16 // itemsize
     row_vecs = head_dim // vec
     lanes = min(32, _pow2_ceil(row_vecs))

@@ -8,19 +8,24 @@
 //   part_out       [num_seqs, num_heads, max_parts, head_dim]          float32 (split mode)
 //   part_max/sum   [num_seqs, num_heads, max_parts]                    float32 (split mode)
 //
-// Design (flash-decoding):
+// Design (flash-decoding), shared by both attention paths:
 // - One thread block per (sequence, kv head, partition of the context). The block serves all
-//   query heads that share the kv head (up to kGroups of them; larger groups are split into
-//   head chunks along grid.y), so each K/V byte leaves device memory once.
+//   query heads that share the kv head (up to a path-dependent number of them; larger groups
+//   are split into head chunks along grid.y), so each K/V byte leaves device memory once.
 // - K and V rows of a tile of tokens are staged in shared memory with 16-byte cp.async copies
 //   (two stages: the next tile loads while this one is used). Tokens past the context are
 //   zero-filled, never read, so garbage or NaN in unused slots cannot leak.
-// - Thread group = kLanes lanes that together hold one head_dim row as 16-byte vectors.
-//   Each group owns one query head and a strided subset of the tile's tokens, and keeps an
-//   online softmax (running max m, sum l, accumulator) in registers; scores are never stored
-//   per token position. Groups of the same head are merged through shared memory at the end.
+// - An online softmax (running max m, sum l, accumulator) lives in registers; scores are never
+//   stored per token position. Partial results of one block are merged through shared memory.
 // - Sequences longer than one partition write (o, m, l) per partition; a second kernel merges
 //   them with the log-sum-exp trick. Scores are kept in the log2 domain (exp2f).
+// Two paths (the same entry points, chosen at compile time per cache type):
+// - Tensor cores (fp16 and bf16 caches, sm_80+, paged_attention_mma): the kv head's query heads
+//   are the 16 M rows of mma.m16n8k16 tiles; each warp streams its own 16-token sub-tiles. About
+//   90% of copy bandwidth on an H200 (BENCHMARKS.md).
+// - CUDA cores (float32 caches, and every type below sm_80, paged_attention): a thread group of
+//   kLanes lanes holds one head_dim row as 16-byte vectors, owns one query head and a strided
+//   subset of the tile's tokens.
 // No atomics anywhere; every output element is written by exactly one thread.
 
 #include <cuda_bf16.h>
