@@ -328,6 +328,51 @@ def test_cuda_path_uploads_indices_once_per_step_profiles_and_stays_exact(monkey
     assert 0 < result["breakdown"]["kernel_s"] < result["breakdown"]["step_s"]
 
 
+def test_close_frees_the_pool_inside_the_device_context_and_closes_the_model():
+    backend = CudaShapedBackend()
+    s = spec()
+    closed = []
+
+    class ClosingModel(SyntheticModel):
+        def close(self) -> None:
+            closed.append(backend.contexts)  # called with the context active
+
+    model = ClosingModel(4, 2, 64, np.float32)
+    engine = Engine(s, backend, KVPool(s, plan_pool(s, 2**30, "GPU"), backend), model)
+    run(engine, Workload(requests=2, prompt=20, gen=3))
+    before = backend.contexts
+    engine.close()
+    assert closed == [before + 1] and backend.contexts == before + 1
+    assert engine.pool.keys == [] and engine.pool.values == [] and engine._out is None
+
+
+def test_cuda_context_activation_nests_per_thread_without_pushing_again():
+    import threading
+
+    from velod.kernels.cuda import _Activation
+
+    events = []
+
+    class Context:
+        def push(self):
+            events.append(("push", threading.current_thread().name))
+
+        @staticmethod
+        def pop():
+            events.append(("pop", threading.current_thread().name))
+
+    activation = _Activation(Context(), Context)
+    with activation:
+        with activation, activation:
+            assert events == [("push", "MainThread")]
+        worker = threading.Thread(target=lambda: activation.__enter__() or activation.__exit__(),
+                                  name="worker")
+        worker.start()
+        worker.join()
+    assert events == [("push", "MainThread"), ("push", "worker"), ("pop", "worker"),
+                      ("pop", "MainThread")]
+
+
 def test_prefill_attention_last_computes_only_sampled_rows_and_keeps_the_tokens():
     outputs = {}
     for mode in ("all", "last"):
