@@ -269,6 +269,7 @@ class CudaShapedBackend(NumpyBackend):
 
     def __init__(self) -> None:
         self.contexts = self.uploads = self.syncs = 0
+        self.trimmed = False
         self.max_contexts: list[int | None] = []
 
     @contextmanager
@@ -282,6 +283,9 @@ class CudaShapedBackend(NumpyBackend):
 
     def synchronize(self) -> None:
         self.syncs += 1
+
+    def trim(self) -> None:
+        self.trimmed = True
 
     def paged_attention(self, *args, max_context=None, out=None, **kwargs):
         self.max_contexts.append(max_context)
@@ -344,6 +348,7 @@ def test_close_frees_the_pool_inside_the_device_context_and_closes_the_model():
     engine.close()
     assert closed == [before + 1] and backend.contexts == before + 1
     assert engine.pool.keys == [] and engine.pool.values == [] and engine._out is None
+    assert backend.trimmed  # the backend's scratch and staging buffers go too
 
 
 def test_cuda_context_activation_nests_per_thread_without_pushing_again():

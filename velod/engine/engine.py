@@ -388,11 +388,15 @@ class Engine:
     def close(self) -> None:
         """Frees the KV pool and the device buffers now rather than whenever the garbage
         collector gets to them; on CUDA inside the device context, so any thread may call
-        it (PyCUDA cannot free memory of a context that is not current in the thread)."""
+        it (PyCUDA cannot free memory of a context that is not current in the thread), and
+        the backend's reusable buffers too. Only while no step is executing."""
         close_model = getattr(self.model, "close", None)
         if getattr(self.backend, "name", "") == "cuda":
             with self.backend.active():
                 self._free(close_model)
+                trim = getattr(self.backend, "trim", None)
+                if trim is not None:
+                    trim()
         else:
             self._free(close_model)
 

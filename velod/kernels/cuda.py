@@ -221,6 +221,15 @@ class CudaBackend:
             return self._gpuarray.GPUArray(array.shape, array.dtype, gpudata=buffer.gpudata,
                                            base=buffer)
 
+    def trim(self) -> None:
+        """Frees the reusable device buffers (partition scratch, staging, the last launch's
+        temporaries); they grow back on the next call. Only while no work is queued: the
+        engine calls it when it releases its pool."""
+        with self.active():
+            self._workspace.clear()
+            self._staging.clear()
+            self._keepalive = ()
+
     def to_host(self, array) -> np.ndarray:
         if isinstance(array, np.ndarray):
             return array
