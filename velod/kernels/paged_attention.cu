@@ -133,6 +133,79 @@ __device__ __forceinline__ void copy_wait() {
 #endif
 }
 
+// Which sequence, partition of its context and query heads one thread block serves.
+struct BlockWork {
+    int seq, part, num_parts, start, end, kv_head, head0, heads_here;
+};
+
+// Fills w from the block index; false when the partition is past the sequence's context.
+__device__ __forceinline__ bool block_work(BlockWork& w, const int* __restrict__ context_lens,
+                                           const int num_heads, const int num_kv_heads,
+                                           const int heads_per_block, const int partition_size) {
+    w.seq = blockIdx.z;
+    w.part = blockIdx.x;
+    const int ctx = context_lens[w.seq];
+    w.num_parts = ctx <= 0 ? 1 : ceil_div(ctx, partition_size);
+    if (w.part >= w.num_parts) return false;
+    w.start = w.part * partition_size;
+    w.end = min(ctx, w.start + partition_size);
+    const int group_size = num_heads / num_kv_heads;
+    const int chunks = ceil_div(group_size, heads_per_block);
+    w.kv_head = blockIdx.y / chunks;
+    const int chunk = blockIdx.y % chunks;
+    w.head0 = w.kv_head * group_size + chunk * heads_per_block;
+    w.heads_here = min(heads_per_block, group_size - chunk * heads_per_block);
+    return true;
+}
+
+// Element offset of column col of token pos's row for kv_head, through the block table.
+template <int HEAD_DIM, int BLOCK_SIZE>
+__device__ __forceinline__ int64_t cache_offset(const int* __restrict__ table, const int pos,
+                                                const int num_kv_heads, const int kv_head,
+                                                const int col) {
+    const int64_t slot =
+        static_cast<int64_t>(table[pos / BLOCK_SIZE]) * BLOCK_SIZE + pos % BLOCK_SIZE;
+    return (slot * num_kv_heads + kv_head) * HEAD_DIM + col;
+}
+
+// Merges `count` partial results of each of the block's heads (partial p of head h at index
+// p * stride + h of red_m, red_l and, times HEAD_DIM, red_acc) and writes the output row, or
+// this partition's (o, m, l) when the sequence is split.
+template <typename T, int HEAD_DIM>
+__device__ __forceinline__ void store_block_result(
+    const float* red_m, const float* red_l, const float* red_acc, const int count,
+    const int stride, const int threads, const BlockWork& w, const int num_heads,
+    const int max_parts, T* __restrict__ out, float* __restrict__ part_out,
+    float* __restrict__ part_max, float* __restrict__ part_sum) {
+    const bool split = w.num_parts > 1;
+    for (int i = threadIdx.x; i < w.heads_here * HEAD_DIM; i += threads) {
+        const int h = i / HEAD_DIM;
+        const int d = i % HEAD_DIM;
+        float m_all = -INFINITY;
+        for (int p = 0; p < count; ++p) m_all = fmaxf(m_all, red_m[p * stride + h]);
+        float l_all = 0.f;
+        float o = 0.f;
+        for (int p = 0; p < count; ++p) {
+            const int g = p * stride + h;
+            const float scale = red_m[g] == -INFINITY ? 0.f : exp2f(red_m[g] - m_all);
+            l_all = fmaf(red_l[g], scale, l_all);
+            o = fmaf(red_acc[g * HEAD_DIM + d], scale, o);
+        }
+        const float result = l_all > 0.f ? o / l_all : 0.f;
+        const int64_t row = static_cast<int64_t>(w.seq) * num_heads + w.head0 + h;
+        if (split) {
+            const int64_t slot = row * max_parts + w.part;
+            part_out[slot * HEAD_DIM + d] = result;
+            if (d == 0) {
+                part_max[slot] = m_all;
+                part_sum[slot] = l_all;
+            }
+        } else {
+            out[row * HEAD_DIM + d] = from_float<T>(result);
+        }
+    }
+}
+
 template <typename T, int HEAD_DIM, int BLOCK_SIZE>
 __device__ __forceinline__ void paged_attention(
     T* __restrict__ out, float* __restrict__ part_out, float* __restrict__ part_max,
@@ -154,20 +227,12 @@ __device__ __forceinline__ void paged_attention(
 #endif
     T* const smem = reinterpret_cast<T*>(smem_raw);  // [stage][K|V][kTile][HEAD_DIM]
 
-    const int seq = blockIdx.z;
-    const int part = blockIdx.x;
-    const int ctx = context_lens[seq];
-    const int num_parts = ctx <= 0 ? 1 : ceil_div(ctx, partition_size);
-    if (part >= num_parts) return;  // uniform for the block, before any barrier
-    const int start = part * partition_size;
-    const int end = min(ctx, start + partition_size);
-
-    const int group_size = num_heads / num_kv_heads;
-    const int chunks = ceil_div(group_size, heads_per_block);
-    const int kv_head = blockIdx.y / chunks;
-    const int chunk = blockIdx.y % chunks;
-    const int head0 = kv_head * group_size + chunk * heads_per_block;
-    const int heads_here = min(heads_per_block, group_size - chunk * heads_per_block);
+    BlockWork w;
+    // Uniform for the block, before any barrier.
+    if (!block_work(w, context_lens, num_heads, num_kv_heads, heads_per_block, partition_size))
+        return;
+    const int seq = w.seq, start = w.start, end = w.end;
+    const int kv_head = w.kv_head, head0 = w.head0, heads_here = w.heads_here;
 
     const int tid = threadIdx.x;
     const int lane = tid % kLanes;
@@ -210,13 +275,9 @@ __device__ __forceinline__ void paged_attention(
             const int tok = i / G::kRowVecs;
             const int col = (i % G::kRowVecs) * kVec;
             const bool valid = tok < n;
-            int64_t offset = 0;
-            if (valid) {
-                const int pos = t0 + tok;
-                const int64_t slot = static_cast<int64_t>(table[pos / BLOCK_SIZE]) * BLOCK_SIZE +
-                                     pos % BLOCK_SIZE;
-                offset = (slot * num_kv_heads + kv_head) * HEAD_DIM + col;
-            }
+            const int64_t offset = valid ? cache_offset<HEAD_DIM, BLOCK_SIZE>(
+                                               table, t0 + tok, num_kv_heads, kv_head, col)
+                                         : 0;
             copy16_async(ks + tok * HEAD_DIM + col, key_cache + offset, valid);
             copy16_async(vs + tok * HEAD_DIM + col, value_cache + offset, valid);
         }
@@ -317,33 +378,8 @@ __device__ __forceinline__ void paged_attention(
     }
     __syncthreads();
 
-    const bool split = num_parts > 1;
-    for (int i = tid; i < heads_here * HEAD_DIM; i += kThreads) {
-        const int h = i / HEAD_DIM;
-        const int d = i % HEAD_DIM;
-        float m_all = -INFINITY;
-        for (int zz = 0; zz < z_count; ++zz) m_all = fmaxf(m_all, red_m[zz * heads_per_block + h]);
-        float l_all = 0.f;
-        float o = 0.f;
-        for (int zz = 0; zz < z_count; ++zz) {
-            const int g = zz * heads_per_block + h;
-            const float w = red_m[g] == -INFINITY ? 0.f : exp2f(red_m[g] - m_all);
-            l_all = fmaf(red_l[g], w, l_all);
-            o = fmaf(red_acc[g * HEAD_DIM + d], w, o);
-        }
-        const float result = l_all > 0.f ? o / l_all : 0.f;
-        const int64_t row = static_cast<int64_t>(seq) * num_heads + head0 + h;
-        if (split) {
-            const int64_t slot = row * max_parts + part;
-            part_out[slot * HEAD_DIM + d] = result;
-            if (d == 0) {
-                part_max[slot] = m_all;
-                part_sum[slot] = l_all;
-            }
-        } else {
-            out[row * HEAD_DIM + d] = from_float<T>(result);
-        }
-    }
+    store_block_result<T, HEAD_DIM>(red_m, red_l, red_acc, z_count, heads_per_block, kThreads, w,
+                                    num_heads, max_parts, out, part_out, part_max, part_sum);
 }
 
 // ---- tensor-core path (fp16 and bf16 caches, sm_80 and newer) ----------------------------
@@ -456,20 +492,12 @@ __device__ __forceinline__ void paged_attention_mma(
 #else
     extern __shared__ __align__(16) unsigned char smem_raw[];
 #endif
-    const int seq = blockIdx.z;
-    const int part = blockIdx.x;
-    const int ctx = context_lens[seq];
-    const int num_parts = ctx <= 0 ? 1 : ceil_div(ctx, partition_size);
-    if (part >= num_parts) return;  // uniform for the block, before any barrier
-    const int start = part * partition_size;
-    const int end = min(ctx, start + partition_size);
-
-    const int group_size = num_heads / num_kv_heads;
-    const int chunks = ceil_div(group_size, heads_per_block);
-    const int kv_head = blockIdx.y / chunks;
-    const int chunk = blockIdx.y % chunks;
-    const int head0 = kv_head * group_size + chunk * heads_per_block;
-    const int heads_here = min(heads_per_block, group_size - chunk * heads_per_block);
+    BlockWork w;
+    // Uniform for the block, before any barrier.
+    if (!block_work(w, context_lens, num_heads, num_kv_heads, heads_per_block, partition_size))
+        return;
+    const int seq = w.seq, start = w.start, end = w.end;
+    const int kv_head = w.kv_head, head0 = w.head0, heads_here = w.heads_here;
 
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
@@ -513,13 +541,9 @@ __device__ __forceinline__ void paged_attention_mma(
             const int tok = v / kRowVecs;
             const int col = (v % kRowVecs) * 8;
             const bool valid = tok < n;
-            int64_t offset = 0;
-            if (valid) {
-                const int pos = t0 + tok;
-                const int64_t slot = static_cast<int64_t>(table[pos / BLOCK_SIZE]) * BLOCK_SIZE +
-                                     pos % BLOCK_SIZE;
-                offset = (slot * num_kv_heads + kv_head) * HEAD_DIM + col;
-            }
+            const int64_t offset = valid ? cache_offset<HEAD_DIM, BLOCK_SIZE>(
+                                               table, t0 + tok, num_kv_heads, kv_head, col)
+                                         : 0;
             copy16_async(ks + tok * kStride + col, key_cache + offset, valid);
             copy16_async(vs + tok * kStride + col, value_cache + offset, valid);
         }
@@ -611,33 +635,8 @@ __device__ __forceinline__ void paged_attention_mma(
             red_o[(warp * 16 + g + (c >> 1) * 8) * HEAD_DIM + nt * 8 + 2 * t + (c & 1)] = o[nt][c];
     __syncthreads();
 
-    const bool split = num_parts > 1;
-    for (int i = threadIdx.x; i < heads_here * HEAD_DIM; i += G::kThreads) {
-        const int h = i / HEAD_DIM;
-        const int d = i % HEAD_DIM;
-        float m_all = -INFINITY;
-        for (int w = 0; w < kWarps; ++w) m_all = fmaxf(m_all, red_m[w * 16 + h]);
-        float l_all = 0.f;
-        float acc = 0.f;
-        for (int w = 0; w < kWarps; ++w) {
-            const float mw = red_m[w * 16 + h];
-            const float scale = mw == -INFINITY ? 0.f : exp2f(mw - m_all);
-            l_all = fmaf(red_l[w * 16 + h], scale, l_all);
-            acc = fmaf(red_o[(w * 16 + h) * HEAD_DIM + d], scale, acc);
-        }
-        const float result = l_all > 0.f ? acc / l_all : 0.f;
-        const int64_t row = static_cast<int64_t>(seq) * num_heads + head0 + h;
-        if (split) {
-            const int64_t slot = row * max_parts + part;
-            part_out[slot * HEAD_DIM + d] = result;
-            if (d == 0) {
-                part_max[slot] = m_all;
-                part_sum[slot] = l_all;
-            }
-        } else {
-            out[row * HEAD_DIM + d] = from_float<T>(result);
-        }
-    }
+    store_block_result<T, HEAD_DIM>(red_m, red_l, red_o, kWarps, 16, G::kThreads, w, num_heads,
+                                    max_parts, out, part_out, part_max, part_sum);
 }
 
 // Threads per block of the attention kernel for (T, HEAD_DIM): layout.py mirrors it.
