@@ -178,8 +178,8 @@ class CudaBackend:
         self._activation = _Activation(self._context, drv.Context)
         self._cache_dir = cache_dir
         self._lock = threading.Lock()
-        self._modules: dict[tuple[str, ...], object] = {}
-        self._functions: dict[str, object] = {}
+        self._modules: dict[tuple[str, ...], object] = {}    # (source, *options)
+        self._functions: dict[tuple[str, ...], object] = {}  # (source, *options, name)
         self._workspace: dict[str, object] = {}
         self._keepalive: tuple = ()
         self._launches: dict[tuple, tuple] = {}  # attention calls, by argument shapes
@@ -265,24 +265,32 @@ class CudaBackend:
         with ThreadPoolExecutor(len(dtypes) or 1) as pool:
             return list(pool.map(build, dtypes))
 
+    def function(self, source: Path, name: str, options: Sequence[str] = ()):
+        """Kernel ``name`` of the CUDA C file ``source``, compiled for this device with
+        ``options`` (the cubin cached on disk, see compile_cubin) and loaded once."""
+        key = (str(source), *options)
+        with self._lock:
+            function = self._functions.get((*key, name))
+            if function is not None:
+                return function
+            module = self._modules.get(key)
+            if module is None:
+                cubin = compile_cubin(self.arch, options, cache_dir=self._cache_dir,
+                                      source=source)
+                with self.active():
+                    module = self._drv.module_from_file(str(cubin))
+                self._modules[key] = module
+            function = module.get_function(name)
+            self._functions[(*key, name)] = function
+            return function
+
     def _function(self, name: str, dtype_name: str):
-        """Kernel ``name`` from this device's module for one cache dtype (caller holds context).
+        """Kernel ``name`` of paged_attention.cu's module for one cache dtype.
 
         Each dtype gets its own module (a third of the first compile); the cache-write and
         block-copy kernels are in every module.
         """
-        with self._lock:
-            if name in self._functions:
-                return self._functions[name]
-            options = (f"-DVELOD_ONLY_{dtype_name.upper()}",)
-            module = self._modules.get(options)
-            if module is None:
-                cubin = compile_cubin(self.arch, options, cache_dir=self._cache_dir)
-                module = self._drv.module_from_file(str(cubin))
-                self._modules[options] = module
-            function = module.get_function(name)
-            self._functions[name] = function
-            return function
+        return self.function(SOURCE, name, (f"-DVELOD_ONLY_{dtype_name.upper()}",))
 
     def _scratch(self, name: str, count: int):
         """A float32 device buffer of at least ``count`` elements, grown on demand."""
