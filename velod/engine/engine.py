@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -228,10 +229,15 @@ class Engine:
         """The device work of one step; safe to run in a worker thread."""
         if batch.is_empty:
             return StepResult(np.zeros(0, np.int32))
+        with self._device_context():
+            return self._execute(batch)
+
+    def _device_context(self) -> AbstractContextManager[Any]:
+        """The CUDA context made current in this thread (PyCUDA needs it for launches and
+        frees), or nothing on the CPU."""
         if getattr(self.backend, "name", "") == "cuda":
-            with self.backend.active():
-                return self._execute(batch)
-        return self._execute(batch)
+            return self.backend.active()
+        return nullcontext()
 
     def _execute(self, batch: StepBatch) -> StepResult:
         backend, pool, model = self.backend, self.pool, self.model
@@ -391,22 +397,16 @@ class Engine:
         it (PyCUDA cannot free memory of a context that is not current in the thread), and
         the backend's reusable buffers too. Only while no step is executing."""
         close_model = getattr(self.model, "close", None)
-        if getattr(self.backend, "name", "") == "cuda":
-            with self.backend.active():
-                self._free(close_model)
-                trim = getattr(self.backend, "trim", None)
-                if trim is not None:
-                    trim()
-        else:
-            self._free(close_model)
-
-    def _free(self, close_model: Any) -> None:
-        if close_model is not None:
-            close_model()
-        self.pool.keys.clear()
-        self.pool.values.clear()
-        self._out = None
-        self._clock = None
+        trim = getattr(self.backend, "trim", None)
+        with self._device_context():
+            if close_model is not None:
+                close_model()
+            self.pool.keys.clear()
+            self.pool.values.clear()
+            self._out = None
+            self._clock = None
+            if trim is not None:
+                trim()
 
     # ------------------------------------------------------------------ verification
 
