@@ -31,6 +31,9 @@ from velod.kernels.layout import (
 PIECE_BYTES = 1 << 20
 # Scores held at once by a prefill chunk (rows x context floats): bounds its temporaries.
 SCORE_BYTES = 16 << 20
+# Query rows per prefill pass: smaller passes skip more of the causal mask's hidden half,
+# larger ones make fewer, bigger matmuls.
+PREFILL_ROWS = 128
 
 
 def _gather(cache: np.ndarray, table_row: np.ndarray, start: int, stop: int) -> np.ndarray:
@@ -276,23 +279,28 @@ def paged_prefill_attention(
             values[(positions < lo) | (positions >= length)] = 0.0
         keys_t = keys.transpose(1, 2, 0)                                 # [kv, d, n]
         values_t = values.transpose(1, 0, 2)                             # [kv, n, d]
-        per_pass = max(1, SCORE_BYTES // (4 * kv * group * n))
+        # Rows go in passes; each pass reads only the keys its rows can see (causal: none
+        # past its last row; windowed: none before its first row's window), which skips
+        # about half of a long prompt's scores.
+        per_pass = min(PREFILL_ROWS, max(1, SCORE_BYTES // (4 * kv * group * n)))
         a = int(starts[seq])
         for q0 in range(0, count, per_pass):
             q1 = min(q0 + per_pass, count)
+            k0 = 0 if window is None else max(first_query + q0 - window + 1 - offset, 0)
+            k1 = first_query + q1 - offset                               # exclusive
+            span = positions[k0:k1]
             q_pos = first_query + np.arange(q0, q1)
-            hidden = positions[None, :] > q_pos[:, None]                 # [r, n] causal
+            hidden = span[None, :] > q_pos[:, None]                      # [r, n] causal
             if window is not None:
-                hidden |= positions[None, :] <= q_pos[:, None] - window
-            hidden |= positions[None, :] >= length
+                hidden |= span[None, :] <= q_pos[:, None] - window
             # [r, kv, g, d] -> [kv, r*g, d]: one matmul per kv head for all rows
             q = queries[a + q0:a + q1].transpose(1, 0, 2, 3).reshape(kv, -1, dim)
-            scores = np.matmul(q, keys_t).reshape(kv, q1 - q0, group, n)
+            scores = np.matmul(q, keys_t[:, :, k0:k1]).reshape(kv, q1 - q0, group, k1 - k0)
             np.copyto(scores, -np.inf, where=hidden[None, :, None, :])
             total = _softmax_rows(scores)
-            result = np.matmul(scores.reshape(kv, -1, n), values_t).reshape(kv, q1 - q0,
-                                                                             group, dim)
-            out[a + q0:a + q1] = (result / total).transpose(1, 0, 2, 3)
+            result = np.matmul(scores.reshape(kv, -1, k1 - k0), values_t[:, k0:k1])
+            out[a + q0:a + q1] = (result.reshape(kv, q1 - q0, group, dim) / total
+                                  ).transpose(1, 0, 2, 3)
     return from_float32(out.reshape(rows, kv * group, dim), query.dtype)
 
 

@@ -55,7 +55,7 @@ class TransformerModel:
         tokens = np.asarray(token_ids, dtype=np.int64)
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
             raise EngineError(f"token id out of range [0, {self.vocab_size}) for {self.name}")
-        hidden = self.weights.embedding.take(tokens, axis=0)
+        hidden = self.weights.embed(tokens)
         if self._embed_scale is not None:
             hidden *= self._embed_scale
         self._hidden = hidden
@@ -118,7 +118,7 @@ class TransformerModel:
         else:
             rows = self._hidden[indices]
         normed = ops.rms_norm(rows, self.weights.output_norm, self.hp.rms_eps)
-        return ops.linear(normed, self.weights.output)
+        return ops.linear_t(normed, self.weights.output_t)
 
     def sample(self, sample_indices: np.ndarray) -> np.ndarray:
         """Greedy: the most likely next token of each sampled row."""
