@@ -199,7 +199,7 @@ def _decode_long(query: np.ndarray, key_cache: np.ndarray, value_cache: np.ndarr
 
 def _block_bytes(cache: np.ndarray) -> int:
     """Bytes of one block once in float32 (what a gathered piece occupies)."""
-    return int(np.prod(cache.shape[1:])) * 4
+    return math.prod(cache.shape[1:]) * 4
 
 
 def paged_attention(
