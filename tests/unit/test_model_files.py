@@ -15,7 +15,6 @@ from velod.engine.models import (
     ModelFileError,
     NotEnoughMemory,
     UnsupportedModel,
-    UnsupportedQuantization,
     load_model,
 )
 from velod.model.gguf import open_gguf
@@ -232,7 +231,8 @@ def test_an_unknown_architecture_names_the_supported_ones(tmp_path):
 def test_an_unsupported_tensor_type_is_named(tmp_path):
     spec = TinySpec("llama", layers=1, types={"attn_q": "IQ4_NL"})
     path = write_tiny(tmp_path / "iq.gguf", spec)
-    with pytest.raises(UnsupportedQuantization, match="IQ4_NL is not supported; supported: F32"):
+    with pytest.raises(UnsupportedModel, match=r"iq.gguf: tensor 'blk.0.attn_q.weight': tensor "
+                       r"type IQ4_NL is not supported; supported: F32, F16, BF16, Q4_0"):
         load_model(str(path))
 
 

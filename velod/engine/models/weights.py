@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from velod.engine.errors import EngineError
-from velod.engine.models.hparams import HParams
-from velod.engine.models.quants import check_supported, dequantize
+from velod.engine.models.hparams import HParams, UnsupportedModel
+from velod.engine.models.quants import UnsupportedQuantization, check_supported, dequantize
 from velod.model.gguf import GGUFFile, ModelFileError
 from velod.units import format_size
 
@@ -166,14 +166,17 @@ def _dequantize_transposed(data: np.ndarray, ggml_type: str, out: np.ndarray) ->
 
 def check_plan(gguf: GGUFFile, slots: list[Slot]) -> None:
     """Every source tensor exists with the expected shape and a supported type, or
-    ModelFileError / UnsupportedQuantization naming the tensor."""
+    ModelFileError / UnsupportedModel naming the tensor."""
     for slot in slots:
         for name, shape in slot.sources:
             info = gguf.tensor(name)
             if info.shape != shape:
                 raise ModelFileError(gguf.path, f"tensor {name!r} has shape {info.shape}, "
                                      f"expected {shape} from the metadata")
-            check_supported(info.ggml_type)
+            try:
+                check_supported(info.ggml_type)
+            except UnsupportedQuantization as exc:
+                raise UnsupportedModel(gguf.path, f"tensor {name!r}: {exc}") from None
 
 
 def estimate_bytes(slots: list[Slot]) -> int:
