@@ -37,8 +37,9 @@ PIECE_BYTES = 1 << 20
 GROUP_BYTES = 1 << 20
 # Scores held at once by a prefill chunk (rows x context floats): bounds its temporaries.
 SCORE_BYTES = 16 << 20
-# Largest gather kept in a per-thread scratch buffer (see _scratch).
-SCRATCH_BYTES = 32 << 20
+# Largest gather kept in a per-thread scratch buffer (see _scratch): decode pieces fit, and
+# a thread holds at most two such buffers (keys, values).
+SCRATCH_BYTES = 4 << 20
 # Query rows per prefill pass: smaller passes skip more of the causal mask's hidden half,
 # larger ones make fewer, bigger matmuls.
 PREFILL_ROWS = 128
