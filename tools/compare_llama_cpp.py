@@ -155,6 +155,12 @@ def velod_greedy(model, ids: list[int], count: int) -> tuple[list[int], list[flo
     return tokens, margins
 
 
+def min_margin(margins: list[float], first_difference: int | None) -> float | None:
+    """llama.cpp's smallest top-2 margin over the steps where both still agreed."""
+    agreed = margins if first_difference is None else margins[:first_difference]
+    return round(min(agreed), 5) if agreed else None
+
+
 def decode_step_ms(model, batch: int, context: int, steps: int = 8) -> float:
     """Median time of a decode step for ``batch`` sequences at about ``context`` tokens."""
     rng = np.random.default_rng(0)
@@ -198,7 +204,7 @@ def main() -> None:
                     "step": first, "llama_cpp": theirs[first], "velod": ours[first],
                     "llama_cpp_top2_logprob_margin": round(their_margins[first], 5),
                     "velod_top2_logit_margin": round(our_margins[first], 5)},
-                "min_llama_cpp_margin": round(min(their_margins[:first or None]), 5)})
+                "min_llama_cpp_margin_while_equal": min_margin(their_margins, first)})
     doc = {"model": str(args.model), "llama_cpp_model": str(server_model),
            "llama_cpp_args": extra, "tokens": args.tokens, "results": results,
            "equal": sum(r["equal"] for r in results), "prompts": len(results),
