@@ -131,6 +131,7 @@ class Unavailable(Component):
 
     async def start(self) -> None:
         """Nothing to start: it stays failed until velod restarts."""
+        self.state = "failed"
 
     async def stop(self) -> None:
         """Nothing to stop."""

@@ -112,15 +112,14 @@ class Client:
         except OSError as exc:
             # velod may have refused us (busy) and hung up: its last words are still queued.
             self.sock.settimeout(0.5)
-            try:
-                while True:
+            while True:
+                try:
                     msg = self._next_message()
-                    if isinstance(msg, list) and len(msg) == 3 and msg[0] == wire.NOTIFICATION:
-                        self._raise_if_error(msg)
-            except DaemonUnreachable:
-                pass
-            raise DaemonUnreachable(f"velod closed the connection ({exc.strerror or exc})"
-                                    ) from None
+                except DaemonUnreachable:
+                    raise DaemonUnreachable("velod closed the connection "
+                                            f"({exc.strerror or exc})") from None
+                if isinstance(msg, list) and len(msg) == 3 and msg[0] == wire.NOTIFICATION:
+                    self._raise_if_error(msg)
 
     def call(self, method: str, params: "dict[str, Any] | None" = None,
              timeout: float | None = None) -> "Any":
