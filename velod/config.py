@@ -309,31 +309,29 @@ def _build(cls: type, raw: dict[str, Any], prefix: str, issues: list[ConfigIssue
 
 
 def _cross_checks(config: Config) -> list[ConfigIssue]:
-    issues = []
-    engine = config.engine
-    if engine.max_tokens_per_step < engine.max_batch_size:
-        issues.append(ConfigIssue("engine.max_tokens_per_step", engine.max_tokens_per_step,
-                                  "must be at least engine.max_batch_size"))
-    from velod.engine.geometry import CUSTOM, PRESETS  # light: no NumPy
-
-    if engine.model != CUSTOM and engine.model not in PRESETS:
-        hint = difflib.get_close_matches(engine.model, list(PRESETS), n=1)
-        extra = f"; did you mean '{hint[0]}'?" if hint else ""
-        issues.append(ConfigIssue("engine.model", engine.model,
-                                  f"is not a known preset ({', '.join(sorted(PRESETS))}) "
-                                  f"or 'custom'{extra}"))
-    if engine.model == "custom" and engine.geometry is None:
-        issues.append(ConfigIssue("engine.geometry", None, "required when engine.model is "
-                                  "'custom'"))
-    geometry = engine.geometry
-    if geometry and geometry.heads % geometry.kv_heads:
-        issues.append(ConfigIssue("engine.geometry.kv_heads", geometry.kv_heads,
-                                  f"must divide engine.geometry.heads ({geometry.heads})"))
+    issues = _engine_issues(config.engine)
     for name in config.tuner.pin:
         if not name.replace("_", "").isalnum() or not name.isupper():
             issues.append(ConfigIssue(f"tuner.pin.{name}", name, "must be an environment "
                                       "variable name such as OLLAMA_KEEP_ALIVE"))
     return issues
+
+
+def _engine_issues(engine: EngineConfig) -> list[ConfigIssue]:
+    """The engine's own checks (model shape, scheduler limits), under the config's keys."""
+    from velod.engine.core.errors import EngineConfigError  # light: no NumPy
+    from velod.engine.settings import EngineSettings
+
+    try:
+        EngineSettings.from_config(engine)
+    except EngineConfigError as exc:
+        key = _ENGINE_KEYS.get(exc.field, exc.field)
+        return [ConfigIssue(f"engine.{key}", exc.value, exc.reason)]
+    return []
+
+
+# Scheduler limit -> the engine key that sets it, where the names differ.
+_ENGINE_KEYS = {"max_model_len": "geometry.max_context"}
 
 
 def parse_config(raw: Any, source: str = "<config>") -> Config:

@@ -1,9 +1,10 @@
 """velodctl: the command-line client of velod's control socket.
 
 Exit codes: 0 ok, 1 the daemon answered with an error, 2 usage, 3 cannot reach the daemon.
-Capabilities add commands in their own ``cli`` modules (``register(sub)``); only the
-module of the command being run is imported. The commands scripts call most often
-(``status``, ``ping``) bypass argparse entirely, which costs more than the round trip.
+Capabilities add commands in their own ``cli`` modules (``register(sub)``), named in
+``velod.capabilities``; only the module of the command being run is imported. The commands
+scripts call most often (``status``, ``ping``) bypass argparse entirely, which costs more
+than the round trip.
 """
 
 import sys
@@ -11,6 +12,7 @@ import time
 from types import SimpleNamespace  # already loaded by the interpreter: free
 
 from velod import __version__, paths
+from velod.capabilities import cli_modules
 from velod.control.client import Client, DaemonUnreachable, RemoteError
 from velod.control.output import ago, human_duration, print_json, print_json_line, table
 
@@ -22,13 +24,7 @@ if TYPE_CHECKING:
 EXIT_OK, EXIT_REMOTE, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
 # command name -> module providing it through register(sub)
-PLUGINS = {
-    "hw": "velod.hardware.cli",
-    "ollama": "velod.ollama.cli",
-    "tune": "velod.ollama.cli",
-    "bench": "velod.ollama.bench_cli",
-    "engine": "velod.engine.cli",
-}
+PLUGINS = cli_modules()
 LOCAL_COMMANDS = {"config"}  # commands that can work without the daemon
 
 
