@@ -18,7 +18,7 @@ from typing import Any, Literal, NewType
 
 import yaml
 
-from velod.units import format_duration, parse_duration, parse_size
+from velod.units import format_duration, format_size_exact, parse_duration, parse_size
 
 Duration = NewType("Duration", float)  # seconds; written "500ms", "30s", "10m"
 Size = NewType("Size", int)  # bytes; written "512MiB", "2GiB"
@@ -56,14 +56,6 @@ def _is_fraction(text: str) -> bool:
     except ValueError:
         return False
     return "." in text
-
-
-def format_size_exact(n: int) -> str:
-    """The shortest exact unit form of ``n`` bytes ("512MiB", "2GiB", "1000")."""
-    for unit, size in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if n and n % size == 0:
-            return f"{n // size}{unit}"
-    return str(n)
 
 
 def _check(reason: str, ok: typing.Callable[[Any], bool]) -> typing.Callable[[Any], str | None]:
@@ -410,3 +402,15 @@ def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, str]]
 
 
 __all__ = ["Config", "ConfigError", "ConfigIssue", "load_config", "parse_config"]
+
+
+def validate_text(text: str, name: str) -> dict[str, Any]:
+    """Validate config text the way the daemon would load it (for ``config.validate``)."""
+    try:
+        raw = yaml.safe_load(text)
+        parse_config(raw, name)
+    except yaml.YAMLError as exc:
+        return {"valid": False, "errors": [f"YAML syntax error: {exc}"]}
+    except ConfigError as exc:
+        return {"valid": False, "errors": [str(i) for i in exc.issues]}
+    return {"valid": True, "errors": []}

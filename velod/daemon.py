@@ -26,7 +26,7 @@ from velod.blocking import run_blocking
 from velod.bus import Bus
 from velod.capabilities import CAPABILITIES, Capability
 from velod.component import Component, Context, ReconfigureRefused
-from velod.config import Config, ConfigError, ConfigIssue, load_config, parse_config, to_plain
+from velod.config import Config, ConfigError, ConfigIssue, load_config, to_plain
 from velod.config_watch import watch_config
 from velod.control.registry import Registry, methods_of
 from velod.control.server import ControlServer, SocketInUse
@@ -254,20 +254,6 @@ class Daemon:
 
     def running_config(self) -> dict[str, Any]:
         return {"path": str(self.config_path), "config": to_plain(self.config)}
-
-
-def validate_text(text: str, name: str) -> dict[str, Any]:
-    """Validate config text the way the daemon would load it (for config.validate)."""
-    import yaml
-
-    try:
-        raw = yaml.safe_load(text)
-        parse_config(raw, name)
-    except yaml.YAMLError as exc:
-        return {"valid": False, "errors": [f"YAML syntax error: {exc}"]}
-    except ConfigError as exc:
-        return {"valid": False, "errors": [str(i) for i in exc.issues]}
-    return {"valid": True, "errors": []}
 
 
 # ------------------------------------------------------------------------ command line

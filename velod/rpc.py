@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from velod.config import validate_text
 from velod.control.registry import CallContext, RpcError, param, rpc
 
 if TYPE_CHECKING:
@@ -39,8 +40,6 @@ async def config_get(daemon: Daemon, params: dict[str, Any], ctx: CallContext) -
 
 @rpc("config.validate", summary="validate config text")
 async def config_validate(daemon: Daemon, params: dict[str, Any], ctx: CallContext) -> Any:
-    from velod.daemon import validate_text
-
     return validate_text(param(params, "text", str), param(params, "name", str, "<text>"))
 
 

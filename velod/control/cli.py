@@ -12,7 +12,6 @@ import time
 from types import SimpleNamespace  # already loaded by the interpreter: free
 
 from velod import __version__, paths
-from velod.capabilities import cli_modules
 from velod.control.client import Client, DaemonUnreachable, RemoteError
 from velod.control.output import ago, human_duration, print_json, print_json_line, table
 
@@ -23,8 +22,6 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_REMOTE, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
-# command name -> module providing it through register(sub)
-PLUGINS = cli_modules()
 LOCAL_COMMANDS = {"config"}  # commands that can work without the daemon
 
 
@@ -73,9 +70,12 @@ def build_parser(command: str | None) -> "argparse.ArgumentParser":
     validate.add_argument("file")
     validate.set_defaults(func=cmd_config_validate, local=True)
 
-    modules = ([PLUGINS[command]] if command in PLUGINS
+    from velod.capabilities import cli_modules  # not on the status/ping fast path
+
+    plugins = cli_modules()  # command name -> module providing it through register(sub)
+    modules = ([plugins[command]] if command in plugins
                else [] if command in {"status", "ping", "reload", "watch", "config"}
-               else list(dict.fromkeys(PLUGINS.values())))
+               else list(dict.fromkeys(plugins.values())))
     import importlib
 
     for name in modules:
@@ -219,7 +219,7 @@ def cmd_config_validate(args: "argparse.Namespace", client: "Client | None") -> 
         with Client.connect(args.socket) as daemon:
             result = daemon.call("config.validate", {"text": text, "name": args.file})
     except DaemonUnreachable:
-        from velod.daemon import validate_text  # same validation, in-process
+        from velod.config import validate_text  # same validation, in-process
 
         result = validate_text(text, args.file)
     if args.json:

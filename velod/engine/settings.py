@@ -18,6 +18,7 @@ from velod.engine.core.errors import EngineConfigError
 from velod.engine.core.scheduler_config import SchedulerConfig
 from velod.model import catalog
 from velod.model.metadata import Geometry, GeometryError
+from velod.units import format_size_exact
 
 CUSTOM = "custom"
 # What engine.status says the built-in model is (here, not in synthetic.py, to stay NumPy-free).
@@ -72,8 +73,6 @@ class EngineSettings:
     @property
     def kv_cache_text(self) -> str:
         if self.kv_cache_bytes is not None:
-            from velod.config import format_size_exact
-
             return format_size_exact(self.kv_cache_bytes)
         return f"{self.kv_cache_fraction:g} of free memory"
 

@@ -154,33 +154,35 @@ def test_emulated_write_cache_and_copy_blocks_are_exact(emulators, tmp_path, ind
     reference.write_cache(key, value, expected_k, expected_v, slots)
     # A slot past the cache (an unvalidated device mapping) is skipped, never written.
     slots[3] = 6 * 16 + 5
-    for name, arr in (("key_cache", key_cache), ("value_cache", value_cache), ("key", key),
-                      ("value", value), ("index", slots)):
+    for name, arr in (("key", key), ("value", value), ("index", slots)):
         arr.tofile(tmp_path / f"{name}.bin")
-    (tmp_path / "params.txt").write_text(
-        f"row_bytes {2 * 80 * 2}\nnum_tokens 20\nnum_slots {6 * 16}\n")
     suffix = "i32" if index_type == np.int32 else "i64"
-    subprocess.run([str(binary), "write_cache", f"velod_write_cache_{suffix}", str(tmp_path)],
-                   check=True, capture_output=True, timeout=120)
-    written_k = np.fromfile(tmp_path / "key_cache.out", np.float16).reshape(key_cache.shape)
-    written_v = np.fromfile(tmp_path / "value_cache.out", np.float16).reshape(key_cache.shape)
+    written_k, written_v = run_cache_kernel(
+        binary, "write_cache", f"velod_write_cache_{suffix}", tmp_path, key_cache, value_cache,
+        f"row_bytes {2 * 80 * 2}\nnum_tokens 20\nnum_slots {6 * 16}\n")
     assert np.array_equal(written_k, expected_k, equal_nan=True)
     assert np.array_equal(written_v, expected_v, equal_nan=True)
 
     pairs = np.array([[0, 4], [2, 1], [5, 3]], dtype=index_type)
     reference.copy_blocks(expected_k, expected_v, pairs)
-    written_k.tofile(tmp_path / "key_cache.bin")
-    written_v.tofile(tmp_path / "value_cache.bin")
     pairs.tofile(tmp_path / "index.bin")
-    block_bytes = 16 * 2 * 80 * 2
-    (tmp_path / "params.txt").write_text(f"block_bytes {block_bytes}\nnum_pairs 3\n")
-    subprocess.run([str(binary), "copy_blocks", f"velod_copy_blocks_{suffix}", str(tmp_path)],
-                   check=True, capture_output=True, timeout=120)
-    copied_k = np.fromfile(tmp_path / "key_cache.out", np.float16).reshape(key_cache.shape)
-    copied_v = np.fromfile(tmp_path / "value_cache.out", np.float16).reshape(key_cache.shape)
+    copied_k, copied_v = run_cache_kernel(
+        binary, "copy_blocks", f"velod_copy_blocks_{suffix}", tmp_path, written_k, written_v,
+        f"block_bytes {16 * 2 * 80 * 2}\nnum_pairs 3\n")
     assert np.array_equal(copied_k, expected_k, equal_nan=True)
     assert np.array_equal(copied_v, expected_v, equal_nan=True)
 
+
+def run_cache_kernel(binary: Path, mode: str, kernel: str, folder: Path, key_cache: np.ndarray,
+                     value_cache: np.ndarray, params: str) -> tuple[np.ndarray, np.ndarray]:
+    """Run a cache kernel in the emulator over these caches; returns the caches it wrote."""
+    key_cache.tofile(folder / "key_cache.bin")
+    value_cache.tofile(folder / "value_cache.bin")
+    (folder / "params.txt").write_text(params)
+    subprocess.run([str(binary), mode, kernel, str(folder)], check=True, capture_output=True,
+                   timeout=120)
+    return tuple(np.fromfile(folder / f"{name}.out", key_cache.dtype).reshape(key_cache.shape)
+                 for name in ("key_cache", "value_cache"))  # type: ignore[return-value]
 
 def test_geometry_mirror_matches_the_launch_the_emulator_checks():
     # The emulator launches with the Python mirror's smem size; ASan aborts if it is too small.
