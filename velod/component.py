@@ -3,8 +3,9 @@
 The daemon builds each component with a :class:`Context`, calls ``start()`` once,
 ``reconfigure(config)`` on every accepted config reload, ``status()`` whenever a
 client asks, and ``stop()`` at shutdown. Components talk to each other only
-through the bus (events) and the control registry (methods), never through each
-other's internals.
+through the bus (events), never through each other's internals. A component's control
+methods are the ``@rpc`` functions of its capability's ``rpc`` module
+(``velod.capabilities``), which call the component's verbs.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from velod.bus import Bus
     from velod.config import Config
-    from velod.control.registry import Method
 
 
 class ReconfigureRefused(Exception):
@@ -114,10 +114,6 @@ class Component:
     def status(self) -> dict[str, Any]:
         """A small map for ``system.status``; always has ``state`` and ``error``."""
         return {"state": self.state, "error": self.error}
-
-    def methods(self) -> list[Method]:
-        """Control methods this component exports (registered once by the daemon)."""
-        return []
 
 
 class Unavailable(Component):

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal, NewType
 
 from velod import safe_yaml
-from velod.units import format_duration, parse_duration, parse_size
+from velod.units import format_duration, format_size_exact, parse_duration, parse_size
 
 Duration = NewType("Duration", float)  # seconds; written "500ms", "30s", "10m"
 Size = NewType("Size", int)  # bytes; written "512MiB", "2GiB"
@@ -60,14 +60,6 @@ def _is_fraction(text: str) -> bool:
     except ValueError:
         return False
     return "." in text
-
-
-def format_size_exact(n: int) -> str:
-    """The shortest exact unit form of ``n`` bytes ("512MiB", "2GiB", "1000")."""
-    for unit, size in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if n and n % size == 0:
-            return f"{n // size}{unit}"
-    return str(n)
 
 
 def _check(reason: str, ok: typing.Callable[[Any], bool]) -> typing.Callable[[Any], str | None]:
@@ -467,37 +459,35 @@ def _build(cls: type, raw: dict[str, Any], prefix: str, issues: list[ConfigIssue
 
 
 def _cross_checks(config: Config) -> list[ConfigIssue]:
-    issues = []
+    issues = _engine_issues(config.engine)
     control = config.control
     if control.admin_reserved_connections >= control.max_connections:
         issues.append(ConfigIssue("control.admin_reserved_connections",
                                   control.admin_reserved_connections,
                                   "must be less than control.max_connections "
                                   f"({control.max_connections})"))
-    engine = config.engine
-    if engine.max_tokens_per_step < engine.max_batch_size:
-        issues.append(ConfigIssue("engine.max_tokens_per_step", engine.max_tokens_per_step,
-                                  "must be at least engine.max_batch_size"))
-    from velod.engine.geometry import CUSTOM, PRESETS  # light: no NumPy
-
-    if engine.model != CUSTOM and engine.model not in PRESETS:
-        hint = difflib.get_close_matches(engine.model, list(PRESETS), n=1)
-        extra = f"; did you mean '{hint[0]}'?" if hint else ""
-        issues.append(ConfigIssue("engine.model", engine.model,
-                                  f"is not a known preset ({', '.join(sorted(PRESETS))}) "
-                                  f"or 'custom'{extra}"))
-    if engine.model == "custom" and engine.geometry is None:
-        issues.append(ConfigIssue("engine.geometry", None, "required when engine.model is "
-                                  "'custom'"))
-    geometry = engine.geometry
-    if geometry and geometry.heads % geometry.kv_heads:
-        issues.append(ConfigIssue("engine.geometry.kv_heads", geometry.kv_heads,
-                                  f"must divide engine.geometry.heads ({geometry.heads})"))
     for name in config.tuner.pin:
         if not name.replace("_", "").isalnum() or not name.isupper():
             issues.append(ConfigIssue(f"tuner.pin.{name}", name, "must be an environment "
                                       "variable name such as OLLAMA_KEEP_ALIVE"))
     return issues
+
+
+def _engine_issues(engine: EngineConfig) -> list[ConfigIssue]:
+    """The engine's own checks (model shape, scheduler limits), under the config's keys."""
+    from velod.engine.core.errors import EngineConfigError  # light: no NumPy
+    from velod.engine.settings import EngineSettings
+
+    try:
+        EngineSettings.from_config(engine)
+    except EngineConfigError as exc:
+        key = _ENGINE_KEYS.get(exc.field, exc.field)
+        return [ConfigIssue(f"engine.{key}", exc.value, exc.reason)]
+    return []
+
+
+# Scheduler limit -> the engine key that sets it, where the names differ.
+_ENGINE_KEYS = {"max_model_len": "geometry.max_context"}
 
 
 def parse_config(raw: Any, source: str = "<config>") -> Config:
@@ -598,3 +588,17 @@ def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, str]]
 
 
 __all__ = ["Config", "ConfigError", "ConfigIssue", "load_config", "parse_config"]
+
+
+def validate_text(text: str, name: str) -> dict[str, Any]:
+    """Validate config text the way the daemon would load its file (for ``config.validate``):
+    {valid, errors, notes}, every line bounded whatever the text."""
+    try:
+        data = parse_yaml(text, name)
+        parse_config(data, name)
+    except ConfigError as exc:
+        return {"valid": False, "errors": exc.lines(), "notes": []}
+    notes = [] if data is not None else [
+        "the text is empty: a running velod keeps its config when its file becomes empty; "
+        "write '{}' to mean the built-in defaults"]
+    return {"valid": True, "errors": [], "notes": notes}

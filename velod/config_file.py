@@ -1,5 +1,6 @@
 """The config file as the daemon sees it (loaded, missing or blank), and config checks run
-off the event loop, one at a time per lane, bounded in time and in queue length."""
+off the event loop, one at a time per lane, bounded in time and in queue length.
+(Checking config text itself is ``velod.config.validate_text``.)"""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from velod.blocking import run_blocking
-from velod.config import Config, ConfigError, parse_config, parse_yaml, read_config_text
+from velod.config import Config, parse_config, parse_yaml, read_config_text
 
 T = TypeVar("T")
 
@@ -47,19 +48,6 @@ def read_file(path: Path) -> FileConfig:
     if data is None:
         return FileConfig(Config(), "blank")
     return FileConfig(parse_config(data, str(path)), "loaded")
-
-
-def validate_text(text: str, name: str) -> dict[str, Any]:
-    """The answer of ``config.validate``: {valid, errors, notes}, every line bounded."""
-    try:
-        data = parse_yaml(text, name)
-        parse_config(data, name)
-    except ConfigError as exc:
-        return {"valid": False, "errors": exc.lines(), "notes": []}
-    notes = [] if data is not None else [
-        f"the text is empty: a running velod keeps its config when its file becomes empty; "
-        f"{BLANK_HINT}"]
-    return {"valid": True, "errors": [], "notes": notes}
 
 
 class LaneBusy(Exception):

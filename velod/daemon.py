@@ -1,6 +1,9 @@
 """The velod daemon: builds the components, serves the control socket, reloads its config.
 
-Everything runs in one asyncio loop. ``main()`` is the ``velod`` console script.
+Everything runs in one asyncio loop. The components and their control methods come from one
+table, ``velod.capabilities``; the daemon's own methods are in ``velod.rpc``. A config change
+(file watch, SIGHUP, ``config.reload``) is loaded and validated here, then handed to every
+component's ``reconfigure``. ``main()`` is the ``velod`` console script.
 """
 
 from __future__ import annotations
@@ -18,28 +21,21 @@ from pathlib import Path
 from typing import Any
 
 from velod import PROTOCOL_VERSION, __version__, paths
+from velod import rpc as daemon_rpc
 from velod.bus import Bus
+from velod.capabilities import CAPABILITIES, Capability
 from velod.component import TROUBLE, Component, Context, ReconfigureRefused, Unavailable
-from velod.config import Config, ConfigError, ConfigIssue, cap, to_plain
-from velod.config_file import BLANK_HINT, CheckLanes, LaneBusy, read_file, validate_text
+from velod.config import Config, ConfigError, ConfigIssue, cap, to_plain, validate_text
+from velod.config_file import BLANK_HINT, CheckLanes, LaneBusy, read_file
 from velod.config_watch import watch_config
-from velod.control.registry import CallContext, Method, Registry, RpcError, param
+from velod.control.registry import Registry, methods_of
 from velod.control.server import ControlServer, SocketInUse
 from velod.systemd import Notifier, listen_socket, monotonic_usec, set_level, setup_logging
-from velod.topics import TOPICS
-from velod.topics import unmatched as unmatched_topics
 
 log = logging.getLogger("velod")
 
 EX_CONFIG = 78  # sysexits.h; the unit's RestartPreventExitStatus= keeps systemd from looping
 STOP_TIMEOUT = 3.0
-
-# Components, imported lazily so an idle daemon loads only what it runs.
-COMPONENTS = (
-    "velod.hardware.monitor:HardwareMonitor",
-    "velod.ollama.tuner:Tuner",
-    "velod.engine.component:EngineComponent",
-)
 
 
 def _load_component_class(spec: str) -> type[Component]:
@@ -55,6 +51,7 @@ class Daemon:
         # Where the running config came from: "loaded" (the file), or "missing"/"blank"
         # when velod started on its built-in defaults.
         self.config_source = file_state
+        # Config checks run off the loop, bounded in time; lanes keep callers apart.
         self.checks = CheckLanes(timeout=5.0)
         self.socket_override = socket_override
         self.log_level_override = log_level_override
@@ -92,14 +89,8 @@ class Daemon:
             self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
         except OSError as exc:  # components that need it report it; the rest still runs
             log.error("cannot create the state directory %s: %s", self.state_dir, exc)
+        self.registry.add_all(methods_of(daemon_rpc, self))
         self._build_components()
-        self.registry.add_all(self._own_methods())
-        for component in self.components:
-            try:
-                self.registry.add_all(component.methods())
-            except Exception as exc:
-                log.exception("component %s failed to export its methods", component.name)
-                component.state, component.error = "failed", f"methods: {exc}"
 
         activated = listen_socket()
         try:
@@ -128,8 +119,12 @@ class Daemon:
         await self._shutdown()
         return 0
 
-    def request_stop(self) -> None:
-        self._stop.set()
+    def request_stop(self, after: float = 0.0) -> None:
+        """Stop the daemon (``after`` seconds from now)."""
+        if after:
+            asyncio.get_running_loop().call_later(after, self._stop.set)
+        else:
+            self._stop.set()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -142,20 +137,25 @@ class Daemon:
             log.error("background task failed", exc_info=task.exception())
 
     def _build_components(self) -> None:
-        for spec in COMPONENTS:
+        for capability in CAPABILITIES:
             try:
-                cls = _load_component_class(spec)
+                component = self._build(capability)
             except (ImportError, AttributeError) as exc:
-                log.warning("component %s not available: %s", spec, exc)
+                log.warning("capability %s not available: %s", capability.name, exc)
                 continue
-            ctx = Context(config=self.config, bus=self.bus, state_dir=self.state_dir,
-                          log=logging.getLogger("velod"), on_state_change=self._state_changed)
-            try:
-                self.components.append(cls(ctx))
-            except Exception as exc:  # a config that validated must not stop the daemon
-                log.exception("component %s could not be created", spec)
-                self.components.append(Unavailable(ctx, getattr(cls, "name", spec),
-                                                   f"could not be created: {exc}"))
+            self.components.append(component)
+
+    def _build(self, capability: Capability) -> Component:
+        cls = _load_component_class(capability.service)
+        ctx = Context(config=self.config, bus=self.bus, state_dir=self.state_dir,
+                      log=logging.getLogger("velod"), on_state_change=self._state_changed)
+        try:
+            component = cls(ctx)
+        except Exception as exc:  # a config that validated must not stop the daemon
+            log.exception("component %s could not be created", capability.name)
+            return Unavailable(ctx, capability.name, f"could not be created: {exc}")
+        self.registry.add_all(methods_of(importlib.import_module(capability.rpc), component))
+        return component
 
     async def _start_component(self, component: Component) -> None:
         component.state = "starting"
@@ -265,12 +265,18 @@ class Daemon:
             "component": component.name, "state": new, "was": old,
             "message": f"{component.name} {new} (was {old}){trouble}"})
 
+    async def validate(self, text: str, name: str, admin: bool) -> dict[str, Any]:
+        """``validate_text`` off the loop, bounded in time (LaneBusy, TimeoutError); checks
+        from unprivileged peers never hold up an admin's."""
+        return await self.checks.run("admin" if admin else "others", validate_text, text,
+                                     name[:200])
+
     # -------------------------------------------------------------------- control methods
     def _status_line(self) -> str:
         """One line for ``systemctl status``: where velod serves and each component's state."""
         parts = []
         for c in self.components:
-            trouble = c.state in ("degraded", "failed") and c.error
+            trouble = c.state in TROUBLE and c.error
             parts.append(f"{c.name} {c.state}" + (f" ({cap(str(c.error), 120)})"
                                                    if trouble else ""))
         where = f"serving on {self.server.path or 'an activated socket'}"
@@ -279,28 +285,13 @@ class Daemon:
             line += "; built-in defaults"
         return cap(line, 1000)
 
-    def _own_methods(self) -> list[Method]:
-        return [
-            Method("system.hello", self._hello, summary="name, version, protocol, methods"),
-            Method("system.ping", self._ping, summary="liveness check"),
-            Method("system.status", self._status, summary="daemon and component status"),
-            Method("system.shutdown", self._shutdown_method, admin=True, summary="stop velod"),
-            Method("config.get", self._config_get, summary="the running config"),
-            Method("config.validate", self._config_validate, summary="validate config text"),
-            Method("config.reload", self._config_reload, admin=True,
-                   summary="reload the config file; returns once applied or refused"),
-            Method("events.subscribe", self._subscribe,
-                   summary="stream events as 'event' notifications"),
-        ]
-
-    async def _hello(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+    def hello(self, admin: bool) -> dict[str, Any]:
+        """Name, version, protocol and methods (and whether the caller is an admin)."""
         return {"name": "velod", "version": __version__, "protocol": PROTOCOL_VERSION,
-                "methods": self.registry.names(), "admin": ctx.peer.admin}
+                "methods": self.registry.names(), "admin": admin}
 
-    async def _ping(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
-        return {"pong": True, "time": time.time()}
-
-    async def _status(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+    def status(self) -> dict[str, Any]:
+        """The daemon and each component, for ``velodctl status``."""
         components = {}
         for component in self.components:
             try:
@@ -319,44 +310,8 @@ class Daemon:
             "control": self.server.status(), "systemd": self.notifier.enabled,
         }
 
-    async def _shutdown_method(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
-        asyncio.get_running_loop().call_later(0.05, self.request_stop)
-        return {"stopping": True}
-
-    async def _config_get(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+    def running_config(self) -> dict[str, Any]:
         return {"path": str(self.config_path), "config": to_plain(self.config)}
-
-    async def _config_validate(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
-        text = param(params, "text", str)
-        name = param(params, "name", str, "<text>")[:200]
-        # Open to everyone: off the loop, one at a time, and never ahead of an admin's check.
-        lane = "admin" if ctx.peer.admin else "others"
-        try:
-            return await self.checks.run(lane, validate_text, text, name)
-        except LaneBusy as exc:
-            raise RpcError("busy", f"config.validate: {exc}; try again shortly") from None
-        except TimeoutError:
-            raise RpcError("unavailable", "config.validate: the check took longer than "
-                           f"{self.checks.timeout:g}s and was abandoned") from None
-
-    async def _config_reload(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
-        return await self.reload("control request")
-
-    async def _subscribe(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
-        topics = param(params, "topics", list, ["*"])
-        if not topics or not all(isinstance(t, str) and t for t in topics):
-            raise RpcError("invalid_params", "topics must be a non-empty list of strings "
-                           "such as 'hardware.*' or '*'", {"field": "topics"})
-        ctx.streaming = True  # type: ignore[misc]
-
-        def forward(event: Any) -> None:
-            if not ctx.notify("event", [event.to_wire()]):
-                unsubscribe()
-
-        unsubscribe = self.bus.subscribe(topics, forward)
-        ctx.on_close(unsubscribe)
-        return {"subscribed": topics, "unmatched": unmatched_topics(topics),
-                "known": sorted(TOPICS)}
 
 
 # ------------------------------------------------------------------------ command line

@@ -162,7 +162,7 @@ def test_all_problems_are_reported_at_once():
 
 
 def test_cross_field_rules():
-    with pytest.raises(ConfigError, match=r"at least engine\.max_batch_size"):
+    with pytest.raises(ConfigError, match=r"max_tokens_per_step: must be >= max_batch_size"):
         parse_config({"engine": {"max_batch_size": 64, "max_tokens_per_step": 32}})
     with pytest.raises(ConfigError, match=r"required when engine\.model is .custom."):
         parse_config({"engine": {"model": "custom"}})

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from velod.config import Config, ConfigError
-from velod.config_file import CheckLanes, LaneBusy, read_file, validate_text
+from velod.config import Config, ConfigError, validate_text
+from velod.config_file import CheckLanes, LaneBusy, read_file
 
 pytestmark = pytest.mark.asyncio
 

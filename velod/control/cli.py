@@ -3,9 +3,10 @@
 Exit codes: 0 only when the daemon answered success; 1 the daemon answered with an error
 (or a reply velodctl cannot take); 2 usage; 3 the daemon could not be reached or dropped
 the connection; 130 interrupted. With --json an error is also printed as JSON on stdout.
-Capabilities add commands in their own ``cli`` modules (``register(sub)``); only the
-module of the command being run is imported. The commands scripts call most often
-(``status``, ``ping``) bypass argparse entirely, which costs more than the round trip.
+Capabilities add commands in their own ``cli`` modules (``register(sub)``), named in
+``velod.capabilities``; only the module of the command being run is imported. The commands
+scripts call most often (``status``, ``ping``) bypass argparse entirely, which costs more
+than the round trip.
 """
 
 import sys
@@ -24,14 +25,6 @@ if TYPE_CHECKING:
 EXIT_OK, EXIT_REMOTE, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 EXIT_INTERRUPTED, EXIT_PIPE = 130, 141  # as a shell reports SIGINT and SIGPIPE
 
-# command name -> module providing it through register(sub)
-PLUGINS = {
-    "hw": "velod.hardware.cli",
-    "ollama": "velod.ollama.cli",
-    "tune": "velod.ollama.cli",
-    "bench": "velod.ollama.bench_cli",
-    "engine": "velod.engine.cli",
-}
 LOCAL_COMMANDS = {"config"}  # commands that can work without the daemon
 
 
@@ -80,9 +73,12 @@ def build_parser(command: str | None) -> "argparse.ArgumentParser":
     validate.add_argument("file")
     validate.set_defaults(func=cmd_config_validate, local=True)
 
-    modules = ([PLUGINS[command]] if command in PLUGINS
+    from velod.capabilities import cli_modules  # not on the status/ping fast path
+
+    plugins = cli_modules()  # command name -> module providing it through register(sub)
+    modules = ([plugins[command]] if command in plugins
                else [] if command in {"status", "ping", "reload", "watch", "config"}
-               else list(dict.fromkeys(PLUGINS.values())))
+               else list(dict.fromkeys(plugins.values())))
     import importlib
 
     for name in modules:
@@ -286,7 +282,7 @@ def cmd_config_validate(args: "argparse.Namespace", client: "Client | None") -> 
         with Client.connect(args.socket) as daemon:
             result = daemon.call("config.validate", {"text": text, "name": args.file})
     except DaemonUnreachable:
-        from velod.config_file import validate_text  # same validation, in-process
+        from velod.config import validate_text  # same validation, in-process
 
         result = validate_text(text, args.file)
     if args.json:

@@ -17,6 +17,7 @@ from velod.control import protocol
 from velod.control.peer import identify
 from velod.control.quota import ConnectionQuota
 from velod.control.registry import Peer, Registry, RpcError
+from velod.errors import ServiceError
 
 log = logging.getLogger("velod.control")
 
@@ -282,6 +283,9 @@ class Connection:
             reply = protocol.encode_response(request.msgid, None, result)
         except RpcError as exc:
             reply = protocol.encode_response(request.msgid, exc.to_wire(), None)
+        except ServiceError as exc:  # a verb refused: the same code, message and data
+            reply = protocol.encode_response(request.msgid, protocol.error_map(
+                exc.code, exc.message, exc.data), None)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a handler bug must not take the connection or daemon down

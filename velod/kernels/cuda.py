@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -160,6 +161,7 @@ class CudaBackend:
     """Paged attention, cache writes and block copies on one CUDA device through PyCUDA."""
 
     name = "cuda"
+    on_device = True
 
     def __init__(self, device: int = 0, cache_dir: Path | None = None) -> None:
         import pycuda.driver as drv  # lazy: velod works without PyCUDA
@@ -195,6 +197,15 @@ class CudaBackend:
         microseconds, and every launch wrapper enters one).
         """
         return self._activation
+
+    def free_memory(self) -> int:
+        """Free bytes of device memory now."""
+        with self.active():
+            free, _total = self._drv.mem_get_info()
+        return int(free)
+
+    def clock(self) -> DeviceClock:
+        return DeviceClock(self._drv)
 
     def to_device(self, array: np.ndarray):
         with self.active():
@@ -477,3 +488,38 @@ class CudaBackend:
                 (pairs_host.shape[0], 2), (KERNEL_THREADS, 1, 1), stream,
                 int(self._device(key_cache).gpudata), int(self._device(value_cache).gpudata),
                 int(pairs.gpudata), block_bytes)
+
+
+class DeviceClock:
+    """CUDA events around kernel phases: their sum is the device time of a step.
+
+    Events are created once and reused step after step (creating two per phase per layer
+    would itself add to the host time being measured).
+    """
+
+    def __init__(self, drv: Any) -> None:
+        self._drv = drv
+        self._pairs: list[tuple[Any, Any]] = []
+        self._free: list[Any] = []
+
+    def _event(self) -> Any:
+        return self._free.pop() if self._free else self._drv.Event()
+
+    def start(self) -> Any:
+        event = self._event()
+        event.record()
+        return event
+
+    def stop(self, start: Any) -> None:
+        end = self._event()
+        end.record()
+        self._pairs.append((start, end))
+
+    def total(self) -> float:
+        if self._pairs:
+            self._pairs[-1][1].synchronize()
+        seconds = sum(start.time_till(end) for start, end in self._pairs) / 1000.0
+        for pair in self._pairs:
+            self._free.extend(pair)
+        self._pairs.clear()
+        return seconds
