@@ -1,5 +1,6 @@
 """Clients that really are another user: a forked child calls setuid() before it connects, so
-velod reads that uid with SO_PEERCRED. Needs root (CI runs as root)."""
+velod reads that uid with SO_PEERCRED. Needs root (CI runs as root). Used by the
+integration tests and by bench/abuse.py."""
 
 from __future__ import annotations
 
@@ -13,14 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-import pytest
 
 from velod.control import protocol
 
 NOBODY = 65534
 OTHER = 65533  # a second unprivileged uid; it needs no passwd entry
-
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="setuid() to another uid needs root")
 
 
 def shared_socket_dir() -> Path:

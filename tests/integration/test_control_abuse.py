@@ -16,7 +16,6 @@ from tests.integration.other_uid import (
     NOBODY,
     OTHER,
     as_user,
-    needs_root,
     open_connections,
     shared_socket_dir,
 )
@@ -26,6 +25,7 @@ from velod.control import protocol
 from velod.control.client import Client
 
 MiB = 1024**2
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="setuid() to another uid needs root")
 
 
 def ping_ms(daemon) -> float:
