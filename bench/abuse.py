@@ -6,6 +6,8 @@ well-behaved root client connects afresh and pings every 20 ms, like `velodctl p
 
 - bomb: an alias bomb (7 levels of 9) sent to config.validate over and over, and written
   as the config file;
+- big_document: the largest text config.validate parses (57 KB, 19,000 values), over
+  and over;
 - lockout: another uid opens as many connections as it can and holds them;
 - slowloris: another uid trickles requests a byte at a time on every connection it gets;
 - pipelining: 10,000 pings sent at once on one connection;
@@ -154,6 +156,21 @@ def bomb(daemon: BenchDaemon, seconds: float = 4.0) -> dict[str, Any]:
             "file_reload_error": reload["error"][:120]}
 
 
+def big_document(daemon: BenchDaemon, seconds: float = 4.0) -> dict[str, Any]:
+    """About the largest text config.validate parses: 57 KB, 19,000 values, no aliases."""
+    text = "k: [" + ", ".join(["1"] * 19_000) + "]\n"
+    took = []
+    deadline = time.monotonic() + seconds
+    with daemon.client() as client:
+        while time.monotonic() < deadline:
+            start = time.perf_counter()
+            result = client.call("config.validate", {"text": text})
+            took.append(time.perf_counter() - start)
+    return {"text_bytes": len(text), "validate_calls": len(took),
+            "validate_median_ms": round(statistics.median(took) * 1000, 1),
+            "refused": not result["valid"]}
+
+
 def lockout(daemon: BenchDaemon) -> dict[str, Any]:
     with attacker(NOBODY, open_connections, str(daemon.socket), 100) as got:
         time.sleep(2.0)  # hold them while root keeps pinging
@@ -273,8 +290,8 @@ def slow_readers(daemon: BenchDaemon) -> dict[str, Any]:
             "unsent_reply_bytes_while_held": control["unsent_bytes"]}
 
 
-CASES = {"bomb": bomb, "lockout": lockout, "slowloris": slowloris, "pipelining": pipelining,
-         "slow_readers": slow_readers}
+CASES = {"bomb": bomb, "big_document": big_document, "lockout": lockout,
+         "slowloris": slowloris, "pipelining": pipelining, "slow_readers": slow_readers}
 
 
 def main() -> None:

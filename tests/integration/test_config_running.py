@@ -11,6 +11,7 @@ import yaml
 
 from tests.integration.conftest import base_config, deep_merge, velod_command, wait_for
 from tests.unit.test_safe_yaml import alias_bomb
+from velod import safe_yaml
 
 MiB = 1024**2
 
@@ -56,7 +57,7 @@ def test_an_alias_bomb_written_as_the_config_file_is_refused_cheaply(velod):
 def test_a_config_file_over_the_size_cap_is_refused(velod):
     velod.write_config("# " + "x" * 300_000 + "\n")
     reload = refused_reload(velod)
-    assert "larger than 262144 bytes" in reload["error"]
+    assert f"larger than {safe_yaml.MAX_BYTES} bytes" in reload["error"]
 
 
 def test_duplicate_sections_are_refused_naming_both_lines(velod, tmp_path):

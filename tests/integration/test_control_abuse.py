@@ -21,6 +21,7 @@ from tests.integration.other_uid import (
 )
 from tests.integration.test_control_limits import raw_connect, read_messages
 from tests.unit.test_safe_yaml import alias_bomb
+from velod import safe_yaml
 from velod.control import protocol
 from velod.control.client import Client
 
@@ -235,7 +236,8 @@ def test_huge_config_text_is_refused_before_parsing(velod_factory):
     daemon = velod_factory({"control": {"max_message_size": "4MiB"}})
     with daemon.client() as client:
         result = client.call("config.validate", {"text": "a: [" + "1, " * 1_000_000 + "1]"})
-    assert not result["valid"] and "at most 262144 are accepted" in result["errors"][0]
+    assert not result["valid"]
+    assert f"at most {safe_yaml.MAX_BYTES} are accepted" in result["errors"][0]
 
 
 # ------------------------------------------------------------------------------- interop

@@ -10,6 +10,7 @@ import pytest
 from tests.unit.test_config import nested
 from tests.unit.test_safe_yaml import alias_bomb
 from velod import config as config_module
+from velod import safe_yaml
 from velod.config import (
     MAX_EXCERPT,
     MAX_MESSAGE,
@@ -146,7 +147,7 @@ def test_duplicate_sections_in_a_file_are_refused(tmp_path: Path):
 def test_a_file_over_the_size_cap_is_refused_after_reading_only_the_cap(tmp_path: Path):
     path = tmp_path / "big.yaml"
     path.write_text("# " + "x" * 300_000 + "\n")
-    with pytest.raises(ConfigError, match="larger than 262144 bytes"):
+    with pytest.raises(ConfigError, match=f"larger than {safe_yaml.MAX_BYTES} bytes"):
         load_config(path)
     with pytest.raises(ConfigError, match="not a regular file"):
         load_config(Path("/dev/zero"))
