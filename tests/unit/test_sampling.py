@@ -100,6 +100,15 @@ def test_distribution_equals_the_plain_llama_cpp_chain(chain: dict[str, Any], vo
     assert_same_distribution(reference(row, params, history), ours(row, params, history))
 
 
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.999])
+def test_top_p_on_a_flat_distribution_keeps_the_right_bulk_of_the_vocabulary(top_p: float) -> None:
+    row = np.round(logits(262_144, seed=5, scale=0.5), 2)  # flat, with many ties
+    params = SamplingParams(temperature=1.0, top_k=0, top_p=top_p, min_p=0.0)
+    expected = reference(row, params, [])
+    assert len(expected) > 50_000
+    assert_same_distribution(expected, ours(row, params, []))
+
+
 def test_greedy_takes_the_highest_logit_and_the_lowest_id_of_a_tie() -> None:
     row = np.zeros(1000, dtype=np.float32)
     row[[17, 5, 900]] = 3.0
