@@ -124,7 +124,6 @@ class _SpecialMatcher:
             longest = match.group(1)
             present.add(longest)
             present.update(self.prefixes[longest])
-        present.discard("")
         fragments: list[str | int] = [text]
         # llama.cpp splits by each special in turn, longest first, left to right.
         for special in sorted(present, key=lambda s: (-len(s), self.ids[s])):
