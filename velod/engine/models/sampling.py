@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections import Counter, deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -171,7 +171,6 @@ def _as_tuple(params: SamplingParams, name: str, kind: type) -> tuple[Any, ...]:
     return items
 
 
-@dataclass
 class SamplerState:
     """One request's sampling state: its generator and the tokens penalties look at.
 
@@ -179,20 +178,15 @@ class SamplerState:
     does); :func:`sample` records each chosen token.
     """
 
-    params: SamplingParams
-    rng: np.random.Generator = field(init=False)
-    window: deque[int] = field(init=False)
-    counts: Counter[int] = field(init=False)
-
     def __init__(self, params: SamplingParams, prompt: Sequence[int] = ()) -> None:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
         size = params.penalty_window
-        self.window = deque(maxlen=None if size < 0 else size)
-        self.counts = Counter()
+        self.window: deque[int] = deque(maxlen=None if size < 0 else size)
+        self.counts: Counter[int] = Counter()
         if params.penalized:
             for token in prompt[-size:] if size > 0 else prompt:
-                self.accept(token)
+                self.accept(int(token))
 
     def accept(self, token: int) -> None:
         """Record a chosen token in the penalty window."""
