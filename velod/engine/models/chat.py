@@ -178,6 +178,8 @@ class ChatTemplate:
                 parts.append(part)
         except ChatTemplateError:
             raise
+        except _TemplateRaised as error:
+            raise ChatTemplateError(self.name, f"raise_exception: {error}") from None
         except RecursionError:
             raise ChatTemplateError(self.name, "recursion too deep") from None
         except Exception as error:  # untrusted template code: any failure is the template's
@@ -254,8 +256,12 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
                       sort_keys=sort_keys)
 
 
+class _TemplateRaised(Exception):
+    """What a template's raise_exception(message) raises; render() names the template."""
+
+
 def _raise_exception(message: str) -> None:
-    raise ChatTemplateError("chat_template", f"raise_exception: {message}")
+    raise _TemplateRaised(message)
 
 
 def _strftime_now(format: str) -> str:
