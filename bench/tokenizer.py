@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.harness import machine
 from tests import assets
-from tests.unit.tokenizer_corpus import base_strings
+from tests.tokenizer_corpus import base_strings
 from velod.engine.models.chat import ChatTemplate
 from velod.engine.models.tokenizer import Tokenizer
 

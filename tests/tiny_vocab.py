@@ -33,7 +33,7 @@ def _training_text() -> list[str]:
     import json as json_module
     import textwrap
 
-    from tests.unit.tokenizer_corpus import base_strings
+    from tests.tokenizer_corpus import base_strings
 
     docs = [textwrap.__doc__ or "", json_module.__doc__ or "", difflib.__doc__ or ""]
     return docs + base_strings()
