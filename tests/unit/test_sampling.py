@@ -266,6 +266,14 @@ def test_options_are_normalised() -> None:
     assert params.stop == ("END",) and params.stop_token_ids == (3,)
 
 
+def test_stop_tokens_and_end_of_generation_tokens_end_a_request_unless_eos_is_ignored() -> None:
+    eog = frozenset({1, 106})
+    assert SamplingParams(stop_token_ids=(7,)).ends_generation(7, eog)
+    assert SamplingParams().ends_generation(106, eog)
+    assert not SamplingParams(ignore_eos=True).ends_generation(106, eog)
+    assert not SamplingParams().ends_generation(5, eog)
+
+
 def test_stop_token_outside_the_vocabulary_is_an_error() -> None:
     with pytest.raises(InvalidRequest, match="99 is outside the vocabulary"):
         SamplingParams(stop_token_ids=(99,)).check_vocabulary(50)

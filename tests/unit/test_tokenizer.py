@@ -106,6 +106,14 @@ def test_detokenizer_replaces_bytes_that_can_never_form_a_character() -> None:
     assert stream.flush() == "\ufffd"
 
 
+def test_bos_and_eos_texts_are_what_chat_templates_get() -> None:
+    tokenizer = Tokenizer.from_gguf_metadata(spm())
+    assert (tokenizer.bos_text, tokenizer.eos_text) == ("<s>", "</s>")
+    metadata = spm()
+    del metadata["tokenizer.ggml.eos_token_id"]
+    assert Tokenizer.from_gguf_metadata(metadata).eos_text == ""
+
+
 def test_end_of_generation_covers_eos_and_end_of_turn_text() -> None:
     tokenizer = Tokenizer.from_gguf_metadata(spm())
     assert tokenizer.eog_ids == {2, 3}

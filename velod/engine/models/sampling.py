@@ -130,6 +130,11 @@ class SamplingParams:
             self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
             or self.frequency_penalty != 0.0)
 
+    def ends_generation(self, token: int, eog_ids: frozenset[int]) -> bool:
+        """True when ``token`` ends this request: one of its stop tokens, or one of the
+        model's end-of-generation tokens unless ``ignore_eos``."""
+        return token in self.stop_token_ids or (not self.ignore_eos and token in eog_ids)
+
     def check_vocabulary(self, vocab_size: int) -> None:
         """InvalidRequest when a stop token id is outside the model's vocabulary."""
         for token in self.stop_token_ids:

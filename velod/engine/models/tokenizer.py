@@ -382,6 +382,16 @@ class Tokenizer:
         self._check(token)
         return self.tokens[token]
 
+    @property
+    def bos_text(self) -> str:
+        """The BOS token's text (``<bos>``) for chat templates; "" without one."""
+        return "" if self.bos_id is None else self.tokens[self.bos_id]
+
+    @property
+    def eos_text(self) -> str:
+        """The EOS token's text (``<eos>``) for chat templates; "" without one."""
+        return "" if self.eos_id is None else self.tokens[self.eos_id]
+
     def is_eog(self, token: int) -> bool:
         """True for a token that ends generation (EOS, end of turn, ...)."""
         return token in self.eog_ids
