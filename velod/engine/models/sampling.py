@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from velod.engine.errors import InvalidRequest
+from velod.engine.core.errors import InvalidRequest
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 1000

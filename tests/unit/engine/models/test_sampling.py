@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from velod.engine.errors import InvalidRequest
+from velod.engine.core.errors import InvalidRequest
 from velod.engine.models.sampling import (
     SamplerState,
     SamplingError,
