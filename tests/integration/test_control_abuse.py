@@ -3,6 +3,7 @@ third-party msgpack-rpc clients are served."""
 
 import contextlib
 import os
+import shutil
 import socket
 import threading
 import time
@@ -43,9 +44,16 @@ def rss(daemon) -> int:
 # ------------------------------------------------------------------------------- lockout
 
 
+@pytest.fixture
+def sock_dir():
+    """A socket directory other uids can reach, removed afterwards."""
+    path = shared_socket_dir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @needs_root
-def test_one_user_cannot_lock_out_others_and_root_always_gets_in(velod_factory):
-    sock_dir = shared_socket_dir()
+def test_one_user_cannot_lock_out_others_and_root_always_gets_in(velod_factory, sock_dir):
     daemon = velod_factory({"control": {"max_connections": 12, "max_connections_per_uid": 6,
                                         "admin_reserved_connections": 4}},
                            socket=sock_dir / "velod.sock")
