@@ -113,6 +113,8 @@ def cmd_history(args: argparse.Namespace, client: Any) -> int:
         print_json(result)
     else:
         print(render_history(result["entries"]))
+        if result.get("warning"):
+            print(f"warning: {result['warning']}")
     return EXIT_OK
 
 
@@ -190,9 +192,20 @@ def render_show(r: dict[str, Any]) -> str:
 
 
 def _verdict(r: dict[str, Any]) -> str:
+    running = r.get("running") or {}
     if r["up_to_date"]:
+        if not running.get("known", True):
+            return ("The drop-ins set the recommended settings; what Ollama runs cannot be "
+                    f"checked ({running.get('note')}).")
         return "Ollama runs the recommended settings; nothing to change."
     count = len(r["changes"])
+    if running.get("not_running"):
+        names = ", ".join(f"{k}={v[0] if v[0] is not None else '(unset)'}"
+                          for k, v in sorted(running["not_running"].items()))
+        return (f"The drop-ins set the recommended settings, but Ollama was not restarted "
+                f"since: it runs {names}. "
+                + ("Observe mode: `velodctl tune apply` restarts it." if r["mode"] == "observe"
+                   else "velod restarts it when Ollama is idle."))
     if r.get("blocked"):
         return (f"{count} setting(s) differ, but this plan failed before "
                 f"({r['blocked']['decision']}: {r['blocked']['message']}); velod will not "

@@ -24,6 +24,7 @@ from velod.errors import ServiceError
 from velod.tuner import explore, planner
 from velod.tuner.applier import Outcome, server_environment
 from velod.tuner.bench.spec import BenchSpec, judge
+from velod.tuner.history import str_map
 
 if TYPE_CHECKING:
     from velod.config import TunerConfig
@@ -68,10 +69,10 @@ class ClosedLoop:
             entry = self.journal.history.latest("explore-kept", scan=1000)
         except OSError:
             return None
-        if entry and isinstance(entry.get("base"), dict) and isinstance(entry.get("pins"), dict):
-            return {"base": env_key(entry["base"]), "pins": entry["pins"],
-                    "message": entry.get("message", "")}
-        return None
+        base, pins = str_map((entry or {}).get("base")), str_map((entry or {}).get("pins"))
+        if entry is None or base is None or pins is None:
+            return None  # none, or damaged: explore again
+        return {"base": env_key(base), "pins": pins, "message": str(entry.get("message", ""))}
 
     # ------------------------------------------------------------------ measuring
     async def measure(self, purpose: str) -> dict[str, Any] | None:
