@@ -25,7 +25,8 @@ control request) exits the process abruptly after that many more generated token
 ``FAKE_OLLAMA_STORE`` = a JSON file where models made by ``/api/create`` are kept across
 restarts, as Ollama keeps them. The final chunk of ``/api/generate`` carries ``context``
 (the conversation's token ids, as Ollama sends it); ``context_tokens`` in a control request
-makes the next ones that long (a long conversation: one very long streamed line).
+makes them that long (a long conversation: one very long streamed line), from the
+generation ``after_requests`` (default 0) generations later on.
 ``FAKE_OLLAMA_BUSY`` = models with a request in flight from the start, or
 ``POST /_fake/busy {"model", "busy"}`` to hold or release one at run time.
 ``GET /_fake/state`` shows the settings the process read.
@@ -338,6 +339,7 @@ class FakeOllama:
         self.delay = float(env.get("FAKE_OLLAMA_DELAY", "5"))
         self.huge_bytes = int(env.get("FAKE_OLLAMA_HUGE_BYTES", str(400 * 1000**2)))
         self.context_tokens: int | None = None
+        self.context_from = 0  # the generation from which context_tokens applies
         self.timing = GenerationTiming(env)
         self.models: dict[str, Model] = {}
         for spec in models if models is not None else DEFAULT_MODELS:
@@ -568,8 +570,7 @@ class FakeOllama:
                  "load_duration": int(load_s * 1e9),
                  "prompt_eval_count": prompt_count, "prompt_eval_duration": int(prompt_s * 1e9),
                  "eval_count": count, "eval_duration": int(count * delay * 1e9),
-                 "context": list(range(self.context_tokens if self.context_tokens is not None
-                                       else prompt_count + count))}
+                 "context": list(range(self._context_length(prompt_count + count)))}
         self.generations.append({k: final[k] for k in (
             "model", "load_duration", "prompt_eval_count", "prompt_eval_duration",
             "eval_count", "eval_duration")})
@@ -578,6 +579,11 @@ class FakeOllama:
         await resp.write((json.dumps({**final, key: content("")}) + "\n").encode())
         await resp.write_eof()
         return resp
+
+    def _context_length(self, natural: int) -> int:
+        if self.context_tokens is None or len(self.generations) < self.context_from:
+            return natural
+        return self.context_tokens
 
     def _count_token(self) -> None:
         self.tokens_made += 1
@@ -592,6 +598,7 @@ class FakeOllama:
             self.die_after_tokens = self.tokens_made + int(body["die_after_tokens"])
         if "context_tokens" in body:
             self.context_tokens = body["context_tokens"]
+            self.context_from = len(self.generations) + int(body.get("after_requests", 0))
         return web.json_response({"mode": self.mode, "delay": self.delay})
 
     async def h_busy(self, request: web.Request) -> web.Response:

@@ -22,7 +22,8 @@ makes the next start/restart fail (exit 1, service stopped); ``no-come-back`` st
 process that never answers. The file is consumed by the start it affects.
 A file ``$FAKE_SYSTEMCTL_STATE/hang`` containing ``VERB before`` or ``VERB after`` makes
 the next call of that verb sleep ``$FAKE_SYSTEMCTL_HANG_S`` seconds (default 30) before or
-after doing its work, so a test can kill velod at that point (consumed by that call).
+after doing its work, so a test can kill velod at that point (consumed by that call; the
+sleeping process writes its pid to ``$FAKE_SYSTEMCTL_STATE/hanging.pid``).
 """
 
 from __future__ import annotations
@@ -203,6 +204,7 @@ def hang(verb: str, when: str) -> None:
     flag = STATE / "hang"
     if flag.exists() and flag.read_text().split() == [verb, when]:
         flag.unlink(missing_ok=True)
+        (STATE / "hanging.pid").write_text(str(os.getpid()))  # for the test to end it
         time.sleep(float(os.environ.get("FAKE_SYSTEMCTL_HANG_S", "30")))
 
 

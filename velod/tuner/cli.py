@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from velod.control.output import ago, emit, print_json, table
+from velod.control.progress import EventProgress, stderr_view
 from velod.tuner.bench.cli import register as register_bench
 from velod.units import format_size, parse_size
 
@@ -90,7 +91,8 @@ def cmd_plan(args: argparse.Namespace, client: Any) -> int:
 
 
 def cmd_apply(args: argparse.Namespace, client: Any) -> int:
-    result = client.call("tuner.apply", {"now": args.now}, timeout=600)
+    result = _with_progress(args, "tune apply",
+                            lambda: client.call("tuner.apply", {"now": args.now}, timeout=600))
     if args.json:
         print_json(result)
     else:
@@ -98,8 +100,29 @@ def cmd_apply(args: argparse.Namespace, client: Any) -> int:
     return EXIT_OK if result["decision"] in ("applied", "nothing") else 1
 
 
+def _with_progress(args: argparse.Namespace, prefix: str, call: Any) -> Any:
+    """``call()`` while its steps (restart, wait, verification benchmarks) go to stderr."""
+    progress = EventProgress(args.socket, ["tuner.progress", "bench.progress"],
+                             render_step, stderr_view(prefix))
+    try:
+        return call()
+    finally:
+        progress.close()
+
+
+def render_step(data: dict[str, Any]) -> tuple[str, float | None] | None:
+    """A ``tuner.progress`` step, or a verification benchmark's ``bench.progress``."""
+    if "step" in data:
+        return str(data["step"]), None
+    if data.get("phase") in ("warm-up", "measure"):
+        return (f"measuring {data.get('prompt') or ''}: {data.get('done', 0)}/"
+                f"{data.get('total', 0)} requests"), None
+    return None
+
+
 def cmd_rollback(args: argparse.Namespace, client: Any) -> int:
-    result = client.call("tuner.rollback", {}, timeout=600)
+    result = _with_progress(args, "tune rollback",
+                            lambda: client.call("tuner.rollback", {}, timeout=600))
     if args.json:
         print_json(result)
     else:

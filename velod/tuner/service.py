@@ -238,6 +238,7 @@ class Tuner(Component):
         failed = outcome.details.get("failed")
         if outcome.decision in ("rolled-back", "error") and isinstance(failed, dict):
             self.block(env_key(failed), outcome)
+        await self.look(force=True)
         self.journal.announce(outcome)
 
     async def _sleep(self, delay: float) -> None:
@@ -312,23 +313,25 @@ class Tuner(Component):
         policy = planner.Policy.from_config(self.config.tuner)
         self.base_plan = planner.plan(self.snapshot, self.planning_state(), policy)
         self.plan = self.loop.with_kept(self.base_plan, policy)
-        try:
-            self.effective = await run_blocking(self.applier.dropins.effective, timeout=10)
-        except (OSError, TimeoutError) as exc:
-            self.effective = Effective({}, {}, {}, errors=[f"cannot read drop-ins: {exc}"])
-        await self._ask_running()
+        await self.look()
         return self.plan
 
-    async def _ask_running(self) -> None:
-        """Ask what Ollama's service runs when the drop-ins changed since the last time, or
-        that was a while ago (a restart by someone else shows within RUNNING_MAX_AGE_S)."""
-        files = env_key(self.effective.environment) if self.effective else None
+    async def look(self, force: bool = False) -> None:
+        """Read the drop-ins, and what Ollama's service runs when they changed since the
+        last time, that was a while ago (a restart by someone else shows within
+        RUNNING_MAX_AGE_S) or ``force``; both change together, so that a status never
+        pairs new files with an old process."""
+        try:
+            effective = await run_blocking(self.applier.dropins.effective, timeout=10)
+        except (OSError, TimeoutError) as exc:
+            effective = Effective({}, {}, {}, errors=[f"cannot read drop-ins: {exc}"])
+        files = env_key(effective.environment)
         asked = self._running_asked
-        if asked is not None and asked[0] == files \
-                and time.monotonic() - asked[1] < RUNNING_MAX_AGE_S:
-            return
-        self.running = await self.applier.running()
-        self._running_asked = (files, time.monotonic())
+        if force or asked is None or asked[0] != files \
+                or time.monotonic() - asked[1] >= RUNNING_MAX_AGE_S:
+            self.running = await self.applier.running()
+            self._running_asked = (files, time.monotonic())
+        self.effective = effective
 
     async def _cycle(self) -> None:
         # Triggers that arrive during this cycle (a reload, say) belong to the next one.
@@ -436,6 +439,8 @@ class Tuner(Component):
         self.pending = None
         if outcome.decision in ("rolled-back", "error"):
             self.block(env_key(server_environment(plan)), outcome)
+        if outcome.decision != "skipped":
+            await self.look(force=True)  # the status shows the new state at once
         self.journal.announce(outcome)
         return outcome
 
@@ -662,10 +667,14 @@ class Tuner(Component):
                 raise NotFound(f"nothing to roll back to: no {self.applier.dropins.backup.name} "
                                "(velod has not changed Ollama's settings since the last "
                                "rollback)")
+            problem = self.applier.systemctl_problem()
+            if problem:  # restoring the file without a restart would leave them apart
+                raise Unavailable(f"{problem}; nothing was changed")
             outcome = await self.applier.rollback("requested by admin", undone=current)
             self.pending = None
             if outcome.decision == "rolled-back":
                 self.block(env_key(current), outcome)  # do not re-apply it by ourselves
+            await self.look(force=True)
             self.journal.announce(outcome)
         return plain(outcome.to_dict())
 

@@ -85,20 +85,23 @@ def cmd_run(args: argparse.Namespace, client: Any) -> int:
     params = {"model": args.model, "prompts": args.prompt, "prompt_tokens": args.prompt_tokens,
               "gen": args.gen, "concurrency": args.concurrency, "repeat": args.repeat,
               "timeout": args.timeout}
-    progress = EventProgress(args.socket, ["bench.progress"], render_progress,
-                             stderr_view("bench"))
+    progress = None
     try:
+        progress = EventProgress(args.socket, ["bench.progress"], render_progress,
+                                 stderr_view("bench"))
         result = client.call("bench.run", params, timeout=args.timeout + 120)
     except KeyboardInterrupt:
         # Leaving closes the connection; velod sees it, stops and saves what it measured.
-        progress.close()
-        run_id = progress.last.get("id")
+        run_id = progress.last.get("id") if progress else None
+        if progress:
+            progress.close()
         where = f"`velodctl bench show {run_id}`" if run_id else "`velodctl bench list`"
         print(f"velodctl: interrupted; velod keeps the partial run ({where})",
               file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
-        progress.close()
+        if progress:
+            progress.close()
     emit(args, result, render_result)
     if result.get("error"):
         print(f"velodctl: {result['error']}", file=sys.stderr)
