@@ -6,6 +6,9 @@ reload, a model with CPU spill in ``/api/ps``, a newly pulled model. A changed p
 stay the same for ``tuner.settle`` before it is applied (hysteresis); a plan that was rolled
 back is not retried by itself until the plan changes. ``observe`` mode never writes or
 restarts anything. Every decision goes to the history and out as event ``tuner.decision``.
+Before its first cycle the loop settles an apply that velod was stopped in the middle of
+(``velod.tuner.recovery``); "runs the recommended settings" is said only of what Ollama's
+service runs (``velod.tuner.running``), not of what its drop-ins say.
 
 Manual apply (``tuner.apply``, admin) works in both modes: it skips the settle wait, but is
 refused (error ``busy``, nothing changed) while Ollama is busy or within
