@@ -373,7 +373,9 @@ def test_progress_is_one_line_per_step_on_stderr_when_it_is_not_a_terminal(
 def test_an_endless_ollama_reply_does_not_grow_velod(world: Any, velod_factory: Any) -> None:
     m = world()
     d = velod_factory(config(m), env=m.env)
-    wait_for(lambda: d.call("ollama.status")["reachable"], what="Ollama polled")
+    # Measured once velod has planned (its modules loaded, its first plan made).
+    wait_for(lambda: d.call("tuner.show")["changes"], what="a first plan")
+    time.sleep(0.5)
     before = rss(d.proc.pid)
     fake_control(m, mode="huge")  # every answer: a 400 MB JSON string
     status = wait_for(lambda: (t := d.call("system.status")["components"]["tuner"])
@@ -390,3 +392,4 @@ def rss(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS")
+

@@ -6,6 +6,7 @@ Commands follow their progress events on a second connection (:class:`EventProgr
 the call on the first one stays a plain request and reply.
 """
 
+import _socket
 import contextlib
 import sys
 import threading
@@ -78,12 +79,17 @@ class EventProgress:
         self.last: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self.client: Any = None
         try:
-            self.client: Any = Client.connect(socket_path, timeout=None)
-            events = self.client.subscribe(topics)
-        except (DaemonUnreachable, RemoteError, OSError):
-            self.client = None
+            client = Client.connect(socket_path, timeout=None)
+        except DaemonUnreachable:
             return
+        try:
+            events = client.subscribe(topics)
+        except (DaemonUnreachable, RemoteError, OSError):
+            client.close()
+            return
+        self.client = client
         self.thread = threading.Thread(target=self._run, args=(events,), daemon=True)
         self.thread.start()
 
@@ -98,16 +104,25 @@ class EventProgress:
                     self.last = data
                     if drawn is not None:
                         self.view.draw(*drawn)
-        except Exception:  # the connection closes when the command ends
+        except Exception:  # the connection ends when the command does
             return
 
     def close(self) -> None:
-        """Stop following and end the bar's line."""
+        """Draw what already arrived, stop following and end the bar's line.
+
+        The daemon sends a command's last progress event before its reply, so it is in
+        this socket's buffer by now: shutting the socket down (not closing it) lets the
+        reader take what is queued, then see the end.
+        """
+        if self.client is None or self._closed:
+            return
+        with contextlib.suppress(OSError):
+            self.client.sock.shutdown(_socket.SHUT_RDWR)
+        self.thread.join(timeout=1.0)
         with self._lock:
             self._closed = True
-            if self.client is not None:
-                with contextlib.suppress(OSError):
-                    self.client.close()
+            with contextlib.suppress(OSError):
+                self.client.close()
             self.view.finish()
 
 

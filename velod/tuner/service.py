@@ -120,7 +120,8 @@ class Tuner(Component):
                                 ctx.bus.publish, self._server_settings, self.most_used_model,
                                 self.log)
         self.loop = ClosedLoop(self.applier, self.bench, self.journal, lambda: self.config.tuner,
-                               self._plan_with, self.trigger, self.log)
+                               self._plan_with, self.trigger, self.log,
+                               lambda: self.look(force=True))
         skipped = self.history.skipped  # as the readers above found it
         self.history_warning = skipped.describe(self.history.path) if skipped.count else None
         if self.history_warning:
@@ -314,10 +315,11 @@ class Tuner(Component):
         if self.snapshot is None or not self.config.tuner.enabled:
             return None
         policy = planner.Policy.from_config(self.config.tuner)
-        self.base_plan = planner.plan(self.snapshot, self.planning_state(), policy)
-        self.plan = self.loop.with_kept(self.base_plan, policy)
+        base = planner.plan(self.snapshot, self.planning_state(), policy)
+        plan = self.loop.with_kept(base, policy)
         await self.look()
-        return self.plan
+        self.base_plan, self.plan = base, plan  # with the view it was compared against
+        return plan
 
     async def look(self, force: bool = False) -> None:
         """Read the drop-ins, and what Ollama's service runs when they changed since the
