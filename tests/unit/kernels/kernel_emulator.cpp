@@ -5,6 +5,7 @@
 // available: buffers are exactly sized, so any out-of-bounds access aborts).
 //   emulator attention KERNEL DIR   reads DIR/{params.txt,query,key_cache,value_cache,
 //                                   block_tables,context_lens}.bin, writes DIR/out.bin
+//   emulator prefill KERNEL DIR     the same plus query_start_loc.bin
 //   emulator write_cache KERNEL DIR / emulator copy_blocks KERNEL DIR   (see main)
 // Emulated: threadIdx/blockIdx, __syncthreads (block barrier), __shfl_xor_sync (barrier per
 // lane group of the mask), __syncwarp, dynamic shared memory, cp.async groups (copies happen
@@ -183,6 +184,7 @@ inline void velod_emulated_wait(int keep) {
 
 #define VELOD_HOST_EMULATION 1
 #include "../../../velod/kernels/paged_attention.cu"
+#include "../../../velod/kernels/prefill_attention.cu"
 
 // Runs kernel(args...) over the grid with one persistent OS thread per CUDA thread.
 template <typename... Params, typename... Args>
@@ -245,9 +247,11 @@ static std::map<std::string, double> read_params(const std::string& path) {
 
 using AttentionFn = void (*)(void*, float*, float*, float*, const void*, const void*,
                              const void*, const int*, const int*, float, int, int, int, int, int,
-                             int);
+                             int, int);
 using MergeFn = void (*)(void*, const float*, const float*, const float*, const int*, int, int,
-                         int, int);
+                         int, int, int);
+using PrefillFn = void (*)(void*, const void*, const void*, const void*, const int*, const int*,
+                           const int*, float, int, int, int, int, int);
 
 template <typename F>
 static F cast_fn(auto* f) { return reinterpret_cast<F>(reinterpret_cast<void*>(f)); }
@@ -266,6 +270,22 @@ static const std::map<std::string, AttentionFn> kAttention = {
     EMU_ATT_ALL(f16)
 #elif defined(VELOD_ONLY_BF16)
     EMU_ATT_ALL(bf16)
+#endif
+};
+
+#define EMU_PRE(TNAME, D) \
+    {"velod_prefill_attention_" #TNAME "_d" #D, \
+     cast_fn<PrefillFn>(&velod_prefill_attention_##TNAME##_d##D)},
+#define EMU_PRE_ALL(TNAME) EMU_PRE(TNAME, 64) EMU_PRE(TNAME, 80) EMU_PRE(TNAME, 96) \
+    EMU_PRE(TNAME, 112) EMU_PRE(TNAME, 128) EMU_PRE(TNAME, 256)
+
+static const std::map<std::string, PrefillFn> kPrefill = {
+#if defined(VELOD_ONLY_F32)
+    EMU_PRE_ALL(f32)
+#elif defined(VELOD_ONLY_F16)
+    EMU_PRE_ALL(f16)
+#elif defined(VELOD_ONLY_BF16)
+    EMU_PRE_ALL(bf16)
 #endif
 };
 
@@ -305,7 +325,7 @@ int main(int argc, char** argv) {
                reinterpret_cast<const int*>(tables.data()),
                reinterpret_cast<const int*>(lens.data()), static_cast<float>(p.at("scale_log2")),
                i("num_heads"), i("num_kv_heads"), i("heads_per_block"), i("max_blocks_per_seq"),
-               i("partition_size"), i("max_parts"));
+               i("partition_size"), i("max_parts"), i("window"));
         if (split) {
             launch(kMerge.at(kernel.substr(22, kernel.find("_d") - 22)),
                    dim3(i("num_heads"), i("num_seqs"), 1), velod::kThreads, 0,
@@ -313,8 +333,29 @@ int main(int argc, char** argv) {
                    static_cast<const float*>(part_max.data()),
                    static_cast<const float*>(part_sum.data()),
                    reinterpret_cast<const int*>(lens.data()), i("num_heads"), i("head_dim"),
-                   i("partition_size"), i("max_parts"));
+                   i("partition_size"), i("max_parts"), i("window"));
         }
+        write_file(dir + "out.bin", out);
+        return 0;
+    }
+    if (op == "prefill") {
+        auto query = read_file(dir + "query.bin");
+        auto key_cache = read_file(dir + "key_cache.bin");
+        auto value_cache = read_file(dir + "value_cache.bin");
+        auto tables = read_file(dir + "block_tables.bin");
+        auto starts = read_file(dir + "query_start_loc.bin");
+        auto lens = read_file(dir + "context_lens.bin");
+        std::vector<unsigned char> out(query.size(), 0xFF);  // NaN until written
+        launch(kPrefill.at(kernel), dim3(i("grid_x"), i("num_kv_heads"), i("num_seqs")),
+               static_cast<unsigned>(i("threads")), static_cast<size_t>(i("smem_bytes")),
+               static_cast<void*>(out.data()), static_cast<const void*>(query.data()),
+               static_cast<const void*>(key_cache.data()),
+               static_cast<const void*>(value_cache.data()),
+               reinterpret_cast<const int*>(tables.data()),
+               reinterpret_cast<const int*>(starts.data()),
+               reinterpret_cast<const int*>(lens.data()), static_cast<float>(p.at("scale_log2")),
+               i("num_heads"), i("num_kv_heads"), i("max_blocks_per_seq"), i("block_size"),
+               i("window"));
         write_file(dir + "out.bin", out);
         return 0;
     }
