@@ -46,6 +46,7 @@ from velod.kernels.layout import (
 
 SOURCE = Path(__file__).with_name("paged_attention.cu")
 PREFILL_SOURCE = Path(__file__).with_name("prefill_attention.cu")
+MODEL_OPS_SOURCE = Path(__file__).with_name("model_ops.cu")
 NVCC_OPTIONS = ("-O3", "-std=c++17")
 COMPILE_TIMEOUT_S = 600.0
 
