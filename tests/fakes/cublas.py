@@ -83,7 +83,7 @@ class FakeDeviceArray:
         return raw.view(self.dtype).reshape(self.shape)
 
 
-class _Function:
+class LibraryFunction:
     """A library function: callable, with the ``argtypes``/``restype`` ctypes assigns."""
 
     def __init__(self, body) -> None:
@@ -106,7 +106,7 @@ class FakeCublas:
         self._next = 0x1000
         for name in ("cublasCreate_v2", "cublasDestroy_v2", "cublasSetStream_v2",
                      "cublasSetWorkspace_v2", "cublasGemmEx", "cublasGemmStridedBatchedEx"):
-            setattr(self, name, _Function(getattr(self, "_" + name)))
+            setattr(self, name, LibraryFunction(getattr(self, "_" + name)))
 
     def _record(self, name: str, args: tuple) -> None:
         self.calls.append((name, args))
