@@ -135,13 +135,17 @@ def test_every_step_s_logits_equal_the_numpy_model_s(tiny, arch):
     assert any(s.num_tokens > s.num_decode > 0 for s in steps)  # a mixed step too
 
 
-@pytest.mark.parametrize(("dtype", "tolerance"), [("float16", 2e-2), ("bfloat16", 8e-2)])
-def test_half_precision_weights_and_cache_stay_close_to_the_float32_model(tiny, dtype,
+@pytest.mark.parametrize(("arch", "dtype", "tolerance"), [
+    ("gemma3", "float16", 2e-2), ("gemma3", "bfloat16", 8e-2),
+    ("llama", "float16", 2e-2),  # its F16 output matrix is copied as stored
+    ("qwen2", "bfloat16", 8e-2),  # its BF16 attn_output likewise
+])
+def test_half_precision_weights_and_cache_stay_close_to_the_float32_model(tiny, arch, dtype,
                                                                           tolerance):
-    runner = make_runner(tiny["gemma3"], dtype)
+    runner = make_runner(tiny[arch], dtype)
     for layer in runner.weights.layers:
         assert layer.wqkv.dtype == STORE[dtype] and layer.attn_norm.dtype == np.float32
-    steps = drive(runner, prompts_for(2), 6, oracle=load_model(tiny["gemma3"]), dtype=dtype)
+    steps = drive(runner, prompts_for(2), 6, oracle=load_model(tiny[arch]), dtype=dtype)
     assert max(relative(s.logits, s.expected) for s in steps) < tolerance
 
 

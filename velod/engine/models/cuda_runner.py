@@ -114,7 +114,7 @@ def load_device_weights(gguf: GGUFFile, hp: HParams, ops: Any, dtype: Any) -> De
         device = ops.empty(slot.shape, dtype if matrix else np.float32)
         row = 0
         for name, shape in slot.sources:
-            _upload_tensor(gguf, name, shape, device, row, ops, dtype if matrix else None)
+            _upload_tensor(gguf, name, shape, device, row, ops, dtype if matrix else np.float32)
             row += shape[0]
         arrays[slot.key] = device
         lowest_free = min(lowest_free, ops.free_memory())
@@ -132,21 +132,33 @@ def load_device_weights(gguf: GGUFFile, hp: HParams, ops: Any, dtype: Any) -> De
 
 
 def _upload_tensor(gguf: GGUFFile, name: str, shape: tuple[int, ...], device: Any, row: int,
-                   ops: Any, dtype: np.dtype | None) -> None:
-    """Tensor ``name`` into ``device`` from row ``row`` on, dequantized a chunk at a time."""
+                   ops: Any, dtype: np.dtype) -> None:
+    """Tensor ``name`` into ``device`` from row ``row`` on, dequantized a chunk at a time
+    (a tensor already stored in the device's type is copied as it is)."""
     info = gguf.tensors[name]
     rows = shape[0]
     width = int(np.prod(shape[1:])) if len(shape) > 1 else 1
     raw = info.data.reshape(-1).view(np.uint8)
     row_bytes = raw.size // rows
+    target = np.dtype(dtype)
+    as_is = _STORED_AS.get(info.ggml_type) == target
     step = max(1, LOAD_CHUNK_BYTES // (4 * width))
     for first in range(0, rows, step):
         last = min(first + step, rows)
-        chunk = np.empty((last - first, *shape[1:]), np.float32)
-        dequantize(raw[first * row_bytes:last * row_bytes], info.ggml_type, chunk)
-        ops.upload(device, chunk if dtype is None else from_float32(chunk, dtype),
-                   (row + first) * width)
+        piece = raw[first * row_bytes:last * row_bytes]
+        if as_is:
+            chunk = piece.view(target)
+        else:
+            chunk = np.empty((last - first, *shape[1:]), np.float32)
+            dequantize(piece, info.ggml_type, chunk)
+            chunk = from_float32(chunk, target)
+        ops.upload(device, chunk, (row + first) * width)
     gguf.release(info)
+
+
+# GGML types whose bytes are already the device array's elements.
+_STORED_AS = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+              "BF16": np.dtype(np.uint16)}
 
 
 @dataclass
