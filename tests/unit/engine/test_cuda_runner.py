@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from tests.unit.engine.numpy_model_ops import NumpyModelOps
+from tests.unit.engine.scheduled import host_pool, numpy_step, run_schedule
 from tests.unit.tiny_gguf import SPECS, write_tiny
 from velod.engine.core.errors import EngineError
 from velod.engine.core.scheduler import Scheduler
@@ -30,7 +31,7 @@ from velod.engine.models.cuda_runner import (
 )
 from velod.engine.models.hparams import read_hparams
 from velod.kernels import reference
-from velod.kernels.layout import from_float32, to_float32
+from velod.kernels.layout import to_float32
 from velod.model.gguf import open_gguf
 
 BLOCK = 16
@@ -61,23 +62,7 @@ def make_runner(path, dtype="float32", *, ops=None, graphs=(1, 2, 4, 8)) -> Cuda
 
 
 def pool(model, dtype) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    nan = from_float32(np.full((), np.nan, np.float32), STORE[dtype])
-    shape = (CONFIG.num_blocks, BLOCK, model.kv_heads, model.head_dim)
-    return ([np.full(shape, nan) for _ in range(model.layers)],
-            [np.full(shape, nan) for _ in range(model.layers)])
-
-
-def numpy_step(model, batch, keys, values) -> np.ndarray:
-    """The NumPy model through one scheduled batch: every row by the prefill kernel."""
-    model.begin_step(batch.token_ids, batch.positions, batch.sample_indices)
-    for layer in range(model.layers):
-        q, k, v = model.layer_qkv(layer)
-        reference.write_cache(k, v, keys[layer], values[layer], batch.slot_mapping)
-        attention = model.layer_attention(layer)
-        model.layer_output(layer, reference.paged_prefill_attention(
-            q, keys[layer], values[layer], batch.block_tables, batch.query_start_loc,
-            batch.context_lens, attention.scale, window=attention.window))
-    return model.logits(batch.sample_indices)
+    return host_pool(model.layers, CONFIG, model.kv_heads, model.head_dim, STORE[dtype])
 
 
 @dataclass
@@ -91,25 +76,21 @@ class Step:
 
 def drive(runner, prompts, max_new, *, oracle=None, dtype="float32") -> list[Step]:
     """Runs prompts through the scheduler and the runner (and the oracle beside it)."""
-    scheduler = Scheduler(CONFIG)
-    for prompt in prompts:
-        scheduler.submit(prompt, max_new)
     keys, values = pool(runner, dtype)
     oracle_keys, oracle_values = pool(runner, "float32")
-    steps = []
-    while scheduler.has_work:
-        batch = scheduler.step()
-        if batch.is_empty:
-            continue
-        for layer in range(runner.layers):  # copy-on-write, as the engine does first
-            reference.copy_blocks(keys[layer], values[layer], batch.copies)
-            reference.copy_blocks(oracle_keys[layer], oracle_values[layer], batch.copies)
+
+    def copy(pairs):  # copy-on-write, as the engine does before a step
+        for layer in range(runner.layers):
+            reference.copy_blocks(keys[layer], values[layer], pairs)
+            reference.copy_blocks(oracle_keys[layer], oracle_values[layer], pairs)
+
+    def step(batch):
         tokens = runner.run_batch(batch, keys, values)
         expected = numpy_step(oracle, batch, oracle_keys, oracle_values) if oracle else None
-        steps.append(Step(batch.num_decode == batch.num_seqs, batch.num_decode,
-                          batch.num_tokens, runner.last_logits(), expected))
-        scheduler.complete_step(batch, tokens)
-    return steps
+        return tokens, Step(batch.num_decode == batch.num_seqs, batch.num_decode,
+                            batch.num_tokens, runner.last_logits(), expected)
+
+    return [kept for _batch, kept in run_schedule(CONFIG, prompts, max_new, step, copy).steps]
 
 
 def prompts_for(seed: int) -> list[list[int]]:
@@ -167,21 +148,19 @@ def test_decode_steps_replay_one_graph_per_bucket_exactly_as_eager_steps_compute
 
 
 def test_padding_rows_of_a_bucket_write_no_cache_slot_and_replays_read_new_tables(tiny):
-    runner = make_runner(tiny["qwen2"])
-    eager = make_runner(tiny["qwen2"], graphs=())
-    keys = {}
-    for name, model in (("graphs", runner), ("eager", eager)):
-        scheduler = Scheduler(CONFIG)
-        for prompt in prompts_for(4)[:3]:
-            scheduler.submit(prompt, 5)
-        k, v = pool(model, "float32")
-        while scheduler.has_work:
-            batch = scheduler.step()
+    caches = {}
+    for name, graphs in (("graphs", (1, 2, 4, 8)), ("eager", ())):
+        model = make_runner(tiny["qwen2"], graphs=graphs)
+        keys, values = pool(model, "float32")
+
+        def copy(pairs, keys=keys, values=values, model=model):
             for layer in range(model.layers):
-                reference.copy_blocks(k[layer], v[layer], batch.copies)
-            scheduler.complete_step(batch, model.run_batch(batch, k, v))
-        keys[name] = k
-    for a, b in zip(keys["graphs"], keys["eager"], strict=True):
+                reference.copy_blocks(keys[layer], values[layer], pairs)
+
+        run_schedule(CONFIG, prompts_for(4)[:3], 5,
+                     lambda b, m=model, k=keys, v=values: (m.run_batch(b, k, v), None), copy)
+        caches[name] = keys
+    for a, b in zip(caches["graphs"], caches["eager"], strict=True):
         written = ~np.isnan(a)
         assert np.array_equal(written, ~np.isnan(b))  # padding rows wrote no slot
         assert np.allclose(a[written], b[written], rtol=1e-5, atol=1e-6)
