@@ -47,11 +47,13 @@ def numpy_step(model: Any, batch: StepBatch, keys: Sequence[np.ndarray],
 
 @dataclass
 class ScheduleRun:
-    """What ``run_schedule`` saw: per request its generated tokens, and per step the batch
-    and what the step function returned besides the tokens."""
+    """What ``run_schedule`` saw: per request its generated tokens, per step the batch and
+    what the step function returned besides the tokens, and the scheduler's id of each
+    request (``ids[i]`` for ``prompts[i]``)."""
 
     tokens: dict[int, list[int]] = field(default_factory=dict)
     steps: list[tuple[StepBatch, Any]] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
 
 
 def run_schedule(config: SchedulerConfig, prompts: Sequence[Sequence[int]], max_new: int,
@@ -62,7 +64,7 @@ def run_schedule(config: SchedulerConfig, prompts: Sequence[Sequence[int]], max_
     Requests are numbered 0.. in the order of ``prompts``."""
     scheduler = Scheduler(config)
     index = {scheduler.submit(list(p), max_new): i for i, p in enumerate(prompts)}
-    run = ScheduleRun({i: [] for i in range(len(prompts))})
+    run = ScheduleRun({i: [] for i in range(len(prompts))}, ids=list(index))
     while scheduler.has_work:
         batch = scheduler.step()
         if batch.is_empty:

@@ -364,6 +364,19 @@ class CudaTransformer:
     def _replay(self, batch: StepBatch, bucket: int, key_caches: Sequence[Any],
                 value_caches: Sequence[Any]) -> np.ndarray:
         """A decode-only step through the bucket's graph: inputs padded to the bucket."""
+        self.decode_graph(batch, key_caches, value_caches, bucket).replay()
+        self.stats["graph_replays"] += 1
+        self._samples = batch.num_seqs
+        return self.ops.download(self._buffers["next"][:batch.num_seqs])
+
+    def decode_graph(self, batch: StepBatch, key_caches: Sequence[Any],
+                     value_caches: Sequence[Any], bucket: int | None = None) -> Any:
+        """Stages a decode-only ``batch`` (padded to its bucket) and returns the bucket's
+        graph, captured on first use; each ``replay()`` then runs that step (benchmarks time
+        the graph alone this way)."""
+        bucket = bucket if bucket is not None else self._bucket(batch)
+        if bucket is None:
+            raise EngineError("not a decode-only step within the graphs' batch sizes")
         count, width = batch.num_seqs, self.max_blocks_per_seq
         pad = bucket - count
         tables = np.zeros((bucket, width), np.int32)
@@ -382,10 +395,7 @@ class CudaTransformer:
         graph = self._graphs.get(bucket)
         if graph is None:
             graph = self._capture(views, bucket, key_caches, value_caches)
-        graph.replay()
-        self.stats["graph_replays"] += 1
-        self._samples = count
-        return self.ops.download(self._buffers["next"][:count])
+        return graph
 
     def _capture(self, views: dict[str, Any], bucket: int, key_caches: Sequence[Any],
                  value_caches: Sequence[Any]) -> Any:
