@@ -96,3 +96,41 @@ def test_graph_replayed_decode_steps_agree_with_eager_ones(cuda_backend, tiny, d
         # the same kernels; cuBLAS may pick another algorithm for a 4-row than a 3-row GEMM
         assert relative(a, b) < (1e-6 if not decode else 5e-3)
         assert np.array_equal(a.argmax(-1), b.argmax(-1))
+
+
+@pytest.mark.gpu
+def test_the_engine_s_layer_loop_can_drive_the_runner_with_the_backend_s_kernels(cuda_backend,
+                                                                                 tiny):
+    """The LanguageModel protocol: the runner's q/k/v on its stream, the cache write and
+    attention by the backend on the default stream (ordered by CUDA's stream rules)."""
+    backend = cuda_backend
+    runner = cuda_runner(backend, tiny["qwen2"], "float16")
+    oracle = load_model(tiny["qwen2"])
+    keys, values = host_pool(runner.layers, CONFIG, runner.kv_heads, runner.head_dim,
+                             runner.dtype)
+    keys, values = [backend.to_device(k) for k in keys], [backend.to_device(v) for v in values]
+    ref_keys, ref_values = host_pool(runner.layers, CONFIG, runner.kv_heads, runner.head_dim,
+                                     np.float32)
+
+    def copy(pairs):
+        from velod.kernels import reference
+
+        for layer in range(runner.layers):
+            backend.copy_blocks(keys[layer], values[layer], pairs)
+            reference.copy_blocks(ref_keys[layer], ref_values[layer], pairs)
+
+    def step(batch):
+        runner.begin_step(batch.token_ids, batch.positions, batch.sample_indices)
+        for layer in range(runner.layers):
+            q, k, v = runner.layer_qkv(layer)
+            backend.write_cache(k, v, keys[layer], values[layer], batch.slot_mapping)
+            attention = runner.layer_attention(layer)
+            runner.layer_output(layer, backend.paged_prefill_attention(
+                q, keys[layer], values[layer], batch.block_tables, batch.query_start_loc,
+                batch.context_lens, attention.scale, window=attention.window))
+        got = runner.logits(batch.sample_indices)
+        expected = numpy_step(oracle, batch, ref_keys, ref_values)
+        assert relative(got, expected) < TOLERANCE["float16"]
+        return runner.sample(batch.sample_indices), None
+
+    run_schedule(CONFIG, prompts_for(7), 6, step, copy)

@@ -22,7 +22,7 @@ from tests.unit.tiny_gguf import SPECS, write_tiny
 from velod.engine.core.errors import EngineError
 from velod.engine.core.scheduler import Scheduler
 from velod.engine.core.scheduler_config import SchedulerConfig
-from velod.engine.models import load_model
+from velod.engine.models import LanguageModel, load_model
 from velod.engine.models.cuda_runner import (
     CudaTransformer,
     DeviceMemoryError,
@@ -213,3 +213,26 @@ def test_token_ids_out_of_the_vocabulary_are_refused(tiny):
     with pytest.raises(EngineError, match="out of range"):
         runner.run_batch(batch, keys, values)
     assert np.isnan(to_float32(keys[0])).all()  # nothing was written
+
+
+def test_the_engine_can_drive_the_runner_layer_by_layer_as_a_language_model(tiny):
+    runner, oracle = make_runner(tiny["gemma3"]), load_model(tiny["gemma3"])
+    assert isinstance(runner, LanguageModel)
+    keys, values = pool(runner, "float32")
+    oracle_keys, oracle_values = pool(runner, "float32")
+
+    def copy(pairs):
+        for caches in ((keys, values), (oracle_keys, oracle_values)):
+            for k, v in zip(*caches, strict=True):
+                reference.copy_blocks(k, v, pairs)
+
+    def step(batch):
+        got = numpy_step(runner, batch, keys, values)  # the engine's per-layer protocol
+        expected = numpy_step(oracle, batch, oracle_keys, oracle_values)
+        assert relative(got, expected) < 1e-5
+        tokens = runner.sample(batch.sample_indices)
+        assert np.array_equal(tokens, expected.argmax(-1))
+        return tokens, None
+
+    run_schedule(CONFIG, prompts_for(6), 5, step, copy)
+    assert runner.stats == {"graph_captures": 0, "graph_replays": 0, "eager_steps": 0}

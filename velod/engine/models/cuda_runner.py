@@ -31,6 +31,7 @@ from velod.engine.core.errors import EngineError
 from velod.engine.core.step import StepBatch
 from velod.engine.models.hparams import HParams, read_hparams
 from velod.engine.models.ops import rope_inverse_frequencies
+from velod.engine.models.protocol import LayerAttention
 from velod.engine.models.quants import dequantize
 from velod.engine.models.weights import check_plan, plan
 from velod.kernels.layout import from_float32
@@ -217,6 +218,8 @@ class CudaTransformer:
         self._graphs: dict[int, Any] = {}
         self._graph_key: tuple[int, ...] | None = None
         self._samples = 0
+        self._views: dict[str, Any] = {}
+        self._count = 0
         self.stats = {"graph_captures": 0, "graph_replays": 0, "eager_steps": 0}
 
     # ------------------------------------------------------------------ buffers
@@ -242,6 +245,7 @@ class CudaTransformer:
             "sample_normed": ops.empty((s, hp.hidden), self.dtype),
             "logits": ops.empty((s, hp.vocab_size), np.float32),
             "next": ops.empty((s,), np.int32),
+            "rows": ops.empty((s,), np.int32),
             "workspace": ops.empty((max(workspace, 1),), np.float32),
         }
 
@@ -314,20 +318,13 @@ class CudaTransformer:
                  key_caches: Sequence[Any], value_caches: Sequence[Any], *, max_context: int,
                  max_query: int, workspace: Any = None) -> None:
         """Queues one step's forward on the device (also what a graph captures)."""
-        hp, ops, w, b = self.hp, self.ops, self.weights, self._buffers
-        eps = hp.rms_eps
-        hidden = b["hidden"][:tokens]
-        normed, proj = b["normed"][:tokens], b["proj"][:tokens]
+        hp, ops, b = self.hp, self.ops, self._buffers
         q, k, v, attn = b["q"][:tokens], b["k"][:tokens], b["v"][:tokens], b["attn"][:tokens]
-        ops.embed(hidden, w.embedding, views["tokens"], self._embed_scale)
-        for i, layer in enumerate(w.layers):
+        ops.embed(b["hidden"][:tokens], self.weights.embedding, views["tokens"],
+                  self._embed_scale)
+        for i in range(hp.layers):
             spec = hp.layer_specs[i]
-            ops.rms_norm(normed, hidden, layer.attn_norm, eps)
-            ops.linear(b["qkv"][:tokens], normed, layer.wqkv)
-            ops.qkv(q, k, v, b["qkv"][:tokens], bias=layer.bqkv, q_norm=layer.q_norm,
-                    k_norm=layer.k_norm, positions=views["positions"],
-                    inv_freq=self._inverse[spec.rope], rope_dims=spec.rope.dims,
-                    neox=spec.rope.style == "neox", eps=eps)
+            self._attention_input(i, tokens, q, k, v, views["positions"])
             ops.write_cache(k, v, key_caches[i], value_caches[i], views["slots"])
             if nd:
                 ops.decode_attention(attn[:nd], q[:nd], key_caches[i], value_caches[i],
@@ -339,17 +336,103 @@ class CudaTransformer:
                                       views["tables"][nd:], views["starts"][nd:],
                                       views["lens"][nd:], spec.scale, window=spec.window,
                                       max_query_len=max_query)
-            ops.linear(proj, attn.reshape(tokens, hp.q_width), layer.wo)
-            ops.residual(hidden, proj, layer.post_attn_norm, eps)
-            ops.rms_norm(normed, hidden, layer.ffn_norm, eps)
-            ops.linear(b["gate_up"][:tokens], normed, layer.wgu)
-            ops.gate(b["act"][:tokens], b["gate_up"][:tokens], hp.arch.activation)
-            ops.linear(proj, b["act"][:tokens], layer.wdown)
-            ops.residual(hidden, proj, layer.post_ffn_norm, eps)
-        sample_normed = b["sample_normed"][:samples]
-        ops.rms_norm(sample_normed, hidden, w.output_norm, eps, index=views["samples"])
-        ops.linear(b["logits"][:samples], sample_normed, w.output)
+            self._attention_output(i, tokens, attn)
+        self._logits(tokens, samples, views["samples"])
         ops.argmax(b["next"][:samples], b["logits"][:samples])
+
+    def _attention_input(self, layer: int, tokens: int, q: Any, k: Any, v: Any,
+                         positions: Any) -> None:
+        """RMSNorm, the fused QKV GEMM, then bias, q/k norms and RoPE into q, k, v."""
+        hp, ops, b = self.hp, self.ops, self._buffers
+        w, spec = self.weights.layers[layer], hp.layer_specs[layer]
+        normed, qkv = b["normed"][:tokens], b["qkv"][:tokens]
+        ops.rms_norm(normed, b["hidden"][:tokens], w.attn_norm, hp.rms_eps)
+        ops.linear(qkv, normed, w.wqkv)
+        ops.qkv(q, k, v, qkv, bias=w.bqkv, q_norm=w.q_norm, k_norm=w.k_norm,
+                positions=positions, inv_freq=self._inverse[spec.rope],
+                rope_dims=spec.rope.dims, neox=spec.rope.style == "neox", eps=hp.rms_eps)
+
+    def _attention_output(self, layer: int, tokens: int, attention: Any) -> None:
+        """Output GEMM and residual, then the MLP and its residual (post-norms for gemma3)."""
+        hp, ops, b = self.hp, self.ops, self._buffers
+        w, eps = self.weights.layers[layer], hp.rms_eps
+        hidden, normed, proj = b["hidden"][:tokens], b["normed"][:tokens], b["proj"][:tokens]
+        ops.linear(proj, attention.reshape(tokens, hp.q_width), w.wo)
+        ops.residual(hidden, proj, w.post_attn_norm, eps)
+        ops.rms_norm(normed, hidden, w.ffn_norm, eps)
+        ops.linear(b["gate_up"][:tokens], normed, w.wgu)
+        ops.gate(b["act"][:tokens], b["gate_up"][:tokens], hp.arch.activation)
+        ops.linear(proj, b["act"][:tokens], w.wdown)
+        ops.residual(hidden, proj, w.post_ffn_norm, eps)
+
+    def _logits(self, tokens: int, samples: int, rows: Any) -> None:
+        """Final norm of the sampled ``rows`` of the hidden state, then the logits GEMM."""
+        b = self._buffers
+        normed = b["sample_normed"][:samples]
+        self.ops.rms_norm(normed, b["hidden"][:tokens], self.weights.output_norm,
+                          self.hp.rms_eps, index=rows)
+        self.ops.linear(b["logits"][:samples], normed, self.weights.output)
+
+    # ------------------------------------------------------------------ layer by layer
+    # The LanguageModel protocol (velod.engine.models.protocol): the engine writes the cache
+    # and runs attention itself between layer_qkv and layer_output. No graphs on this path.
+
+    def begin_step(self, token_ids: np.ndarray, positions: np.ndarray,
+                   sample_indices: np.ndarray | None = None) -> None:
+        tokens = np.asarray(token_ids, np.int32)
+        count = len(tokens)
+        if count > self.max_tokens:
+            raise EngineError(f"a step of {count} tokens exceeds the runner's {self.max_tokens}")
+        if count and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+            raise EngineError(f"token id out of range [0, {self.vocab_size}) for {self.name}")
+        samples = np.zeros(0, np.int32) if sample_indices is None else sample_indices
+        empty = np.zeros(0, np.int32)
+        self._views = self._stage(tokens, np.asarray(positions, np.int32), empty,
+                                  np.asarray(samples, np.int32), empty, np.zeros(1, np.int32),
+                                  np.zeros((0, 1), np.int32))
+        self._count = count
+        self.ops.embed(self._buffers["hidden"][:count], self.weights.embedding,
+                       self._views["tokens"], self._embed_scale)
+
+    def layer_attention(self, layer: int) -> LayerAttention:
+        spec = self.hp.layer_specs[layer]
+        return LayerAttention(spec.window, spec.scale)
+
+    def layer_qkv(self, layer: int) -> tuple[Any, Any, Any]:
+        """q ``[T, heads, head_dim]``, k and v ``[T, kv_heads, head_dim]`` (device, the
+        cache's type); the same buffers every layer: consume them before the next call."""
+        n, b = self._count, self._buffers
+        q, k, v = b["q"][:n], b["k"][:n], b["v"][:n]
+        self._attention_input(layer, n, q, k, v, self._views["positions"])
+        return q, k, v
+
+    def layer_output(self, layer: int, attention: Any) -> None:
+        if attention is None:
+            raise EngineError("a language model needs every token's attention; run the "
+                              "engine with prefill_attention='all'")
+        self._attention_output(layer, self._count, attention)
+
+    def logits(self, sample_indices: np.ndarray) -> np.ndarray:
+        """float32 ``[len(sample_indices), vocab]`` on the host."""
+        count = self._final(sample_indices)
+        return self.ops.download(self._buffers["logits"][:count])
+
+    def sample(self, sample_indices: np.ndarray) -> np.ndarray:
+        """Greedy: the most likely next token of each sampled row (argmax on the device)."""
+        count = self._final(sample_indices)
+        self.ops.argmax(self._buffers["next"][:count], self._buffers["logits"][:count])
+        return self.ops.download(self._buffers["next"][:count])
+
+    def _final(self, sample_indices: np.ndarray) -> int:
+        """Final norm and logits of the given rows; returns how many."""
+        indices = np.asarray(sample_indices, np.int32)
+        count = len(indices)
+        if count > self.max_seqs:
+            raise EngineError(f"{count} rows to sample exceed the runner's {self.max_seqs}")
+        rows = self._buffers["rows"][:count]
+        self.ops.upload(rows, indices)
+        self._logits(self._count, count, rows)
+        return count
 
     # ------------------------------------------------------------------ graphs
 
