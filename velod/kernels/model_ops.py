@@ -80,6 +80,22 @@ class ModelOps(Protocol):
     def synchronize(self) -> None: ...
 
 
+class _InContext:
+    """A graph whose replay and close make the device's context current first (the driver
+    needs it, and a caller's thread may have none)."""
+
+    def __init__(self, graph: Any, backend: Any) -> None:
+        self._graph, self._backend = graph, backend
+
+    def replay(self) -> None:
+        with self._backend.active():
+            self._graph.replay()
+
+    def close(self) -> None:
+        with self._backend.active():
+            self._graph.close()
+
+
 def _ptr(array: Any) -> int:
     return 0 if array is None else int(array.gpudata)
 
@@ -132,9 +148,9 @@ class CudaModelOps:
         with self.backend.active():
             self.stream.synchronize()
 
-    def capture(self, record: Any) -> Any:
+    def capture(self, record: Any) -> Graph:
         with self.backend.active():
-            return self._graphs.capture(self.stream, record)
+            return _InContext(self._graphs.capture(self.stream, record), self.backend)
 
     # ---- kernels ---------------------------------------------------------------------------
 
