@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.util
 import os
 import threading
 from collections.abc import Callable
@@ -57,13 +58,19 @@ class CublasError(RuntimeError):
 
 def library_candidates() -> list[str]:
     """Where libcublas may be: the toolkit under $CUDA_HOME (or CUDA_PATH, /usr/local/cuda),
-    then the loader's own search by soname, newest first."""
+    NVIDIA's pip wheel (``nvidia/cublas/lib``), then the loader's own search by soname,
+    newest first."""
     roots = [os.environ.get(v) for v in ("CUDA_HOME", "CUDA_PATH", "CUDA_ROOT")]
-    found = []
-    for root in [r for r in roots if r] + ["/usr/local/cuda"]:
-        for lib in ("lib64", "lib", "targets/x86_64-linux/lib"):
-            found.extend(sorted((str(p) for p in Path(root, lib).glob("libcublas.so*")),
-                                reverse=True))
+    folders = [Path(root, lib) for root in [r for r in roots if r] + ["/usr/local/cuda"]
+               for lib in ("lib64", "lib", "targets/x86_64-linux/lib")]
+    try:
+        wheel = importlib.util.find_spec("nvidia.cublas")
+    except (ImportError, ValueError):
+        wheel = None
+    if wheel is not None and wheel.submodule_search_locations:
+        folders += [Path(p, "lib") for p in wheel.submodule_search_locations]
+    found = [str(p) for folder in folders
+             for p in sorted(folder.glob("libcublas.so*"), reverse=True)]
     found += ["libcublas.so.13", "libcublas.so.12", "libcublas.so.11", "libcublas.so"]
     name = ctypes.util.find_library("cublas")
     return found + ([name] if name else [])
