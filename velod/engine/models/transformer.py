@@ -47,6 +47,7 @@ class TransformerModel:
         self._tables: dict[Rope, tuple[np.ndarray, np.ndarray]] = {}
         self._keep: np.ndarray | None = None
         self._kept = False
+        self._logits = np.zeros((0, hp.vocab_size), np.float32)
 
     # ------------------------------------------------------------------ the step
 
@@ -55,7 +56,7 @@ class TransformerModel:
         tokens = np.asarray(token_ids, dtype=np.int64)
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
             raise EngineError(f"token id out of range [0, {self.vocab_size}) for {self.name}")
-        hidden = self.weights.embedding.take(tokens, axis=0)
+        hidden = self.weights.embed(tokens)
         if self._embed_scale is not None:
             hidden *= self._embed_scale
         self._hidden = hidden
@@ -109,6 +110,7 @@ class TransformerModel:
         self._hidden = hidden
 
     def logits(self, sample_indices: np.ndarray) -> np.ndarray:
+        """float32 ``[len(sample_indices), vocab]``, valid until the next ``logits`` call."""
         indices = np.asarray(sample_indices, np.int64)
         if self._kept:
             if self._keep is None or not np.array_equal(indices, self._keep):
@@ -118,7 +120,12 @@ class TransformerModel:
         else:
             rows = self._hidden[indices]
         normed = ops.rms_norm(rows, self.weights.output_norm, self.hp.rms_eps)
-        return ops.linear(normed, self.weights.output)
+        # A fresh [rows, vocab] array would page-fault its way in every step (33 MB at 32
+        # rows of Gemma 3): the buffer is kept, and the result is valid until the next call.
+        if self._logits.shape[0] < len(normed):
+            self._logits = np.empty((len(normed), self.vocab_size), np.float32)
+        out = self._logits[:len(normed)]
+        return ops.linear_t(normed, self.weights.output_t, out=out)
 
     def sample(self, sample_indices: np.ndarray) -> np.ndarray:
         """Greedy: the most likely next token of each sampled row."""
@@ -139,9 +146,10 @@ class TransformerModel:
                 "heads": hp.heads, "kv_heads": hp.kv_heads, "head_dim": hp.head_dim,
                 "vocab_size": hp.vocab_size, "context_length": hp.context_length,
                 "sliding_window": next((s.window for s in hp.layer_specs if s.window), None),
-                "weights": {k: v for k, v in self.weights.info.items()}, **self.info}
+                "weights": dict(self.weights.info), **self.info}
 
     def close(self) -> None:
         """Drops the step's activations (the weights go with the model)."""
         self._hidden = np.zeros((0, self.hp.hidden), np.float32)
         self._tables = {}
+        self._logits = np.zeros((0, self.vocab_size), np.float32)

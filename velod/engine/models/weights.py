@@ -1,15 +1,17 @@
 """A model's tensors in float32, laid out for one GEMM per matrix per step.
 
 NumPy has no fast half-precision GEMM, so the CPU path holds every weight in float32. Each
-matrix keeps GGUF's own row order ``[out, in]`` (C-contiguous) and a step multiplies
+layer matrix keeps GGUF's own row order ``[out, in]`` (C-contiguous) and a step multiplies
 ``x @ W.T``, which BLAS takes without a copy; the matrices a layer applies to the same input
 are fused by stacking their rows — Q, K and V into one ``wqkv``, gate and up into one
 ``wgu`` — so each is one GEMM over every row of the step. Rows are dequantized straight into
 their slice of the fused array, a chunk at a time, and each source tensor's mapped pages are
 released once copied: peak memory stays near the final size (see ``load_weights``).
 
-A tied model (no ``output.weight``) uses its embedding as the output projection: one array,
-read by row for the lookup and multiplied transposed for the logits.
+The output projection is stored transposed, ``output_t`` = ``[hidden, vocab]``: OpenBLAS
+multiplies 8-128 rows by it markedly faster than by the ``[vocab, hidden]`` original
+(BENCHMARKS.md), and at 262144 x 640 it is most of Gemma 3's work per step. A tied model
+(no ``output.weight``) keeps only that array; its embedding lookup gathers columns.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ DTYPE = np.dtype(np.float32)
 # Headroom left to the rest of the system after loading: the KV pool and the step's
 # activations come on top of the weights, and a machine with no free memory is unusable.
 MIN_HEADROOM = 256 * 2**20
+TRANSPOSE_BAND_ELEMENTS = 1 << 20  # elements decoded per band of a transposed tensor
 
 
 class NotEnoughMemory(EngineError):
@@ -52,7 +55,7 @@ class Slot:
     key: str
     shape: tuple[int, ...]
     sources: tuple[tuple[str, tuple[int, ...]], ...]   # (tensor name, its expected shape)
-    optional: bool = False
+    transposed: bool = False                           # holds its one source's transpose
 
     @property
     def nbytes(self) -> int:
@@ -80,12 +83,18 @@ class LayerWeights:
 class Weights:
     """Every array a forward pass reads, and how they are held."""
 
-    embedding: np.ndarray            # [vocab, hidden]
-    output: np.ndarray               # [vocab, hidden]; the embedding itself when tied
+    output_t: np.ndarray             # [hidden, vocab]; also the embedding when tied
     output_norm: np.ndarray
     layers: list[LayerWeights]
+    embedding: np.ndarray | None = None  # [vocab, hidden], a model with its own output
     rope_factors: np.ndarray | None = None
     info: dict[str, Any] = field(default_factory=dict)
+
+    def embed(self, tokens: np.ndarray) -> np.ndarray:
+        """The embedding rows of ``tokens`` (int64), a new float32 ``[T, hidden]`` array."""
+        if self.embedding is not None:
+            return self.embedding.take(tokens, axis=0)
+        return np.ascontiguousarray(self.output_t.take(tokens, axis=1).T)
 
     @property
     def nbytes(self) -> int:
@@ -94,9 +103,8 @@ class Weights:
 
 
 def _arrays(weights: Weights) -> list[np.ndarray]:
-    found = [weights.embedding, weights.output, weights.output_norm]
-    if weights.rope_factors is not None:
-        found.append(weights.rope_factors)
+    found = [weights.output_t, weights.output_norm]
+    found += [a for a in (weights.embedding, weights.rope_factors) if a is not None]
     for layer in weights.layers:
         found.extend(a for a in vars(layer).values() if isinstance(a, np.ndarray))
     return found
@@ -105,11 +113,12 @@ def _arrays(weights: Weights) -> list[np.ndarray]:
 def plan(hp: HParams, tensor_names: set[str] | frozenset[str]) -> list[Slot]:
     """The destination arrays of ``hp``'s model and where each row block comes from."""
     h, q, kv, ffn = hp.hidden, hp.q_width, hp.kv_width, hp.ffn
-    slots = [Slot("embedding", (hp.vocab_size, h), (("token_embd.weight", (hp.vocab_size, h)),)),
+    vocab = hp.vocab_size
+    output = "token_embd.weight" if hp.tied_output else "output.weight"
+    slots = [Slot("output_t", (h, vocab), ((output, (vocab, h)),), transposed=True),
              Slot("output_norm", (h,), (("output_norm.weight", (h,)),))]
     if not hp.tied_output:
-        slots.append(Slot("output", (hp.vocab_size, h),
-                          (("output.weight", (hp.vocab_size, h)),)))
+        slots.append(Slot("embedding", (vocab, h), (("token_embd.weight", (vocab, h)),)))
     if hp.layer_specs and hp.layer_specs[0].rope.has_factors:
         half = hp.layer_specs[0].rope.dims // 2
         slots.append(Slot("rope_factors", (half,), (("rope_freqs.weight", (half,)),)))
@@ -139,6 +148,20 @@ def plan(hp: HParams, tensor_names: set[str] | frozenset[str]) -> list[Slot]:
                                                           (h,)),)),
                       Slot(f"{i}.post_ffn_norm", (h,), ((p + "post_ffw_norm.weight", (h,)),))]
     return slots
+
+
+def _dequantize_transposed(data: np.ndarray, ggml_type: str, out: np.ndarray) -> None:
+    """Decodes a ``[rows, cols]`` tensor into ``out`` = ``[cols, rows]``, a band of rows at
+    a time (a few MB of temporaries, whatever the tensor's size)."""
+    cols, rows = out.shape
+    row_bytes = data.size // rows
+    band = max(1, TRANSPOSE_BAND_ELEMENTS // cols)
+    scratch = np.empty((band, cols), DTYPE)
+    for first in range(0, rows, band):
+        last = min(first + band, rows)
+        chunk = scratch[:last - first]
+        dequantize(data[first * row_bytes:last * row_bytes], ggml_type, chunk)
+        out[:, first:last] = chunk.T
 
 
 def check_plan(gguf: GGUFFile, slots: list[Slot]) -> None:
@@ -187,16 +210,17 @@ def load_weights(gguf: GGUFFile, hp: HParams, *, available: int | None = None) -
         row = 0
         for name, shape in slot.sources:
             info = gguf.tensors[name]
-            rows = shape[0]
-            dequantize(info.data, info.ggml_type, out[row:row + rows])
+            if slot.transposed:
+                _dequantize_transposed(info.data, info.ggml_type, out)
+            else:
+                dequantize(info.data, info.ggml_type, out[row:row + shape[0]])
             gguf.release(info)
-            row += rows
+            row += shape[0]
         arrays[slot.key] = out
     layers = [LayerWeights(**{k.split(".", 1)[1]: v for k, v in arrays.items()
                               if k.startswith(f"{i}.")}) for i in range(hp.layers)]
-    embedding = arrays["embedding"]
-    weights = Weights(embedding=embedding, output=arrays.get("output", embedding),
-                      output_norm=arrays["output_norm"], layers=layers,
+    weights = Weights(output_t=arrays["output_t"], output_norm=arrays["output_norm"],
+                      layers=layers, embedding=arrays.get("embedding"),
                       rope_factors=arrays.get("rope_factors"))
     types = Counter(gguf.tensors[name].ggml_type for slot in slots for name, _ in slot.sources)
     weights.info = {
