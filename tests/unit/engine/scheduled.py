@@ -33,7 +33,8 @@ def host_pool(layers: int, config: SchedulerConfig, kv_heads: int, head_dim: int
 
 def numpy_step(model: Any, batch: StepBatch, keys: Sequence[np.ndarray],
                values: Sequence[np.ndarray]) -> np.ndarray:
-    """The NumPy model through one batch; returns the logits of its sampled rows."""
+    """The NumPy model through one batch; returns (a copy of) the logits of its sampled rows
+    (the model reuses its logits buffer from one call to the next)."""
     model.begin_step(batch.token_ids, batch.positions, batch.sample_indices)
     for layer in range(model.layers):
         q, k, v = model.layer_qkv(layer)
@@ -42,7 +43,7 @@ def numpy_step(model: Any, batch: StepBatch, keys: Sequence[np.ndarray],
         model.layer_output(layer, reference.paged_prefill_attention(
             q, keys[layer], values[layer], batch.block_tables, batch.query_start_loc,
             batch.context_lens, attention.scale, window=attention.window))
-    return model.logits(batch.sample_indices)
+    return np.array(model.logits(batch.sample_indices), copy=True)
 
 
 @dataclass

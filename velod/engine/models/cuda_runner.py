@@ -111,20 +111,24 @@ def load_device_weights(gguf: GGUFFile, hp: HParams, ops: Any, dtype: Any) -> De
             dequantize(gguf.tensors[name].data, gguf.tensors[name].ggml_type, host)
             arrays[slot.key] = host
             continue
-        matrix = len(slot.shape) == 2
-        device = ops.empty(slot.shape, dtype if matrix else np.float32)
+        # cuBLAS takes either orientation at no cost: the output projection the CPU path
+        # holds transposed stays in GGUF's [vocab, hidden] here (the embedding's own layout).
+        key, shape = ("output", slot.sources[0][1]) if slot.transposed else (slot.key,
+                                                                              slot.shape)
+        matrix = len(shape) == 2
+        device = ops.empty(shape, dtype if matrix else np.float32)
         row = 0
-        for name, shape in slot.sources:
-            _upload_tensor(gguf, name, shape, device, row, ops, dtype if matrix else np.float32)
-            row += shape[0]
-        arrays[slot.key] = device
+        for name, source_shape in slot.sources:
+            _upload_tensor(gguf, name, source_shape, device, row, ops,
+                           dtype if matrix else np.float32)
+            row += source_shape[0]
+        arrays[key] = device
         lowest_free = min(lowest_free, ops.free_memory())
     layers = [DeviceLayer(**{k.split(".", 1)[1]: v for k, v in arrays.items()
                              if k.startswith(f"{i}.")}) for i in range(hp.layers)]
-    weights = DeviceWeights(embedding=arrays["embedding"],
-                            output=arrays.get("output", arrays["embedding"]),
-                            output_norm=arrays["output_norm"], layers=layers,
-                            rope_factors=arrays.get("rope_factors"))
+    weights = DeviceWeights(embedding=arrays.get("embedding", arrays["output"]),
+                            output=arrays["output"], output_norm=arrays["output_norm"],
+                            layers=layers, rope_factors=arrays.get("rope_factors"))
     weights.info = {"dtype": dtype.name if dtype != np.uint16 else "bfloat16",
                     "bytes": needed, "device_peak_bytes": free_before - lowest_free,
                     "load_seconds": round(time.perf_counter() - start, 3),
