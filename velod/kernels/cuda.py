@@ -296,16 +296,21 @@ class CudaBackend:
 
     # ---- modules ---------------------------------------------------------------------------
 
-    def precompile(self, dtypes: Sequence[str] = ("f32", "f16", "bf16")) -> list[Path]:
-        """Builds (or finds cached) the cubins for these cache dtypes, nvcc runs in parallel."""
+    def precompile(self, dtypes: Sequence[str] = ("f32", "f16", "bf16"), *,
+                   sources: Sequence[Path] = (SOURCE, PREFILL_SOURCE, MODEL_OPS_SOURCE)
+                   ) -> list[Path]:
+        """Builds (or finds cached) the cubins of these sources for these cache dtypes (one
+        module per source and dtype, as the kernels load them), nvcc runs in parallel."""
         from concurrent.futures import ThreadPoolExecutor
 
-        def build(name: str) -> Path:
+        def build(job: tuple[Path, str]) -> Path:
+            source, name = job
             return compile_cubin(self.arch, (f"-DVELOD_ONLY_{name.upper()}",),
-                                 cache_dir=self._cache_dir)
+                                 cache_dir=self._cache_dir, source=source)
 
-        with ThreadPoolExecutor(len(dtypes) or 1) as pool:
-            return list(pool.map(build, dtypes))
+        jobs = [(source, name) for source in sources for name in dtypes]
+        with ThreadPoolExecutor(max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+            return list(pool.map(build, jobs))
 
     def function(self, source: Path, name: str, options: Sequence[str] = ()):
         """Kernel ``name`` of the CUDA C file ``source``, compiled for this device with
