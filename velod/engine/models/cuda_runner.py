@@ -269,6 +269,9 @@ class CudaTransformer:
                ) -> dict[str, Any]:
         """One upload of a step's index arrays; returns device views of each."""
         seqs, width = tables.shape
+        if len(samples) > seqs or len(lens) != seqs or len(starts) != seqs + 1:
+            raise EngineError(f"inconsistent step: {seqs} sequences, {len(lens)} lengths, "
+                              f"{len(starts)} starts, {len(samples)} rows to sample")
         layout = _Layout.of(len(tokens), seqs, width)
         if layout.size > self._buffers["index"].size:
             raise EngineError(f"a step's block tables ({seqs} x {width}) exceed the runner's "
@@ -389,11 +392,11 @@ class CudaTransformer:
             raise EngineError(f"a step of {count} tokens exceeds the runner's {self.max_tokens}")
         if count and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
             raise EngineError(f"token id out of range [0, {self.vocab_size}) for {self.name}")
-        samples = np.zeros(0, np.int32) if sample_indices is None else sample_indices
-        empty = np.zeros(0, np.int32)
-        self._views = self._stage(tokens, np.asarray(positions, np.int32), empty,
-                                  np.asarray(samples, np.int32), empty, np.zeros(1, np.int32),
-                                  np.zeros((0, 1), np.int32))
+        # Only tokens and positions are read on this path (the engine owns the cache and
+        # the attention; logits() stages its own rows).
+        none = np.zeros(0, np.int32)
+        self._views = self._stage(tokens, np.asarray(positions, np.int32), none, none, none,
+                                  np.zeros(1, np.int32), np.zeros((0, 1), np.int32))
         self._count = count
         self.ops.embed(self._buffers["hidden"][:count], self.weights.embedding,
                        self._views["tokens"], self._embed_scale)
