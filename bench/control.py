@@ -16,7 +16,7 @@ import msgpack
 from harness import BenchDaemon, machine
 
 from velod.control import protocol
-from velod.engine.metrics import percentile
+from velod.engine.runtime.metrics import percentile
 
 
 async def worker(path: str, deadline: float, latencies: list[float]) -> None:

@@ -35,12 +35,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from velod.engine.engine import Engine, EngineSpec, build_engine
-from velod.engine.geometry import ModelGeometry, preset
-from velod.engine.workload import BenchRun, Workload
 
-SMALL = ModelGeometry("small (2x4/2x64)", layers=2, heads=4, kv_heads=2, head_dim=64,
-                      max_context=4096, source="bench/engine.py")
+from velod.engine.runtime.engine import Engine, build_engine
+from velod.engine.runtime.workload import BenchRun, Workload
+from velod.engine.settings import EngineSettings, preset_geometry
+from velod.model.metadata import Geometry
+
+SMALL = Geometry.attention_only(layers=2, heads=4, kv_heads=2, head_dim=64,
+                                context_length=4096)
+SMALL_NAME = "small (2x4/2x64)"
 
 
 def machine() -> dict[str, Any]:
@@ -97,12 +100,14 @@ def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
     ]
     results = []
     for name, limits, workload in cases:
-        spec = EngineSpec(SMALL, dtype="float16", device="cpu", kv_cache_bytes=256 * 1024**2,
-                          max_tokens_per_step=1024, **limits)
+        spec = EngineSettings(SMALL, SMALL_NAME, "bench/engine.py", dtype="float16",
+                              device="cpu", kv_cache_bytes=256 * 1024**2,
+                              max_tokens_per_step=1024, **limits)
         engine = build_engine(spec)
         result = drive(engine, workload, args.budget_s)
         results.append({"case": name, **summary(result), "full": result})
-    return {"mode": "cpu", "backend": "numpy", "geometry": SMALL.to_dict(), "dtype": "float16",
+    return {"mode": "cpu", "backend": "numpy", "geometry": spec.geometry_dict(),
+            "dtype": "float16",
             "results": results}
 
 
@@ -112,16 +117,17 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
     reason = cuda_unavailable_reason()
     if reason is not None:
         return {"mode": "gpu", "error": f"CUDA backend unavailable: {reason}"}
-    geometry = preset("llama3-8b")
+    geometry, source = preset_geometry("llama3-8b")
     cases = [
         ("64 x 512/128", 64, Workload(64, 512, 128, verify=1)),
         ("256 x 2048/256", 256, Workload(256, 2048, 256, seed=1)),
     ]
     results = []
     for name, batch, workload in cases:
-        spec = EngineSpec(geometry, dtype="float16", device="cuda", kv_cache_bytes=None,
-                          kv_cache_fraction=args.gpu_fraction, max_batch_size=batch,
-                          max_tokens_per_step=8192, prefill_attention="last")
+        spec = EngineSettings(geometry, "llama3-8b", source, dtype="float16", device="cuda",
+                              kv_cache_bytes=None, kv_cache_fraction=args.gpu_fraction,
+                              max_batch_size=batch, max_tokens_per_step=8192,
+                              prefill_attention="last")
         runs = {}
         # Profiled: CUDA events give the kernel time. Plain: the step time without the
         # events' own host cost. Same workload and pool, so the same steps in both.
@@ -142,7 +148,7 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
                 round(1 - kernel / step, 4) if step and profiled["complete"]
                 and plain["complete"] else None),
             "full": profiled})
-    return {"mode": "gpu", "backend": "cuda", "geometry": geometry.to_dict(), "dtype": "float16",
+    return {"mode": "gpu", "backend": "cuda", "geometry": spec.geometry_dict(), "dtype": "float16",
             "prefill_attention": "last", "results": results}
 
 

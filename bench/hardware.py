@@ -39,8 +39,8 @@ from velod.config import Config, HardwareConfig  # noqa: E402
 from velod.control.client import Client, DaemonUnreachable  # noqa: E402
 from velod.hardware.amd import AmdSource  # noqa: E402
 from velod.hardware.host import HostSource  # noqa: E402
-from velod.hardware.monitor import HardwareMonitor  # noqa: E402
 from velod.hardware.nvml import NvmlSource  # noqa: E402
+from velod.hardware.service import HardwareMonitor  # noqa: E402
 
 
 def cpu_us(fn: Any, runs: int) -> float:

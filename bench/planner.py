@@ -12,8 +12,8 @@ import platform
 import statistics
 import time
 
-from velod import catalog
-from velod.ollama.planner import Policy, plan, what_if_snapshot, what_if_state
+from velod.model import catalog
+from velod.tuner.planner import Policy, plan, what_if_snapshot, what_if_state
 
 GIB = 1024**3
 CASES = [

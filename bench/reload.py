@@ -15,7 +15,7 @@ import time
 import yaml
 from harness import BenchDaemon, machine
 
-from velod.engine.metrics import percentile
+from velod.engine.runtime.metrics import percentile
 
 
 def main() -> None:

@@ -1,6 +1,9 @@
 """The velod daemon: builds the components, serves the control socket, reloads its config.
 
-Everything runs in one asyncio loop. ``main()`` is the ``velod`` console script.
+Everything runs in one asyncio loop. The components and their control methods come from one
+table, ``velod.capabilities``; the daemon's own methods are in ``velod.rpc``. A config change
+(file watch, SIGHUP, ``config.reload``) is loaded and validated here, then handed to every
+component's ``reconfigure``. ``main()`` is the ``velod`` console script.
 """
 
 from __future__ import annotations
@@ -18,12 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from velod import PROTOCOL_VERSION, __version__, paths
-from velod.blocking import run_blocking
+from velod import rpc as daemon_rpc
 from velod.bus import Bus
-from velod.component import Component, Context, ReconfigureRefused
-from velod.config import Config, ConfigError, ConfigIssue, load_config, parse_config, to_plain
+from velod.capabilities import CAPABILITIES, Capability
+from velod.component import TROUBLE, Component, Context, ReconfigureRefused, Unavailable
+from velod.config import Config, ConfigError, ConfigIssue, cap, to_plain, validate_text
+from velod.config_file import BLANK_HINT, CheckLanes, LaneBusy, read_file
 from velod.config_watch import watch_config
-from velod.control.registry import CallContext, Method, Registry, RpcError, param
+from velod.control.registry import Registry, methods_of
 from velod.control.server import ControlServer, SocketInUse
 from velod.systemd import Notifier, listen_socket, monotonic_usec, set_level, setup_logging
 
@@ -31,13 +36,6 @@ log = logging.getLogger("velod")
 
 EX_CONFIG = 78  # sysexits.h; the unit's RestartPreventExitStatus= keeps systemd from looping
 STOP_TIMEOUT = 3.0
-
-# Components, imported lazily so an idle daemon loads only what it runs.
-COMPONENTS = (
-    "velod.hardware.monitor:HardwareMonitor",
-    "velod.ollama.tuner:Tuner",
-    "velod.engine.component:EngineComponent",
-)
 
 
 def _load_component_class(spec: str) -> type[Component]:
@@ -47,9 +45,14 @@ def _load_component_class(spec: str) -> type[Component]:
 
 class Daemon:
     def __init__(self, config: Config, config_path: Path, *, socket_override: str | None = None,
-                 log_level_override: str | None = None) -> None:
+                 log_level_override: str | None = None, file_state: str = "loaded") -> None:
         self.config = config
         self.config_path = config_path
+        # Where the running config came from: "loaded" (the file), or "missing"/"blank"
+        # when velod started on its built-in defaults.
+        self.config_source = file_state
+        # Config checks run off the loop, bounded in time; lanes keep callers apart.
+        self.checks = CheckLanes(timeout=5.0)
         self.socket_override = socket_override
         self.log_level_override = log_level_override
         self.bus = Bus()
@@ -82,11 +85,12 @@ class Daemon:
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload("SIGHUP")))
 
-        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        except OSError as exc:  # components that need it report it; the rest still runs
+            log.error("cannot create the state directory %s: %s", self.state_dir, exc)
+        self.registry.add_all(methods_of(daemon_rpc, self))
         self._build_components()
-        self.registry.add_all(self._own_methods())
-        for component in self.components:
-            self.registry.add_all(component.methods())
 
         activated = listen_socket()
         try:
@@ -104,8 +108,9 @@ class Daemon:
         if self.notifier.watchdog_interval:
             self._spawn(self._watchdog(self.notifier.watchdog_interval))
 
-        log.info("velod %s ready on %s (config %s)", __version__,
-                 self.server.path or "an activated socket", self.config_path)
+        log.info("velod %s ready on %s (config %s%s)", __version__,
+                 self.server.path or "an activated socket", self.config_path,
+                 "" if self.config_source == "loaded" else ": none, built-in defaults")
         self.notifier.send("READY=1", f"STATUS={self._status_line()}", f"MAINPID={os.getpid()}")
         await self._stop.wait()
 
@@ -114,8 +119,12 @@ class Daemon:
         await self._shutdown()
         return 0
 
-    def request_stop(self) -> None:
-        self._stop.set()
+    def request_stop(self, after: float = 0.0) -> None:
+        """Stop the daemon (``after`` seconds from now)."""
+        if after:
+            asyncio.get_running_loop().call_later(after, self._stop.set)
+        else:
+            self._stop.set()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -128,15 +137,25 @@ class Daemon:
             log.error("background task failed", exc_info=task.exception())
 
     def _build_components(self) -> None:
-        for spec in COMPONENTS:
+        for capability in CAPABILITIES:
             try:
-                cls = _load_component_class(spec)
+                component = self._build(capability)
             except (ImportError, AttributeError) as exc:
-                log.warning("component %s not available: %s", spec, exc)
+                log.warning("capability %s not available: %s", capability.name, exc)
                 continue
-            ctx = Context(config=self.config, bus=self.bus, state_dir=self.state_dir,
-                          log=logging.getLogger("velod"))
-            self.components.append(cls(ctx))
+            self.components.append(component)
+
+    def _build(self, capability: Capability) -> Component:
+        cls = _load_component_class(capability.service)
+        ctx = Context(config=self.config, bus=self.bus, state_dir=self.state_dir,
+                      log=logging.getLogger("velod"), on_state_change=self._state_changed)
+        try:
+            component = cls(ctx)
+        except Exception as exc:  # a config that validated must not stop the daemon
+            log.exception("component %s could not be created", capability.name)
+            return Unavailable(ctx, capability.name, f"could not be created: {exc}")
+        self.registry.add_all(methods_of(importlib.import_module(capability.rpc), component))
+        return component
 
     async def _start_component(self, component: Component) -> None:
         component.state = "starting"
@@ -184,16 +203,24 @@ class Daemon:
     async def _reload(self, trigger: str) -> dict[str, Any]:
         now = time.time()
         try:
-            new = await run_blocking(load_config, self.config_path, timeout=10.0)
-        except (ConfigError, TimeoutError) as exc:
-            issues = getattr(exc, "issues", [])
-            message = str(exc) if issues else f"reading {self.config_path} timed out"
-            self.last_reload = {"time": now, "trigger": trigger, "ok": False, "error": message,
-                                "errors": [str(i) for i in issues], "refused": {}}
-            log.error("config reload (%s) refused, keeping the running config: %s",
-                      trigger, message)
-            self.bus.publish("config.reload_failed", {"trigger": trigger, "error": message})
-            return {"applied": False, **self.last_reload}
+            loaded = await self.checks.run("reload", read_file, self.config_path)
+        except ConfigError as exc:
+            return self._refuse(now, trigger, str(exc), exc.lines())
+        except (TimeoutError, LaneBusy) as exc:
+            return self._refuse(now, trigger, f"reading {self.config_path} did not finish "
+                                f"in time ({exc or 'timed out'})", [])
+        if loaded.state != "loaded":
+            if self.config_source != "loaded":  # on the defaults already: nothing changes
+                self.config_source = loaded.state
+                note = f"{loaded.describe(self.config_path)}; running on built-in defaults"
+                self.last_reload = {"time": now, "trigger": trigger, "ok": True, "error": None,
+                                    "errors": [], "refused": {}, "notes": [note]}
+                log.info("config reload (%s): %s", trigger, note)
+                return {"applied": True, **self.last_reload}
+            reason = (f"{loaded.describe(self.config_path)}; keeping the running config "
+                      f"({BLANK_HINT})")
+            return self._refuse(now, trigger, reason, [reason])
+        new = loaded.config
 
         refused: dict[str, str] = {}
         for component in self.components:
@@ -208,6 +235,7 @@ class Daemon:
         if new.control.socket != self.config.control.socket:
             notes.append("control.socket takes effect at the next restart")
         self.config = new
+        self.config_source = "loaded"
         self.server.reconfigure(new.control)
         set_level(self.log_level_override or new.log.level)
         self.last_reload = {"time": now, "trigger": trigger, "ok": True, "error": None,
@@ -218,33 +246,52 @@ class Daemon:
         self.bus.publish("config.reloaded", {"trigger": trigger, "refused": refused})
         return {"applied": True, **self.last_reload}
 
+    def _refuse(self, now: float, trigger: str, message: str,
+                errors: list[str]) -> dict[str, Any]:
+        """Keep the running config; record, log and publish why (every text bounded)."""
+        message = cap(message)
+        self.last_reload = {"time": now, "trigger": trigger, "ok": False, "error": message,
+                            "errors": errors, "refused": {}}
+        log.error("config reload (%s) refused, keeping the running config: %s",
+                  trigger, message)
+        self.bus.publish("config.reload_failed", {"trigger": trigger, "error": message})
+        return {"applied": False, **self.last_reload}
+
+    def _state_changed(self, component: Component, old: str, new: str) -> None:
+        """Tell systemd (``STATUS=``) and subscribers whenever a component's state changes."""
+        self.notifier.send(f"STATUS={self._status_line()}")
+        trouble = f": {cap(str(component.error), 300)}" if new in TROUBLE else ""
+        self.bus.publish("component.state", {
+            "component": component.name, "state": new, "was": old,
+            "message": f"{component.name} {new} (was {old}){trouble}"})
+
+    async def validate(self, text: str, name: str, admin: bool) -> dict[str, Any]:
+        """``validate_text`` off the loop, bounded in time (LaneBusy, TimeoutError); checks
+        from unprivileged peers never hold up an admin's."""
+        return await self.checks.run("admin" if admin else "others", validate_text, text,
+                                     name[:200])
+
     # -------------------------------------------------------------------- control methods
     def _status_line(self) -> str:
-        states = ", ".join(f"{c.name} {c.state}" for c in self.components)
-        return f"serving on {self.server.path}; {states}" if states else "serving"
+        """One line for ``systemctl status``: where velod serves and each component's state."""
+        parts = []
+        for c in self.components:
+            trouble = c.state in TROUBLE and c.error
+            parts.append(f"{c.name} {c.state}" + (f" ({cap(str(c.error), 120)})"
+                                                   if trouble else ""))
+        where = f"serving on {self.server.path or 'an activated socket'}"
+        line = f"{where}; {', '.join(parts)}" if parts else where
+        if self.config_source != "loaded":
+            line += "; built-in defaults"
+        return cap(line, 1000)
 
-    def _own_methods(self) -> list[Method]:
-        return [
-            Method("system.hello", self._hello, summary="name, version, protocol, methods"),
-            Method("system.ping", self._ping, summary="liveness check"),
-            Method("system.status", self._status, summary="daemon and component status"),
-            Method("system.shutdown", self._shutdown_method, admin=True, summary="stop velod"),
-            Method("config.get", self._config_get, summary="the running config"),
-            Method("config.validate", self._config_validate, summary="validate config text"),
-            Method("config.reload", self._config_reload, admin=True,
-                   summary="reload the config file; returns once applied or refused"),
-            Method("events.subscribe", self._subscribe,
-                   summary="stream events as 'event' notifications"),
-        ]
-
-    async def _hello(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+    def hello(self, admin: bool) -> dict[str, Any]:
+        """Name, version, protocol and methods (and whether the caller is an admin)."""
         return {"name": "velod", "version": __version__, "protocol": PROTOCOL_VERSION,
-                "methods": self.registry.names(), "admin": ctx.peer.admin}
+                "methods": self.registry.names(), "admin": admin}
 
-    async def _ping(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
-        return {"pong": True, "time": time.time()}
-
-    async def _status(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+    def status(self) -> dict[str, Any]:
+        """The daemon and each component, for ``velodctl status``."""
         components = {}
         for component in self.components:
             try:
@@ -255,54 +302,16 @@ class Daemon:
             "name": "velod", "version": __version__, "pid": os.getpid(),
             "uptime": time.monotonic() - self.started_monotonic, "started_at": self.started_at,
             "config_path": str(self.config_path), "state_dir": str(self.state_dir),
+            "config_source": self.config_source,
+            "config_loaded_from": (str(self.config_path) if self.config_source == "loaded"
+                                   else None),
             "socket": str(self.server.path) if self.server.path else None,
             "last_reload": self.last_reload, "components": components,
             "control": self.server.status(), "systemd": self.notifier.enabled,
         }
 
-    async def _shutdown_method(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
-        asyncio.get_running_loop().call_later(0.05, self.request_stop)
-        return {"stopping": True}
-
-    async def _config_get(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+    def running_config(self) -> dict[str, Any]:
         return {"path": str(self.config_path), "config": to_plain(self.config)}
-
-    async def _config_validate(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
-        text = param(params, "text", str)
-        name = param(params, "name", str, "<text>")
-        return validate_text(text, name)
-
-    async def _config_reload(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
-        return await self.reload("control request")
-
-    async def _subscribe(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
-        topics = param(params, "topics", list, ["*"])
-        if not topics or not all(isinstance(t, str) and t for t in topics):
-            raise RpcError("invalid_params", "topics must be a non-empty list of strings "
-                           "such as 'hardware.*' or '*'", {"field": "topics"})
-        ctx.streaming = True  # type: ignore[misc]
-
-        def forward(event: Any) -> None:
-            if not ctx.notify("event", [event.to_wire()]):
-                unsubscribe()
-
-        unsubscribe = self.bus.subscribe(topics, forward)
-        ctx.on_close(unsubscribe)
-        return {"subscribed": topics}
-
-
-def validate_text(text: str, name: str) -> dict[str, Any]:
-    """Validate config text the way the daemon would load it (for config.validate)."""
-    import yaml
-
-    try:
-        raw = yaml.safe_load(text)
-        parse_config(raw, name)
-    except yaml.YAMLError as exc:
-        return {"valid": False, "errors": [f"YAML syntax error: {exc}"]}
-    except ConfigError as exc:
-        return {"valid": False, "errors": [str(i) for i in exc.issues]}
-    return {"valid": True, "errors": []}
 
 
 # ------------------------------------------------------------------------ command line
@@ -337,14 +346,19 @@ def main(argv: list[str] | None = None) -> int:
 
     config_path = Path(args.config or paths.default_config()).absolute()
     try:
-        config = load_config(config_path)
+        loaded = read_file(config_path)
     except ConfigError as exc:
         print(f"velod: {exc}", file=sys.stderr)
         return EX_CONFIG
-    setup_logging(args.log_level or config.log.level)
+    setup_logging(args.log_level or loaded.config.log.level)
     logging.getLogger("watchfiles").setLevel(logging.WARNING)
-    daemon = Daemon(config, config_path, socket_override=args.socket,
-                    log_level_override=args.log_level)
+    if loaded.state != "loaded":
+        log.warning("%s: running on the built-in defaults", loaded.describe(config_path))
+    daemon = Daemon(loaded.config, config_path, socket_override=args.socket,
+                    log_level_override=args.log_level, file_state=loaded.state)
+    # A worker thread running Python (a config check) hands the GIL back to the serving
+    # loop within 1 ms instead of 5: pings stay fast while a large config is checked.
+    sys.setswitchinterval(0.001)
     try:
         code = asyncio.run(daemon.run())
     except KeyboardInterrupt:
@@ -354,10 +368,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def load_config_strict(path: Path) -> Config:
-    """Like load_config, but a missing file is an error (for --check-config)."""
-    if not path.exists():
+    """The file's config for --check-config: a missing file is an error, a blank one is
+    valid (it would mean the defaults at start) and said so."""
+    loaded = read_file(path)
+    if loaded.state == "missing":
         raise ConfigError(str(path), [ConfigIssue("", str(path), "no such file")])
-    return load_config(path)
+    if loaded.state == "blank":
+        print(f"{path}: note: {loaded.describe(path)}; at start that means the built-in "
+              f"defaults, while running velod keeps its config ({BLANK_HINT})",
+              file=sys.stderr)
+    return loaded.config
 
 
 if __name__ == "__main__":  # pragma: no cover

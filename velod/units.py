@@ -74,3 +74,11 @@ def format_duration(seconds: float) -> str:
     if rest or not out:
         out.append(f"{rest:g}s")
     return "".join(out)
+
+
+def format_size_exact(n: int) -> str:
+    """The shortest exact unit form of ``n`` bytes ("512MiB", "2GiB", "1000")."""
+    for unit, size in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)

@@ -8,13 +8,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from velod.engine.engine import EngineSpec, build_engine
-from velod.engine.geometry import ModelGeometry
-from velod.engine.synthetic import SyntheticModel
-from velod.engine.workload import BenchRun, Workload
+from velod.engine.runtime.engine import build_engine
+from velod.engine.runtime.synthetic import SyntheticModel
+from velod.engine.runtime.workload import BenchRun, Workload
+from velod.engine.settings import EngineSettings
 from velod.kernels.layout import to_float32
+from velod.model.metadata import Geometry
 
-SMALL = ModelGeometry("small", layers=2, heads=8, kv_heads=2, head_dim=128, max_context=2048)
+SMALL = Geometry.attention_only(layers=2, heads=8, kv_heads=2, head_dim=128, context_length=2048)
 TOLERANCE = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
 
 
@@ -37,8 +38,9 @@ def test_device_generator_makes_the_host_generators_numbers(cuda_backend, dtype)
 @pytest.mark.parametrize("prefill", ["all", "last"])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_engine_workload_on_cuda_equals_the_dense_reference(dtype, prefill):
-    spec = EngineSpec(SMALL, dtype=dtype, device="cuda", kv_cache_bytes=64 * 1024**2,
-                      max_batch_size=8, max_tokens_per_step=256, prefill_attention=prefill)
+    spec = EngineSettings(SMALL, "small", dtype=dtype, device="cuda",
+                          kv_cache_bytes=64 * 1024**2, max_batch_size=8,
+                          max_tokens_per_step=256, prefill_attention=prefill)
     engine = build_engine(spec, profile=True)
     assert engine.backend.name == "cuda"
     run = BenchRun(engine, Workload(6, 100, 20, shared_prefix=0.5, verify=3), "gpu")
@@ -56,8 +58,9 @@ def test_engine_workload_on_cuda_equals_the_dense_reference(dtype, prefill):
 def test_engine_pool_on_cuda_fills_blocks_like_the_cpu_engine():
     outputs = {}
     for device in ("cpu", "cuda"):
-        spec = EngineSpec(SMALL, dtype="float16", device=device, kv_cache_bytes=32 * 1024**2,
-                          max_batch_size=4, max_tokens_per_step=128)
+        spec = EngineSettings(SMALL, "small", dtype="float16", device=device,
+                              kv_cache_bytes=32 * 1024**2, max_batch_size=4,
+                              max_tokens_per_step=128)
         engine = build_engine(spec)
         engine.submit(np.arange(1, 50, dtype=np.int32), 5)
         engine.run_until_idle()

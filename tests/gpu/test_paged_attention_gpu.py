@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.unit.attention_cases import TOLERANCE, make_case
+from tests.unit.kernels.attention_cases import TOLERANCE, make_case
 from velod.kernels import reference
 from velod.kernels.layout import (
     SUPPORTED_BLOCK_SIZES,

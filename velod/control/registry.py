@@ -1,14 +1,19 @@
-"""Control methods: registration with permissions, errors as values, parameter checks.
+"""Control methods: declaration with permissions, errors as values, parameter checks.
 
-A capability exports methods by returning :class:`Method` objects from its
-component's ``methods()``; the server never needs editing to add one.
+Every control method is declared one way: a function in a capability's ``rpc`` module
+marked with :func:`rpc` (its name, whether it needs an admin peer, a summary), taking the
+capability's service, the params map and the call context. The daemon binds each module
+to its service with :func:`methods_of` (``velod.capabilities`` says which module serves
+which service); the server never needs editing to add one.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from types import ModuleType
+from typing import Any, Protocol, TypeVar
 
 ERROR_CODES = frozenset(
     {
@@ -74,6 +79,39 @@ class Method:
     handler: Handler
     admin: bool = False
     summary: str = ""
+
+
+RpcFunction = Callable[[Any, dict[str, Any], CallContext], Awaitable[Any]]
+F = TypeVar("F", bound=RpcFunction)
+
+
+@dataclass(frozen=True)
+class Declared:
+    """What :func:`rpc` records on a function."""
+
+    name: str
+    admin: bool
+    summary: str
+
+
+def rpc(name: str, *, admin: bool = False, summary: str = "") -> Callable[[F], F]:
+    """Declare ``async def fn(service, params, ctx)`` as control method ``name``; ``admin``
+    methods change something and need an admin peer."""
+    def declare(fn: F) -> F:
+        fn.__rpc__ = Declared(name, admin, summary)  # type: ignore[attr-defined]
+        return fn
+    return declare
+
+
+def methods_of(module: ModuleType, service: Any) -> list[Method]:
+    """The methods ``module`` declares with :func:`rpc`, bound to ``service``."""
+    methods = []
+    for fn in vars(module).values():
+        declared: Declared | None = getattr(fn, "__rpc__", None)
+        if declared is not None and getattr(fn, "__module__", None) == module.__name__:
+            methods.append(Method(declared.name, functools.partial(fn, service),
+                                  declared.admin, declared.summary))
+    return methods
 
 
 class Registry:

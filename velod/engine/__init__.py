@@ -4,7 +4,7 @@ Pure Python + NumPy: no I/O, no GPU, no asyncio. The daemon's engine component i
 lazily and drives ``Scheduler.step()`` / ``Scheduler.complete_step()``.
 
 The names below load on first use (PEP 562), so importing a submodule such as
-``velod.engine.component`` does not pull in NumPy: an idle daemon and velodctl stay light.
+``velod.engine.service`` does not pull in NumPy: an idle daemon and velodctl stay light.
 """
 
 from __future__ import annotations
@@ -13,28 +13,28 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "BlockManager": "velod.engine.block_manager",
-    "DuplicateSequence": "velod.engine.errors",
-    "EngineConfigError": "velod.engine.errors",
-    "EngineError": "velod.engine.errors",
-    "FinishedRequest": "velod.engine.sequence",
-    "InvalidRequest": "velod.engine.errors",
-    "OutOfBlocks": "velod.engine.errors",
-    "OutOfSequenceSlots": "velod.engine.errors",
-    "PAD_BLOCK": "velod.engine.block_manager",
-    "PRIORITY_MAX": "velod.engine.scheduler_config",
-    "PRIORITY_MIN": "velod.engine.scheduler_config",
-    "QueueFull": "velod.engine.errors",
-    "Scheduler": "velod.engine.scheduler",
-    "SchedulerConfig": "velod.engine.scheduler_config",
-    "SchedulerStats": "velod.engine.scheduler",
-    "Sequence": "velod.engine.sequence",
-    "SequenceState": "velod.engine.sequence",
-    "SequenceTooLong": "velod.engine.errors",
-    "SlotsNotReserved": "velod.engine.errors",
-    "StepBatch": "velod.engine.step",
-    "StepOrderError": "velod.engine.errors",
-    "UnknownSequence": "velod.engine.errors",
+    "BlockManager": "velod.engine.core.block_manager",
+    "DuplicateSequence": "velod.engine.core.errors",
+    "EngineConfigError": "velod.engine.core.errors",
+    "EngineError": "velod.engine.core.errors",
+    "FinishedRequest": "velod.engine.core.sequence",
+    "InvalidRequest": "velod.engine.core.errors",
+    "OutOfBlocks": "velod.engine.core.errors",
+    "OutOfSequenceSlots": "velod.engine.core.errors",
+    "PAD_BLOCK": "velod.engine.core.block_manager",
+    "PRIORITY_MAX": "velod.engine.core.scheduler_config",
+    "PRIORITY_MIN": "velod.engine.core.scheduler_config",
+    "QueueFull": "velod.engine.core.errors",
+    "Scheduler": "velod.engine.core.scheduler",
+    "SchedulerConfig": "velod.engine.core.scheduler_config",
+    "SchedulerStats": "velod.engine.core.scheduler",
+    "Sequence": "velod.engine.core.sequence",
+    "SequenceState": "velod.engine.core.sequence",
+    "SequenceTooLong": "velod.engine.core.errors",
+    "SlotsNotReserved": "velod.engine.core.errors",
+    "StepBatch": "velod.engine.core.step",
+    "StepOrderError": "velod.engine.core.errors",
+    "UnknownSequence": "velod.engine.core.errors",
 }
 
 

@@ -5,6 +5,8 @@
     backend = get_backend()
     out = backend.paged_attention(query, key_cache, value_cache, block_tables, context_lens,
                                   scale)
+    rows = backend.paged_prefill_attention(query_rows, key_cache, value_cache, block_tables,
+                                           query_start_loc, context_lens, scale)
     backend.write_cache(key, value, key_cache, value_cache, slot_mapping)
     backend.copy_blocks(key_cache, value_cache, block_pairs)
 
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import importlib.util
 import threading
+import time
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,6 +32,8 @@ __all__ = [
     "AttentionArgumentError",
     "AttentionBackend",
     "BackendUnavailable",
+    "HostClock",
+    "KernelClock",
     "NumpyBackend",
     "cuda_unavailable_reason",
     "get_backend",
@@ -38,15 +44,38 @@ class BackendUnavailable(RuntimeError):
     """The requested backend cannot run on this machine."""
 
 
+class KernelClock(Protocol):
+    """Times the device work between ``start`` and ``stop`` marks; ``total`` sums a step's."""
+
+    def start(self) -> Any: ...
+
+    def stop(self, mark: Any) -> None: ...
+
+    def total(self) -> float: ...
+
+
 class AttentionBackend(Protocol):
-    """What the engine calls; arrays are NumPy (numpy backend) or PyCUDA GPUArrays (cuda)."""
+    """What the engine calls; arrays are NumPy (numpy backend) or PyCUDA GPUArrays (cuda).
+
+    ``on_device``: arrays live in accelerator memory (the host must stage data to them).
+    ``active()`` makes the device current in the calling thread (launches and frees need
+    it); ``free_memory()`` is where a KV pool would live: free device memory, or available
+    host RAM; ``clock()`` times kernels for profiling; ``trim()`` frees reusable buffers.
+    """
 
     name: str
+    on_device: bool
+    device_name: str | None
 
     def paged_attention(self, query: Any, key_cache: Any, value_cache: Any, block_tables: Any,
                         context_lens: Any, scale: float, *, partition_size: int | None = None,
-                        out: Any = None, stream: Any = None,
-                        max_context: int | None = None) -> Any: ...
+                        out: Any = None, stream: Any = None, max_context: int | None = None,
+                        window: int | None = None, workspace: Any = None) -> Any: ...
+
+    def paged_prefill_attention(self, query: Any, key_cache: Any, value_cache: Any,
+                                block_tables: Any, query_start_loc: Any, context_lens: Any,
+                                scale: float, *, window: int | None = None, out: Any = None,
+                                stream: Any = None, max_query_len: int | None = None) -> Any: ...
 
     def write_cache(self, key: Any, value: Any, key_cache: Any, value_cache: Any,
                     slot_mapping: Any, *, stream: Any = None) -> None: ...
@@ -64,20 +93,54 @@ class AttentionBackend(Protocol):
 
     def synchronize(self) -> None: ...
 
+    def active(self) -> AbstractContextManager[Any]: ...
+
+    def free_memory(self) -> int: ...
+
+    def clock(self) -> KernelClock: ...
+
+    def trim(self) -> None: ...
+
+
+class HostClock:
+    """A synchronous backend's kernel time: the wall time between the marks."""
+
+    def __init__(self) -> None:
+        self._seconds = 0.0
+
+    def start(self) -> float:
+        return time.perf_counter()
+
+    def stop(self, mark: float) -> None:
+        self._seconds += time.perf_counter() - mark
+
+    def total(self) -> float:
+        seconds, self._seconds = self._seconds, 0.0
+        return seconds
+
 
 class NumpyBackend:
     """The NumPy path: host arrays, float32 math, results ready on return."""
 
     name = "numpy"
+    on_device = False
+    device_name = None
 
     def paged_attention(self, query, key_cache, value_cache, block_tables, context_lens, scale,
-                        *, partition_size=None, out=None, stream=None, max_context=None):
+                        *, partition_size=None, out=None, stream=None, max_context=None,
+                        window=None, workspace=None):
         result = reference.paged_attention(query, key_cache, value_cache, block_tables,
-                                           context_lens, scale, partition_size=partition_size)
-        if out is None:
-            return result
-        out[...] = result
-        return out
+                                           context_lens, scale, partition_size=partition_size,
+                                           window=window)
+        return _into(out, result)
+
+    def paged_prefill_attention(self, query, key_cache, value_cache, block_tables,
+                                query_start_loc, context_lens, scale, *, window=None, out=None,
+                                stream=None, max_query_len=None):
+        result = reference.paged_prefill_attention(query, key_cache, value_cache, block_tables,
+                                                   query_start_loc, context_lens, scale,
+                                                   window=window)
+        return _into(out, result)
 
     def write_cache(self, key, value, key_cache, value_cache, slot_mapping, *, stream=None):
         reference.write_cache(key, value, key_cache, value_cache, slot_mapping)
@@ -99,6 +162,28 @@ class NumpyBackend:
 
     def synchronize(self) -> None:
         return None
+
+    def active(self) -> AbstractContextManager[None]:
+        return nullcontext()
+
+    def free_memory(self) -> int:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+
+    def clock(self) -> HostClock:
+        return HostClock()
+
+    def trim(self) -> None:
+        return None
+
+
+def _into(out: np.ndarray | None, result: np.ndarray) -> np.ndarray:
+    """``result``, or ``out`` holding it when the caller gave an output buffer."""
+    if out is None:
+        return result
+    out[...] = result
+    return out
 
 
 def cuda_unavailable_reason(device: int = 0) -> str | None:

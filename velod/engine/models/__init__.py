@@ -7,16 +7,34 @@ engine step (see ``velod.engine.models.protocol``). Blocking: call it from a wor
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from velod.engine.models.hparams import ARCHITECTURES, HParams, UnsupportedModel, read_hparams
-from velod.engine.models.protocol import LanguageModel, LayerAttention, layer_attention
-from velod.engine.models.quants import FORMATS, UnsupportedQuantization
-from velod.engine.models.transformer import TransformerModel
-from velod.engine.models.weights import NotEnoughMemory, load_weights
-from velod.model.gguf import ModelFileError, open_gguf
-from velod.model.store import resolve
+if TYPE_CHECKING:
+    from velod.engine.models.transformer import TransformerModel
+
+# Imported on first use (PEP 562): importing a light module of this package (the tokenizer)
+# must not load NumPy and the whole forward.
+_EXPORTS = {
+    "ARCHITECTURES": "velod.engine.models.hparams", "HParams": "velod.engine.models.hparams",
+    "UnsupportedModel": "velod.engine.models.hparams",
+    "LanguageModel": "velod.engine.models.protocol",
+    "LayerAttention": "velod.engine.models.protocol",
+    "layer_attention": "velod.engine.models.protocol",
+    "FORMATS": "velod.engine.models.quants",
+    "UnsupportedQuantization": "velod.engine.models.quants",
+    "TransformerModel": "velod.engine.models.transformer",
+    "NotEnoughMemory": "velod.engine.models.weights",
+    "ModelFileError": "velod.model.gguf",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
 
 __all__ = [
     "ARCHITECTURES",
@@ -56,6 +74,12 @@ def load_model(source: str | Path, *, dtype: Any = "float32",
     quantization) or NotEnoughMemory (with the figures), never a half-loaded model.
     """
     import numpy as np
+
+    from velod.engine.models.hparams import read_hparams
+    from velod.engine.models.transformer import TransformerModel
+    from velod.engine.models.weights import load_weights
+    from velod.model.gguf import open_gguf
+    from velod.model.store import resolve
 
     found = resolve(str(source))
     gguf = open_gguf(found.path)

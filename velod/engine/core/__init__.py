@@ -1,0 +1,1 @@
+"""The engine's policy, pure Python + NumPy: block manager, scheduler, sequences, step batches."""

@@ -1,1 +1,0 @@
-"""Ollama: HTTP client, settings table, planner, applier and tuner."""
