@@ -100,7 +100,7 @@ class Timers:
 def decode(model, timers: Timers, batch: int, repeats: int) -> dict[str, Any]:
     """Decode steps at ``batch``; after each, the output projection alone over ``batch``
     rows (the step's largest GEMM), so the machine's limit is measured in the same moments."""
-    from tests.unit.paged_runner import PagedRunner
+    from tests.unit.engine.models.paged_runner import PagedRunner
 
     rng = np.random.default_rng(batch)
     blocks = batch * (-(-(CONTEXT + repeats + 2) // 16))
@@ -141,7 +141,7 @@ def summary(samples: list[float], gemm: list[float], attention: list[float],
 
 
 def prefill(model, timers: Timers, tokens: int, repeats: int) -> dict[str, Any]:
-    from tests.unit.paged_runner import PagedRunner
+    from tests.unit.engine.models.paged_runner import PagedRunner
 
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, 1000, tokens).tolist()

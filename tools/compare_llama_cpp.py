@@ -36,7 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.unit.paged_runner import PagedRunner  # noqa: E402
+from tests.unit.engine.models.paged_runner import PagedRunner  # noqa: E402
 from velod.engine.models import load_model  # noqa: E402
 
 DEFAULT_MODEL = Path.home() / ".cache/velod-test/gemma3-270m-q4_k_m.gguf"

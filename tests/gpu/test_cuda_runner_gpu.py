@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests.unit.engine.models.tiny_gguf import SPECS, write_tiny
 from tests.unit.engine.scheduled import host_pool, numpy_step, run_schedule
 from tests.unit.engine.test_cuda_runner import CONFIG, STORE, prompts_for, relative
-from tests.unit.tiny_gguf import SPECS, write_tiny
 from velod.engine.models import load_model
 from velod.engine.models.cuda_runner import CudaTransformer, load_device_weights
 from velod.engine.models.hparams import read_hparams

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+from tests.unit.engine.models.tiny_gguf import SPECS, write_tiny
 from tests.unit.engine.numpy_model_ops import NumpyModelOps
 from tests.unit.engine.scheduled import host_pool, numpy_step, run_schedule
-from tests.unit.tiny_gguf import SPECS, write_tiny
 from velod.engine.core.errors import EngineError
 from velod.engine.core.scheduler import Scheduler
 from velod.engine.core.scheduler_config import SchedulerConfig

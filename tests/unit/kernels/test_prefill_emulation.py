@@ -18,7 +18,7 @@ import pytest
 
 from tests.unit.kernels.attention_cases import TOLERANCE, make_case, relative_error
 from tests.unit.kernels.conftest import NEEDS_EMULATOR, run_emulator
-from tests.unit.test_attention_prefill import dense_chunks
+from tests.unit.kernels.test_attention_prefill import dense_chunks
 from velod.kernels import reference
 from velod.kernels.cuda import prefill_kernel_name
 from velod.kernels.layout import (

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.unit.dense_reference import DenseModel
-from tests.unit.paged_runner import PagedRunner
-from tests.unit.tiny_gguf import SPECS, write_tiny
+from tests.unit.engine.models.dense_reference import DenseModel
+from tests.unit.engine.models.paged_runner import PagedRunner
+from tests.unit.engine.models.tiny_gguf import SPECS, write_tiny
 from velod.engine.models import load_model
 
 TOLERANCE = 1e-4  # max |logit - reference| / max |reference logit|, per step
