@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from velod.model.gguf import ModelFileError
+from velod.model.metadata import Geometry, UnknownArchitecture
 
 
 class UnsupportedModel(ModelFileError):
@@ -41,17 +42,16 @@ class Architecture:
     qk_norm: bool = False         # RMSNorm of each q and k head before RoPE
     post_norms: bool = False      # RMSNorm of the attention and MLP outputs before residual
     embed_scale: bool = False     # embeddings x sqrt(hidden)
-    swa_period: int = 0           # every swa_period-th layer is global, the rest windowed
     swa_rope_base: float = 0.0    # RoPE base of windowed layers (0: the model's)
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": Architecture("llama", rope="norm", activation="silu"),
     "qwen2": Architecture("qwen2", rope="neox", activation="silu"),
-    # llama.cpp: hparams.set_swa_pattern(6), rope_freq_base_train_swa = 10000 (llama-model.cpp)
+    # llama.cpp: rope_freq_base_train_swa = 10000 (llama-model.cpp); which layers are windowed
+    # is the Geometry's reading (velod.model.metadata: set_swa_pattern(6) for gemma3)
     "gemma3": Architecture("gemma3", rope="neox", activation="gelu_tanh", qk_norm=True,
-                           post_norms=True, embed_scale=True, swa_period=6,
-                           swa_rope_base=10000.0),
+                           post_norms=True, embed_scale=True, swa_rope_base=10000.0),
 }
 
 
@@ -77,22 +77,44 @@ class LayerSpec:
 
 @dataclass(frozen=True)
 class HParams:
-    """Sizes and constants of a model, all read from its GGUF."""
+    """A model's shape (its :class:`~velod.model.metadata.Geometry`, the one reading of layers,
+    heads, key/value lengths, context and sliding windows) and what only the forward pass
+    needs: the architecture's traits, feed-forward width, norm epsilon, per-layer RoPE and
+    softmax scale, biases, a tied output."""
 
     arch: Architecture
     name: str
+    geometry: Geometry
     vocab_size: int
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
     ffn: int
     rms_eps: float
-    context_length: int
     layer_specs: tuple[LayerSpec, ...] = field(repr=False)
     tied_output: bool = False
     qkv_bias: bool = False
+
+    @property
+    def hidden(self) -> int:
+        return self.geometry.embedding_length
+
+    @property
+    def layers(self) -> int:
+        return self.geometry.layers
+
+    @property
+    def heads(self) -> int:
+        return self.geometry.heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.geometry.kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.geometry.key_length
+
+    @property
+    def context_length(self) -> int:
+        return self.geometry.context_length
 
     @property
     def q_width(self) -> int:
@@ -161,15 +183,22 @@ def _rope_scale(meta: _Meta) -> float:
                            "none and linear; Llama 3 scaling comes as rope_freqs.weight)")
 
 
-def _window_layers(arch: Architecture, meta: _Meta, layers: int) -> list[bool]:
-    """Which layers use the sliding window."""
-    if not arch.swa_period:
-        return [False] * layers
-    pattern = meta.get("attention.sliding_window_pattern")
-    if isinstance(pattern, list) and len(pattern) == layers:
-        return [bool(p) for p in pattern]
-    period = pattern if isinstance(pattern, int) and pattern > 0 else arch.swa_period
-    return [i % period < period - 1 for i in range(layers)]
+def _geometry(metadata: Mapping[str, Any], meta: _Meta, vocab: int) -> Geometry:
+    """The model's :class:`Geometry`, with the checks the forward pass adds: one value for
+    every layer, equal key and value lengths, the vocabulary of the embedding."""
+    for key in ("attention.head_count", "attention.head_count_kv", "attention.key_length",
+                "attention.value_length", "feed_forward_length"):
+        if meta.get(key) is not None:
+            meta.int(key)  # per-layer lists must be uniform: UnsupportedModel otherwise
+    try:
+        geometry = Geometry.from_metadata({**metadata, f"{meta.arch}.vocab_size": vocab})
+    except UnknownArchitecture as exc:
+        raise ModelFileError(meta.path, exc.reason) from None
+    if geometry.key_length != geometry.value_length:
+        raise UnsupportedModel(meta.path, f"key length {geometry.key_length} differs from "
+                               f"value length {geometry.value_length}; velod's KV cache needs "
+                               "them equal")
+    return geometry
 
 
 def read_hparams(metadata: Mapping[str, Any], tensor_shapes: Mapping[str, tuple[int, ...]],
@@ -178,22 +207,13 @@ def read_hparams(metadata: Mapping[str, Any], tensor_shapes: Mapping[str, tuple[
     naming what is missing, malformed or unsupported."""
     arch = architecture_of(metadata, path)
     meta = _Meta(metadata, arch.name, path)
-    hidden = meta.int("embedding_length")
-    layers = meta.int("block_count")
-    heads = meta.int("attention.head_count")
-    kv_heads = meta.int("attention.head_count_kv", heads)
-    head_dim = meta.int("attention.key_length", hidden // heads)
-    value_dim = meta.int("attention.value_length", head_dim)
-    if value_dim != head_dim:
-        raise UnsupportedModel(path, f"key length {head_dim} differs from value length "
-                               f"{value_dim}; velod's KV cache needs them equal")
-    if heads % kv_heads:
-        raise ModelFileError(path, f"{heads} attention heads are not a multiple of "
-                             f"{kv_heads} kv heads")
     embedding = tensor_shapes.get("token_embd.weight")
+    hidden = meta.int("embedding_length")
     if embedding is None or len(embedding) != 2 or embedding[1] != hidden:
         raise ModelFileError(path, f"token_embd.weight has shape {embedding}, expected "
                              f"(vocab, {hidden})")
+    g = _geometry(metadata, meta, int(embedding[0]))
+    head_dim = g.key_length
     rope_dims = meta.int("rope.dimension_count", head_dim)
     if rope_dims > head_dim or rope_dims % 2:
         raise ModelFileError(path, f"rope.dimension_count {rope_dims} must be even and at "
@@ -202,22 +222,18 @@ def read_hparams(metadata: Mapping[str, Any], tensor_shapes: Mapping[str, tuple[
     factors = "rope_freqs.weight" in tensor_shapes
     global_rope = Rope(rope_dims, base, _rope_scale(meta), arch.rope, factors)
     window_rope = Rope(rope_dims, meta.float("rope.freq_base_swa", arch.swa_rope_base or base),
-                       1.0, arch.rope, factors) if arch.swa_period else global_rope
-    windowed = _window_layers(arch, meta, layers)
-    window = meta.int("attention.sliding_window") if any(windowed) else None
-    if arch.name == "gemma3" and layers == 62:  # llama.cpp: the 27B scales by hidden / heads
-        scale = 1.0 / math.sqrt(hidden / heads)
+                       1.0, arch.rope, factors) if g.windowed_layers else global_rope
+    if arch.name == "gemma3" and g.layers == 62:  # llama.cpp: the 27B scales by hidden / heads
+        scale = 1.0 / math.sqrt(hidden / g.heads)
     else:
         scale = 1.0 / math.sqrt(head_dim)
     scale = float(metadata.get(f"{arch.name}.attention.scale", scale))
-    specs = tuple(LayerSpec(window if w else None, scale, window_rope if w else global_rope)
-                  for w in windowed)
+    specs = tuple(LayerSpec(g.sliding_window, scale, window_rope) if g.is_windowed(i)
+                  else LayerSpec(None, scale, global_rope) for i in range(g.layers))
     name = metadata.get("general.name")
     return HParams(
-        arch=arch, name=name if isinstance(name, str) else arch.name,
-        vocab_size=int(embedding[0]), hidden=hidden, layers=layers, heads=heads,
-        kv_heads=kv_heads, head_dim=head_dim, ffn=meta.int("feed_forward_length"),
-        rms_eps=meta.float("attention.layer_norm_rms_epsilon"),
-        context_length=meta.int("context_length", 2048), layer_specs=specs,
+        arch=arch, name=name if isinstance(name, str) else arch.name, geometry=g,
+        vocab_size=int(embedding[0]), ffn=meta.int("feed_forward_length"),
+        rms_eps=meta.float("attention.layer_norm_rms_epsilon"), layer_specs=specs,
         tied_output="output.weight" not in tensor_shapes,
         qkv_bias="blk.0.attn_q.bias" in tensor_shapes)
