@@ -6,6 +6,11 @@ through its block table, is its own token history. That catches a wrong slot, a 
 prefix-cache hit, a missed copy-on-write or a block freed while in use. Block accounting
 is checked after every operation; at teardown the workload must drain, every request
 receiving exactly its max_new_tokens.
+
+With a sliding window, a second shadow cache stands for the windowed layers' pool: every
+token a query can see through its window must read back as its own history through the
+window block table, only from blocks the sequence still holds, and a sequence holds no more
+than its window (plus the chunk being computed) of them.
 """
 
 from __future__ import annotations
@@ -55,18 +60,26 @@ class EngineMachine(RuleBasedStateMachine):
         extra_tokens=st.integers(0, 12),
         prefix_caching=st.booleans(),
         aging=st.sampled_from([0, 1, 3]),
+        window=st.none() | st.integers(1, 12),
+        extra_window_blocks=st.integers(0, 10),
     )
     def setup(
         self, num_blocks: int, max_batch: int, extra_tokens: int, prefix_caching: bool,
-        aging: int,
+        aging: int, window: int | None, extra_window_blocks: int,
     ) -> None:
         self.num_blocks = num_blocks
+        self.window = window
+        # The fewest blocks that hold one sequence's window, and up to 10 more.
+        self.window_blocks = (-(-(window - 1) // BLOCK) + 2 + extra_window_blocks
+                              if window else 0)
         self.s = Scheduler(SchedulerConfig(
             num_blocks=num_blocks, block_size=BLOCK, max_batch_size=max_batch,
             max_tokens_per_step=max_batch + extra_tokens, max_model_len=MODEL_LEN,
             max_waiting=12, aging_steps=aging, enable_prefix_caching=prefix_caching,
+            window=window, window_blocks=self.window_blocks,
         ))
         self.kv = np.full(num_blocks * BLOCK, -1, dtype=np.int64)
+        self.window_kv = np.full(self.window_blocks * BLOCK, -1, dtype=np.int64)
         self.history: dict[int, list[int]] = {}
         self.prompt_len: dict[int, int] = {}
         self.max_new: dict[int, int] = {}
@@ -158,6 +171,15 @@ class EngineMachine(RuleBasedStateMachine):
             self.kv[dst * BLOCK : (dst + 1) * BLOCK] = self.kv[src * BLOCK : (src + 1) * BLOCK]
         self.kv[batch.slot_mapping] = batch.token_ids
         assert len(set(batch.slot_mapping.tolist())) == batch.num_tokens
+        if self.window:
+            for src, dst in batch.window_copies.tolist():
+                self.window_kv[dst * BLOCK:(dst + 1) * BLOCK] = \
+                    self.window_kv[src * BLOCK:(src + 1) * BLOCK]
+            assert batch.window_slot_mapping is not None
+            self.window_kv[batch.window_slot_mapping] = batch.token_ids
+            assert len(set(batch.window_slot_mapping.tolist())) == batch.num_tokens
+        else:
+            assert batch.window_block_tables is None and batch.window_slot_mapping is None
         assert batch.num_tokens <= self.s.config.max_tokens_per_step
         assert batch.num_seqs <= self.s.config.max_batch_size
         assert (batch.query_lens[: batch.num_decode] == 1).all()
@@ -175,12 +197,35 @@ class EngineMachine(RuleBasedStateMachine):
             pos = np.arange(context)
             slots = batch.block_tables[i, pos // BLOCK] * BLOCK + pos % BLOCK
             assert self.kv[slots].tolist() == history[:context], "context does not match"
+            if self.window:
+                self._check_window(batch, i, history, context, count)
             if seq_id in sampled:  # sample from its last token, once all are in the cache
                 assert sampled.pop(seq_id) == start + count - 1
                 assert context == len(history)
             else:
                 assert context < len(history)
         assert not sampled
+
+    def _check_window(self, batch: StepBatch, i: int, history: list[int], context: int,
+                      count: int) -> None:
+        """What the windowed layers read for sequence ``i``: its first query sees from
+        ``first - window + 1``; every position from there is its own token, in a block it
+        holds (never one freed or cached for reuse), and it holds no more than it needs."""
+        pool = self.s.block_manager.window_pool
+        assert pool is not None and self.window is not None
+        lo = max(context - count - self.window + 1, 0)
+        pos = np.arange(lo, context)
+        tables = batch.window_block_tables
+        assert tables is not None
+        blocks = tables[i, pos // BLOCK]
+        free = set(pool.free_block_ids()) | set(pool.cached_block_ids())
+        for block in set(blocks.tolist()):
+            assert pool.ref_count(block) >= 1 and block not in free, "reads a released block"
+        slots = blocks * BLOCK + pos % BLOCK
+        assert self.window_kv[slots].tolist() == history[lo:context], "window does not match"
+        first, held = self.s.block_manager.window_block_table(int(batch.seq_ids[i]))
+        assert first <= lo // BLOCK
+        assert len(held) <= pool.blocks_for_chunk(count), "holds blocks its window left behind"
 
     # ------------------------------------------------------------------ invariants
 
@@ -198,6 +243,19 @@ class EngineMachine(RuleBasedStateMachine):
             assert bm.ref_count(block) == holders[block]
             assert (holders[block] == 0) == (block in free or block in cached)
         assert bm.num_free_blocks + bm.num_used_blocks == self.num_blocks
+        pool = bm.window_pool
+        if pool is None:
+            return
+        holders = Counter()
+        for seq_id in bm.seq_ids():
+            _, blocks = bm.window_block_table(seq_id)
+            assert len(set(blocks.tolist())) == len(blocks)
+            holders.update(blocks.tolist())
+        free, cached = pool.free_block_ids(), pool.cached_block_ids()
+        assert len(set(free)) == len(free) and not set(free) & set(cached)
+        for block in range(self.window_blocks):
+            assert pool.ref_count(block) == holders[block]
+            assert (holders[block] == 0) == (block in free or block in cached)
 
     @invariant()
     def running_sequences_have_slots_for_their_tokens(self) -> None:
@@ -223,6 +281,8 @@ class EngineMachine(RuleBasedStateMachine):
             if seq_id not in self.aborted:
                 assert len(self.done[seq_id]) == self.max_new[seq_id]
         assert self.s.block_manager.num_used_blocks == 0
+        pool = self.s.block_manager.window_pool
+        assert pool is None or pool.num_used_blocks == 0
 
 
 EngineMachine.TestCase.settings = settings(

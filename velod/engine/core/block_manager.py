@@ -14,6 +14,14 @@ evicted least recently used first when the free stack is empty), or *used* (refe
 count = number of rows holding it). ``num_free_blocks`` counts free and cached blocks,
 since both can be allocated.
 
+Sliding-window layers: with ``window`` set, the blocks of the model's windowed layers come
+from a second pool (:class:`~velod.engine.core.window_pool.WindowPool`) with a table of their
+own per row, allocated at the same indices as the full-attention blocks and released once
+they fall out of every future query's window (:meth:`BlockManager.slide_windows`). Whether
+something fits (:meth:`BlockManager.fits_row`, :meth:`BlockManager.can_grow`) counts both
+pools; copy-on-write copies in the window pool are collected for the step
+(:meth:`BlockManager.take_window_copies`).
+
 Prefix caching: a full block is identified by a hash chain, ``hash((parent_hash, ids))``
 where ``ids`` are its token ids as int32 bytes. A hit is only taken when the block's token
 ids are equal *and* its recorded parent is the very block (same content generation) the
@@ -37,6 +45,7 @@ from velod.engine.core.errors import (
     SlotsNotReserved,
     UnknownSequence,
 )
+from velod.engine.core.window_pool import WindowPool
 
 PAD_BLOCK = 0
 """Block id written in unused block-table entries (never read: context_lens bound them)."""
@@ -61,6 +70,8 @@ class BlockManager:
         max_seqs: int,
         max_seq_len: int,
         enable_prefix_caching: bool = True,
+        window: int | None = None,
+        window_blocks: int = 0,
     ) -> None:
         _check_positive("num_blocks", num_blocks)
         _check_positive("max_seqs", max_seqs)
@@ -94,6 +105,18 @@ class BlockManager:
         self._caps = np.zeros(max_seqs, dtype=np.int32)  # slots reserved (blocks * size)
         self._hashed = [0] * max_seqs  # leading full blocks already registered
         self._cow: set[int] = set()  # rows that may share a partly filled last block
+        self.window_pool: WindowPool | None = None
+        self._window_copies: list[tuple[int, int]] = []
+        if window is not None:
+            _check_positive("window", window)
+            _check_positive("window_blocks", window_blocks)
+            self.window_pool = WindowPool(window_blocks, block_size, window, max_seqs=max_seqs,
+                                          max_blocks_per_seq=self.max_blocks_per_seq)
+            if self.window_pool.max_chunk() < 1:
+                raise EngineConfigError(
+                    "window_blocks", window_blocks,
+                    f"holds no sequence's {window}-token window: at least "
+                    f"{self.window_pool.blocks_for_chunk(1)} blocks are needed")
 
     # ------------------------------------------------------------------ queries
 
@@ -123,6 +146,34 @@ class BlockManager:
     @property
     def num_free_rows(self) -> int:
         return len(self._free_rows)
+
+    @property
+    def num_free_window_blocks(self) -> int:
+        """Free (and evictable) blocks of the window pool; 0 without one."""
+        return self.window_pool.num_free_blocks if self.window_pool is not None else 0
+
+    def fits_row(self, row: int, num_tokens: int) -> bool:
+        """Whether ``ensure_row(row, num_tokens)`` can succeed now, in both pools."""
+        if self.blocks_needed_row(row, num_tokens) > self.num_free_blocks:
+            return False
+        pool = self.window_pool
+        return pool is None or self.window_blocks_needed_row(row, num_tokens) <= \
+            pool.num_free_blocks
+
+    def can_grow(self, count: int) -> bool:
+        """Whether ``count`` rows can each get one more block (:meth:`grow_rows`)."""
+        pool = self.window_pool
+        return count <= self.num_free_blocks and (pool is None or count <= pool.num_free_blocks)
+
+    def free_counts(self) -> tuple[int, int]:
+        """Free blocks of the full pool and of the window pool (0 without one)."""
+        return self.num_free_blocks, self.num_free_window_blocks
+
+    @property
+    def max_chunk(self) -> int | None:
+        """The longest chunk one sequence can compute alone (the window pool's limit), or
+        None when any chunk can."""
+        return self.window_pool.max_chunk() if self.window_pool is not None else None
 
     def can_fit(self, num_tokens: int) -> bool:
         """Whether ``num_tokens`` more tokens fit in newly allocated blocks."""
@@ -196,6 +247,8 @@ class BlockManager:
         hits = 0
         if token_ids is not None and self.enable_prefix_caching and len(token_ids) > 1:
             blocks = self._match_prefix(token_ids)
+            if blocks and self.window_pool is not None:
+                blocks = self._window_hits(row, blocks)
             hits = len(blocks)
             if hits:
                 self._tables[row, :hits] = blocks
@@ -225,12 +278,28 @@ class BlockManager:
             link, parent_hash = (block << 32) | gen[block], block_hash
         return blocks
 
+    def _window_hits(self, row: int, blocks: list[int]) -> list[int]:
+        """The part of a prefix hit whose window is cached too; the rest is given back."""
+        pool = self.window_pool
+        assert pool is not None
+        gens = [self._gen[b] for b in blocks]
+        usable = pool.usable_hits(blocks, gens)
+        ref = self._ref
+        for block in reversed(blocks[usable:]):
+            ref[block] -= 1
+            if not ref[block]:
+                self._evictable[block] = None  # registered: back among the cached ones
+        pool.take_cached(row, blocks[:usable], gens[:usable])
+        return blocks[:usable]
+
     def free(self, seq_id: int) -> None:
         """Drop a sequence; its blocks go back to the pool (cached content stays reusable)."""
         row = self.row(seq_id)
         del self._rows[seq_id]
         self._row_ids[row] = -1
         count = int(self._caps[row]) >> self._shift
+        if self.window_pool is not None:
+            self.window_pool.free_row(row, count)
         if count:
             blocks = self._tables[row, :count].tolist()
             self._tables[row, :count] = PAD_BLOCK
@@ -265,6 +334,8 @@ class BlockManager:
         ref = self._ref
         for block in blocks.tolist():
             ref[block] += 1
+        if self.window_pool is not None:
+            self.window_pool.fork(parent_row, row, count)
         length = self._lens[parent_row]
         self._lens[row], self._caps[row] = length, self._caps[parent_row]
         self._hashed[row] = self._hashed[parent_row]
@@ -293,6 +364,10 @@ class BlockManager:
         needed = new + copy
         if needed > len(self._free) + len(self._evictable):
             raise OutOfBlocks(needed, self.num_free_blocks, self.num_blocks)
+        pool = self.window_pool
+        window_copy = pool is not None and source >= 0 and pool.needs_copy(row, count - 1)
+        if pool is not None and new + window_copy > pool.num_free_blocks:
+            raise OutOfBlocks(new + window_copy, pool.num_free_blocks, pool.num_blocks)
         copies = []
         if cow:
             self._cow.discard(row)
@@ -301,10 +376,28 @@ class BlockManager:
                 self._ref[source] -= 1
                 self._tables[row, count - 1] = target
                 copies.append((source, target))
+            if pool is not None and window_copy:
+                pair = pool.copy_on_write(row, count - 1)
+                if pair is not None:
+                    self._window_copies.append(pair)
         if new:
             self._tables[row, count : count + new] = self._take(new)
             self._caps[row] = (count + new) << self._shift
+            if pool is not None:
+                pool.allocate(row, count, new)
         return copies
+
+    def window_blocks_needed_row(self, row: int, num_tokens: int) -> int:
+        """New window-pool blocks ``ensure_row(row, num_tokens)`` would allocate."""
+        pool = self.window_pool
+        if pool is None:
+            return 0
+        length = int(self._lens[row])
+        count = int(self._caps[row]) >> self._shift
+        new = max(((length + num_tokens + self._mask) >> self._shift) - count, 0)
+        if num_tokens > 0 and row in self._cow and length & self._mask:
+            new += pool.needs_copy(row, count - 1)
+        return new
 
     def blocks_needed_row(self, row: int, num_tokens: int) -> int:
         """:meth:`blocks_needed` by row."""
@@ -345,7 +438,11 @@ class BlockManager:
             link, parent_hash = _NO_PARENT, ROOT_HASH
         data = _as_bytes(token_ids, first << self._shift, full << self._shift)
         stride = self._stride
-        for offset, block in zip(range(0, len(data), stride), blocks, strict=True):
+        pool = self.window_pool
+        for index, offset, block in zip(range(first, full), range(0, len(data), stride), blocks,
+                                        strict=True):
+            if pool is not None and keys[block] is None:
+                pool.register(row, index, block, gen[block])
             if keys[block] is None:
                 key = data[offset : offset + stride]
                 block_hash = hash((parent_hash, key))
@@ -377,6 +474,7 @@ class BlockManager:
             self._key, self._hash, self._gen, self._hashed, self._link
         )
         cache = self._cache
+        pool = self.window_pool
         for offset, row, index, block, parent in zip(
             range(0, len(data), stride), rows.tolist(), last.tolist(), blocks, parents,
             strict=True,
@@ -387,6 +485,8 @@ class BlockManager:
             hashed[row] = index + 1
             if keys[block] is not None:
                 continue  # shared with a fork that registered it already
+            if pool is not None:
+                pool.register(row, index, block, gen[block])
             key = data[offset : offset + stride]
             if index:
                 block_hash = hash((hashes[parent], key))
@@ -411,13 +511,19 @@ class BlockManager:
         return list(self._cow)
 
     def grow_rows(self, rows: np.ndarray) -> None:
-        """Give each of ``rows`` (all full to the last slot, no copy pending) one new block."""
+        """Give each of ``rows`` (all full to the last slot, no copy pending) one new block
+        (in both pools)."""
         if len(rows) > len(self._free) + len(self._evictable):
             raise OutOfBlocks(len(rows), self.num_free_blocks, self.num_blocks)
+        pool = self.window_pool
+        if pool is not None and len(rows) > pool.num_free_blocks:
+            raise OutOfBlocks(len(rows), pool.num_free_blocks, pool.num_blocks)
         caps = self._caps[rows]
         if (caps != self._lens[rows]).any() or (caps >= self.max_seq_len).any():
             raise SlotsNotReserved([self._row_ids[r] for r in rows.tolist()])
         self._tables[rows, caps >> self._shift] = self._take(len(rows))
+        if pool is not None:
+            pool.grow(rows, caps >> self._shift)
         self._caps[rows] = caps + self.block_size
 
     def append_rows(
@@ -454,6 +560,43 @@ class BlockManager:
         """Block tables of ``rows`` as an int32 ``[len(rows), width]`` array (padded)."""
         return self._tables[rows, :width]
 
+    # ------------------------------------------------------------------ the window pool
+
+    def window_block_tables(self, rows: np.ndarray, width: int) -> np.ndarray | None:
+        """The window pool's tables of ``rows`` (entries before each window: PAD_BLOCK), or
+        None without a window pool."""
+        pool = self.window_pool
+        return None if pool is None else pool.tables[rows, :width]
+
+    def window_slots(self, token_rows: np.ndarray, positions: np.ndarray) -> np.ndarray | None:
+        """Window-pool slots of tokens at ``positions`` of ``token_rows``, or None."""
+        pool = self.window_pool
+        if pool is None:
+            return None
+        slots = pool.tables[token_rows, positions >> self._shift]
+        slots <<= self._shift
+        slots += positions & self._mask
+        return slots
+
+    def slide_windows(self, rows: np.ndarray) -> int:
+        """Release the window blocks ``rows`` can no longer read; returns how many."""
+        pool = self.window_pool
+        return 0 if pool is None else pool.slide(rows, self._lens[rows])
+
+    def take_window_copies(self) -> list[tuple[int, int]]:
+        """Window-pool copy-on-write pairs collected since the last call."""
+        copies, self._window_copies = self._window_copies, []
+        return copies
+
+    def window_block_table(self, seq_id: int) -> tuple[int, np.ndarray]:
+        """(first entry held, the window blocks held from there) of a sequence."""
+        pool = self.window_pool
+        if pool is None:
+            raise ValueError("no window pool")
+        row = self.row(seq_id)
+        first = int(pool.first[row])
+        return first, pool.tables[row, first:int(self._caps[row]) >> self._shift].copy()
+
     # ------------------------------------------------------------------ blocks
 
     def _take(self, count: int) -> list[int]:
@@ -472,9 +615,12 @@ class BlockManager:
             popitem, cache, keys, hashes, gen = (
                 self._evictable.popitem, self._cache, self._key, self._hash, self._gen
             )
+            pool = self.window_pool
             for _ in range(count - len(blocks)):
                 block, _ = popitem(last=False)
                 del cache[hashes[block]]  # evictable blocks are exactly the mapped ones
+                if pool is not None:
+                    pool.forget(block, gen[block])
                 keys[block] = None
                 gen[block] += 1
                 blocks.append(block)
@@ -501,6 +647,8 @@ class BlockManager:
         block_hash = self._hash[block]
         if self._cache.get(block_hash) == block:
             del self._cache[block_hash]
+        if self.window_pool is not None:
+            self.window_pool.forget(block, self._gen[block])
         self._key[block] = None
         self._gen[block] += 1
 

@@ -89,7 +89,12 @@ class Scheduler:
             max_seqs=rows,
             max_seq_len=config.max_model_len,
             enable_prefix_caching=config.enable_prefix_caching,
+            window=config.window,
+            window_blocks=config.window_blocks,
         )
+        # The longest chunk a sequence computes in one step (the window pool's limit).
+        self._max_chunk = min(self.block_manager.max_chunk or config.max_tokens_per_step,
+                              config.max_tokens_per_step)
         self._shift = config.block_size.bit_length() - 1
         self._mask = config.block_size - 1
         self._waiting: list[tuple[int, int, Sequence]] = []  # heap
@@ -283,11 +288,13 @@ class Scheduler:
         copies: list[tuple[int, int]] = []
         preempted: list[int] = []
 
+        if bm.window_pool is not None:  # the last step is done: nothing reads these any more
+            bm.slide_windows(np.flatnonzero(self._row_id >= 0))
         decode_rows = np.flatnonzero(self._decoding)
         if len(decode_rows):
             boundary = decode_rows[(bm.seq_lens(decode_rows) & self._mask) == 0]
             pending_copies = bm.copy_pending_rows()
-            if not pending_copies and len(boundary) <= bm.num_free_blocks:
+            if not pending_copies and bm.can_grow(len(boundary)):
                 if len(boundary):
                     bm.grow_rows(boundary)  # the common case: one new block each, in bulk
             else:
@@ -304,7 +311,7 @@ class Scheduler:
                 break
             if seq.state is not _PREFILLING:
                 continue  # preempted while scheduling this step
-            chunk = min(len(seq.tokens) - seq.num_computed, budget)
+            chunk = min(len(seq.tokens) - seq.num_computed, budget, self._max_chunk)
             if self._reserve(seq, chunk, copies, preempted):
                 chunks.append((seq, chunk))
                 budget -= chunk
@@ -319,6 +326,7 @@ class Scheduler:
         finished = tuple(self._freed)
         self._freed.clear()
         if not len(decode_rows) and not chunks:
+            bm.take_window_copies()  # only for sequences preempted meanwhile: nothing to copy
             return StepBatch.empty(self._step, tuple(preempted), finished)
         batch = self._build(decode_rows, chunks, copies, tuple(preempted), finished)
         self._pending = batch
@@ -334,25 +342,30 @@ class Scheduler:
             if seq.state is not _WAITING:
                 heapq.heappop(waiting)  # aborted while waiting
                 continue
-            if seq.retry_free >= bm.num_free_blocks:
+            free = bm.free_counts()
+            if seq.retry_free is not None and free[0] <= seq.retry_free[0] and \
+                    free[1] <= seq.retry_free[1]:
                 break  # did not fit last time and nothing was freed since
             row = bm.add(seq.id, seq.tokens)
             cached = bm.seq_len(seq.id)
-            if bm.blocks_needed_row(row, len(seq.tokens) - cached) > bm.num_free_blocks:
+            chunk = min(len(seq.tokens) - cached, budget, self._max_chunk)
+            # The whole prompt must fit the full pool; the window pool needs the first chunk
+            # (later chunks release what their window leaves behind).
+            if bm.blocks_needed_row(row, len(seq.tokens) - cached) > bm.num_free_blocks or \
+                    bm.window_blocks_needed_row(row, chunk) > bm.num_free_window_blocks:
                 bm.free(seq.id)
-                seq.retry_free = bm.num_free_blocks
+                seq.retry_free = bm.free_counts()
                 break  # strict order: nothing overtakes the head, so it cannot starve
             heapq.heappop(waiting)
             self._num_waiting -= 1
             self._waiting_tokens -= len(seq.tokens)
             self._hit_tokens += cached
             self._query_tokens += len(seq.tokens)
-            seq.retry_free = -1
+            seq.retry_free = None
             seq.state = _PREFILLING
             seq.num_computed = cached
             self._occupy(seq, row)
             self._prefilling.append(seq)
-            chunk = min(len(seq.tokens) - cached, budget)
             copies.extend(bm.ensure_row(row, chunk))
             chunks.append((seq, chunk))
             budget -= chunk
@@ -366,7 +379,7 @@ class Scheduler:
         Returns False when ``seq`` itself was the one preempted.
         """
         bm = self.block_manager
-        while bm.blocks_needed_row(seq.row, num_tokens) > bm.num_free_blocks:
+        while not bm.fits_row(seq.row, num_tokens):
             victim = max(self._running.values(), key=_victim_order)
             self._preempt(victim)
             preempted.append(victim.id)
@@ -392,6 +405,7 @@ class Scheduler:
             rows = np.concatenate((decode_rows, prefill_rows))
             query_lens = np.concatenate((np.ones(num_decode, np.int32), prefill_lens))
             positions, slots = bm.append_rows(rows, query_lens)
+            token_rows = np.repeat(rows, query_lens)
             parts = [token_ids]
             sampled: list[int] = []
             for index, (seq, n) in enumerate(chunks, num_decode):
@@ -417,6 +431,7 @@ class Scheduler:
         else:  # decode only: every row was just given room (grow_rows / _reserve)
             rows = decode_rows
             positions, slots = bm.append_rows(rows, check=False)
+            token_rows = rows
             query_lens = self._ones[:num_decode]
             query_start = self._counting[: num_decode + 1]
             sample_rows = decode_rows
@@ -426,6 +441,7 @@ class Scheduler:
         width = (int(context_lens.max()) + self._mask) >> self._shift
         row_ids = self._row_id
         seq_ids = row_ids[rows]
+        window_copies = bm.take_window_copies()
         return StepBatch(
             step=self._step,
             seq_ids=seq_ids,
@@ -445,6 +461,10 @@ class Scheduler:
             sample_rows=sample_rows,
             commit_rows=commit_rows,
             commit_ids=row_ids[commit_rows],
+            window_block_tables=bm.window_block_tables(rows, width),
+            window_slot_mapping=bm.window_slots(token_rows, positions),
+            window_copies=(np.array(window_copies, dtype=np.int32) if window_copies
+                           else _NO_COPIES),
         )
 
     def complete_step(

@@ -31,6 +31,10 @@ class SchedulerConfig:
     aging_steps: int = 256
     enable_prefix_caching: bool = True
     vocab_size: int | None = None
+    # A model with sliding-window layers: their window in tokens and the blocks of the second
+    # pool that holds them (see velod.engine.core.window_pool).
+    window: int | None = None
+    window_blocks: int = 0
 
     def __post_init__(self) -> None:
         for name in ("num_blocks", "block_size", "max_batch_size", "max_tokens_per_step",
@@ -40,6 +44,9 @@ class SchedulerConfig:
         _check_int("aging_steps", self.aging_steps, minimum=0)
         if self.vocab_size is not None:
             _check_int("vocab_size", self.vocab_size, minimum=1)
+        if self.window is not None:
+            _check_int("window", self.window, minimum=1)
+            _check_int("window_blocks", self.window_blocks, minimum=1)
         if self.block_size & (self.block_size - 1):
             raise EngineConfigError("block_size", self.block_size, "must be a power of two")
         if self.max_tokens_per_step < self.max_batch_size:

@@ -34,7 +34,8 @@ class Sequence:
     row: int = -1  # block-table row while admitted
     admitted: int = -1  # admission order (victims: most recently admitted first)
     num_computed: int = 0  # while PREFILLING: tokens whose KV is scheduled into the cache
-    retry_free: int = -1  # free blocks when admission last failed (skip until more)
+    retry_free: tuple[int, int] | None = None  # free blocks (both pools) when admission
+    # last failed: skip until either pool has more
     num_preemptions: int = 0
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 _EMPTY_I32 = np.zeros(0, dtype=np.int32)
 _EMPTY_I64 = np.zeros(0, dtype=np.int64)
+_NO_COPIES = np.zeros((0, 2), dtype=np.int32)
+_NO_COPIES.flags.writeable = False
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -24,6 +26,11 @@ class StepBatch:
     beyond each sequence's blocks. Sample one token from the output at each
     ``sample_indices`` (a flat token index) and pass them, in that order, to
     ``Scheduler.complete_step``.
+
+    A model with sliding-window layers keeps their K/V in a second pool: those layers write
+    at ``window_slot_mapping``, read through ``window_block_tables`` (entries before each
+    sequence's window are released and hold block 0: never read) and copy
+    ``window_copies`` first. All three are None / empty without a window pool.
     """
 
     step: int
@@ -44,6 +51,9 @@ class StepBatch:
     sample_rows: np.ndarray  # scheduler bookkeeping: block-table rows of sample_seq_ids
     commit_rows: np.ndarray  # scheduler bookkeeping: rows whose blocks fill up this step
     commit_ids: np.ndarray  # scheduler bookkeeping: their sequence ids
+    window_block_tables: np.ndarray | None = None  # int32 [num_seqs, max_blocks]
+    window_slot_mapping: np.ndarray | None = None  # int32 [num_tokens]
+    window_copies: np.ndarray = field(default_factory=lambda: _NO_COPIES)  # int32 [n, 2]
 
     @property
     def num_seqs(self) -> int:
