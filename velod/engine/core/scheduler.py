@@ -468,10 +468,13 @@ class Scheduler:
         )
 
     def complete_step(
-        self, batch: StepBatch, new_token_ids: np.ndarray | SequenceLike[int] | Mapping[int, int]
+        self, batch: StepBatch, new_token_ids: np.ndarray | SequenceLike[int] | Mapping[int, int],
+        *, stop: np.ndarray | None = None,
     ) -> list[FinishedRequest]:
         """Feed back one sampled token per ``batch.sample_seq_ids`` (in that order, or as a
-        mapping id -> token); returns the requests that finished with it."""
+        mapping id -> token); returns the requests that finished with it. ``stop`` (bool, in
+        the same order) finishes those requests now, reason "stop": their token ended them
+        (an end-of-generation or stop token the caller recognised)."""
         if batch is not self._pending:
             raise StepOrderError("complete_step() needs the batch returned by the last step()")
         tokens = self._coerce_tokens(batch.sample_seq_ids, new_token_ids)
@@ -485,8 +488,11 @@ class Scheduler:
             bm.cache_last_blocks_rows(commit[live_commit], self._tokens)
         rows = batch.sample_rows
         live = self._row_id[rows] == batch.sample_seq_ids
+        if stop is not None and stop.shape != tokens.shape:
+            raise InvalidRequest("stop", f"need {len(tokens)} flags (one per sample_seq_ids)")
         if not live.all():  # aborted since step()
             rows, tokens = rows[live], tokens[live]
+            stop = None if stop is None else stop[live]
         self._last_token[rows] = tokens
         counts = self._num_tokens[rows]
         self._tokens[rows, counts] = tokens
@@ -494,17 +500,19 @@ class Scheduler:
         remaining = self._remaining[rows] - 1
         self._remaining[rows] = remaining
         done = remaining <= 0
+        stopped = np.zeros(len(rows), bool) if stop is None else stop.astype(bool, copy=True)
         if self._num_eos:
-            done |= tokens == self._eos[rows]
+            stopped |= tokens == self._eos[rows]
+        done |= stopped
         self._generated += len(rows)
         if not done.any():
             return []
         results = []
-        for row in rows[done].tolist():
+        for row, by_token in zip(rows[done].tolist(), stopped[done].tolist(), strict=True):
             seq = row_seq[row]
             if seq is None:  # cannot happen: rows were checked live above
                 continue
-            reason = "length" if self._remaining[row] <= 0 else "stop"
+            reason = "stop" if by_token else "length"
             results.append(self._retire(seq, SequenceState.FINISHED, reason))
             self._freed.append(seq.id)
             self._finished += 1

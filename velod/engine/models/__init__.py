@@ -66,16 +66,19 @@ def quantization_label(metadata: dict[str, Any]) -> str | None:
         return f"file type {file_type}"
 
 
-def load_model(source: str | Path, *, dtype: Any = "float32",
-               available: int | None = None) -> TransformerModel:
-    """The model named by ``source`` with its weights in memory.
+def load_model(source: str | Path, *, dtype: Any = "float32", available: int | None = None,
+               reserve: int = 0) -> TransformerModel:
+    """The model named by ``source`` with its weights in memory; ``dtype`` is its KV cache's
+    element type.
 
     Raises ModelFileError (not found, not a GGUF, truncated, unsupported architecture or
-    quantization) or NotEnoughMemory (with the figures), never a half-loaded model.
+    quantization) or NotEnoughMemory (with the figures; ``reserve`` bytes are kept for the
+    KV pool), never a half-loaded model.
     """
     import numpy as np
 
     from velod.engine.models.hparams import read_hparams
+    from velod.engine.models.tokenizer import end_of_generation_ids
     from velod.engine.models.transformer import TransformerModel
     from velod.engine.models.weights import load_weights
     from velod.model.gguf import open_gguf
@@ -86,11 +89,13 @@ def load_model(source: str | Path, *, dtype: Any = "float32",
     try:
         shapes = {name: info.shape for name, info in gguf.tensors.items()}
         hp = read_hparams(gguf.metadata, shapes, str(found.path))
-        weights = load_weights(gguf, hp, available=available)
+        weights = load_weights(gguf, hp, available=available, reserve=reserve)
         info = {"path": str(found.path), "quantization": quantization_label(gguf.metadata),
                 "digest": found.digest}
+        metadata = gguf.metadata
     finally:
         gguf.close()
     storage = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
     return TransformerModel(hp, weights, dtype=storage.get(str(dtype), dtype),
-                            source=str(source), info=info)
+                            source=str(source), info=info, metadata=metadata,
+                            eog_ids=end_of_generation_ids(metadata))

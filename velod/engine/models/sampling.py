@@ -193,6 +193,13 @@ class SamplerState:
             for token in prompt[-size:] if size > 0 else prompt:
                 self.accept(int(token))
 
+    @property
+    def simple_greedy(self) -> bool:
+        """True when the token is the argmax of the raw logits and nothing else is asked
+        (greedy, no penalty, no log-probabilities): a model may pick it on its own."""
+        params = self.params
+        return params.greedy and not params.penalized and not params.logprobs
+
     def accept(self, token: int) -> None:
         """Record a chosen token in the penalty window."""
         if not self.params.penalized:
@@ -204,6 +211,10 @@ class SamplerState:
                 del self.counts[old]
         self.window.append(token)
         self.counts[token] += 1
+
+
+GREEDY = SamplerState(SamplingParams(temperature=0.0))
+"""The sampler of a request that names none: greedy, no penalties (it keeps no state)."""
 
 
 @dataclass

@@ -200,6 +200,17 @@ def _end_of_generation(metadata: Mapping[str, Any], vocab: Mapping[str, int],
     return frozenset(eog)
 
 
+def end_of_generation_ids(metadata: Mapping[str, Any]) -> frozenset[int]:
+    """The tokens that end generation in a GGUF's vocabulary, as llama.cpp finds them,
+    without building the tokenizer; empty for a file without a vocabulary."""
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    if not tokens:
+        return frozenset()
+    vocab = {str(text): i for i, text in enumerate(tokens)}
+    types = _per_token(metadata, "tokenizer.ggml.token_type", len(tokens), int, NORMAL)
+    return _end_of_generation(metadata, vocab, types)
+
+
 def _optional_id(metadata: Mapping[str, Any], key: str, n_tokens: int) -> int | None:
     value = metadata.get(key)
     if value is None:

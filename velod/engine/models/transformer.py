@@ -26,8 +26,13 @@ class TransformerModel:
     """A loaded model: hyperparameters, float32 weights and the current step's activations."""
 
     def __init__(self, hp: HParams, weights: Weights, *, dtype: Any = np.float32,
-                 source: str = "", info: dict[str, Any] | None = None) -> None:
+                 source: str = "", info: dict[str, Any] | None = None,
+                 metadata: dict[str, Any] | None = None,
+                 eog_ids: frozenset[int] = frozenset()) -> None:
         self.hp = hp
+        self.geometry = hp.geometry
+        self.metadata = metadata or {}  # the GGUF's (tokenizer, chat template for callers)
+        self.eog_ids = eog_ids
         self.weights = weights
         self.dtype = np.dtype(dtype)   # the KV cache's element type (uint16 = bfloat16)
         self.name = hp.name

@@ -39,13 +39,16 @@ TRANSPOSE_BAND_ELEMENTS = 1 << 20  # elements decoded per band of a transposed t
 class NotEnoughMemory(EngineError):
     """Loading would not fit in the available memory; the message gives the figures."""
 
-    def __init__(self, needed: int, available: int, what: str) -> None:
+    def __init__(self, needed: int, available: int, what: str, reserve: int = 0) -> None:
+        pool = f", {format_size(reserve)} for the KV pool (engine.kv_cache)" if reserve else ""
         super().__init__(
-            f"{what} needs {format_size(needed)} as float32 weights plus "
+            f"{what} needs {format_size(needed)} as float32 weights{pool} plus "
             f"{format_size(MIN_HEADROOM)} of headroom, but only {format_size(available)} of "
-            "memory is available; free memory or use a smaller model")
+            "memory is available; free memory or use a smaller model"
+            + (" or KV pool" if reserve else ""))
         self.needed = needed
         self.available = available
+        self.reserve = reserve
 
 
 @dataclass(frozen=True)
@@ -194,18 +197,20 @@ def available_memory() -> int | None:
         return None
 
 
-def load_weights(gguf: GGUFFile, hp: HParams, *, available: int | None = None) -> Weights:
+def load_weights(gguf: GGUFFile, hp: HParams, *, available: int | None = None,
+                 reserve: int = 0) -> Weights:
     """Dequantizes the model's tensors into float32 arrays (blocking: call from a thread).
 
-    Refuses with NotEnoughMemory before allocating anything when the estimate does not fit
-    ``available`` (default: what psutil reports).
+    Refuses with NotEnoughMemory before allocating anything when the estimate plus
+    ``reserve`` (the KV pool to come) does not fit ``available`` (default: what psutil
+    reports).
     """
     slots = plan(hp, frozenset(gguf.tensors))
     check_plan(gguf, slots)
     needed = estimate_bytes(slots)
     available = available_memory() if available is None else available
-    if available is not None and needed + MIN_HEADROOM > available:
-        raise NotEnoughMemory(needed, available, f"{hp.name} ({gguf.path.name})")
+    if available is not None and needed + reserve + MIN_HEADROOM > available:
+        raise NotEnoughMemory(needed, available, f"{hp.name} ({gguf.path.name})", reserve)
     start = time.perf_counter()
     arrays: dict[str, np.ndarray] = {}
     for slot in slots:

@@ -9,9 +9,17 @@ in a worker thread while the scheduler stays on its own thread::
 
 ``execute`` touches only the KV pool and the model; ``submit``/``abort`` may run between
 ``schedule`` and ``complete`` (the scheduler ignores tokens of a request aborted meanwhile).
-Prefill tokens go through the same decode kernel as decode tokens: each becomes one query row
-whose context is its own position plus one, over the sequence's block table, so causal
-attention over a chunk needs no second kernel.
+
+A language model (``velod.engine.models.protocol.LanguageModel``: GGUF weights) runs each
+layer's attention as the layer asks (its window and scale): the step's decode rows through the
+decode kernel, its prompt chunks through the prefill kernel, each chunk attending at once
+with a causal mask. Its sliding-window layers keep their K/V in the window pool (see
+``velod.engine.core.window_pool``). The sampled rows' logits go through each request's
+sampler (``velod.engine.models.sampling``); a token that ends its request (an
+end-of-generation token, a stop token) finishes it in the scheduler.
+
+The synthetic model (no weights, a workload for the attention path) sends every prompt token
+through the decode kernel as one query row whose context is its own position plus one.
 """
 
 from __future__ import annotations
@@ -24,10 +32,18 @@ from typing import Any
 
 import numpy as np
 
-from velod.engine.core.errors import EngineError
+from velod.engine.core.errors import EngineError, InvalidRequest
 from velod.engine.core.scheduler import Scheduler
 from velod.engine.core.sequence import FinishedRequest
 from velod.engine.core.step import StepBatch
+from velod.engine.models.protocol import LanguageModel, LayerAttention, layer_attention
+from velod.engine.models.sampling import (
+    GREEDY,
+    SampleResult,
+    SamplerState,
+    SamplingParams,
+    sample,
+)
 from velod.engine.runtime.metrics import KERNEL_PHASES, PHASES, StepRecord, StepWindow
 from velod.engine.runtime.pool import KVPool, PoolError, plan_pool
 from velod.engine.runtime.synthetic import Model, SyntheticModel, dense_attention
@@ -61,19 +77,34 @@ class RequestTrack:
 
 @dataclass
 class StepResult:
-    """What ``execute`` returns: the sampled tokens and the time of each phase."""
+    """What ``execute`` returns: the sampled tokens (with their log-probabilities where a
+    request asked) and the time of each phase."""
 
     tokens: np.ndarray
     phases: dict[str, float] = field(default_factory=dict)
     kernel_s: float | None = None
+    sampled: SampleResult | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Sampled:
+    """One request's token of this step: its log-probability (None unless the request's
+    ``SamplingParams.logprobs``) and, with ``top_logprobs``, the best alternatives."""
+
+    id: int
+    token: int
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
 class StepOutcome:
-    """What ``complete`` returns: finished requests (with their timing) and the step record."""
+    """What ``complete`` returns: each live request's new token, the finished requests (with
+    their timing) and the step record."""
 
     finished: list[tuple[FinishedRequest, RequestTrack | None]]
     record: StepRecord | None
+    sampled: list[Sampled] = field(default_factory=list)
 
 
 class Engine:
@@ -82,13 +113,22 @@ class Engine:
     def __init__(self, settings: EngineSettings, backend: AttentionBackend, pool: KVPool,
                  model: Model, *, profile: bool = False) -> None:
         self.settings = settings
-        self.geometry = settings.geometry
+        self.geometry = settings.shape
         self.backend = backend
         self.pool = pool
         self.model = model
         self.profile = profile
-        self.scheduler = Scheduler(settings.scheduler_config(pool.num_blocks, model.vocab_size))
-        self.scale = 1.0 / math.sqrt(settings.geometry.head_dim)
+        self.scheduler = Scheduler(settings.scheduler_config(
+            pool.num_blocks, model.vocab_size, window_blocks=pool.plan.window_blocks))
+        self.scale = 1.0 / math.sqrt(self.geometry.head_dim)
+        self.language = isinstance(model, LanguageModel)
+        self.attention: list[LayerAttention] = [
+            layer_attention(model, layer, self.scale) for layer in range(self.geometry.layers)]
+        if not self.language and any(a.window for a in self.attention):
+            raise EngineError("a sliding-window layer needs a language model (the engine runs "
+                              "windowed layers through the LanguageModel protocol)")
+        self.eog_ids: frozenset[int] = frozenset(getattr(model, "eog_ids", ()) or ())
+        self.samplers: dict[int, SamplerState] = {}  # request id -> its sampler (if not greedy)
         self.window = StepWindow()
         self.tracks: dict[int, RequestTrack] = {}
         self.watch: dict[int, set[int]] = {}  # request id -> positions whose output to keep
@@ -102,9 +142,25 @@ class Engine:
     # ------------------------------------------------------------------ requests
 
     def submit(self, prompt: Sequence[int] | np.ndarray, max_new_tokens: int, *,
-               priority: int = 0, tag: str | None = None, keep_gaps: bool = False) -> int:
-        """Queue a request; returns its id (InvalidRequest / QueueFull from the scheduler)."""
+               sampling: SamplingParams | None = None, priority: int = 0,
+               tag: str | None = None, keep_gaps: bool = False) -> int:
+        """Queue a request of prompt token ids; returns its id.
+
+        ``max_new_tokens`` bounds what it generates (``sampling.max_tokens`` is the caller's
+        to translate into it); ``sampling`` picks each token (None: greedy). It finishes
+        early, reason "stop", on a token that ends it (``SamplingParams.ends_generation``: the
+        model's end-of-generation tokens unless ``ignore_eos``, its stop token ids).
+        InvalidRequest / QueueFull from the scheduler, or a sampling option that does not
+        fit the model.
+        """
+        if sampling is not None:
+            if not self.language:
+                raise InvalidRequest("sampling", "the synthetic model has no logits to sample "
+                                     "from; load a language model")
+            sampling.check_vocabulary(self.model.vocab_size)
         seq_id = self.scheduler.submit(prompt, max_new_tokens, priority=priority)
+        if sampling is not None:
+            self.samplers[seq_id] = SamplerState(sampling, prompt)
         self.tracks[seq_id] = RequestTrack(seq_id, time.monotonic(), len(prompt),
                                            max_new_tokens, tag, gaps=[] if keep_gaps else None)
         self.last_active = time.monotonic()
@@ -114,6 +170,7 @@ class Engine:
         """Drop a live request; False when it is not live."""
         self.tracks.pop(seq_id, None)
         self.watch.pop(seq_id, None)
+        self.samplers.pop(seq_id, None)
         return self.scheduler.abort(seq_id)
 
     @property
@@ -147,13 +204,17 @@ class Engine:
             phases[name] += now - tick
             tick = now
 
-        if len(batch.copies):
+        if len(batch.copies) or len(batch.window_copies):
             mark = clock.start() if clock else None
-            for layer in range(self.geometry.layers):
-                backend.copy_blocks(pool.keys[layer], pool.values[layer], batch.copies)
+            for layer, windowed in enumerate(pool.windowed):
+                pairs = batch.window_copies if windowed else batch.copies
+                if len(pairs):
+                    backend.copy_blocks(pool.keys[layer], pool.values[layer], pairs)
             if clock:
                 clock.stop(mark)
             lap("copy")
+        if self.language:
+            return self._execute_language(batch, phases, lap)
         # Every token is one query row over its own sequence's blocks, context = position + 1.
         rows = np.repeat(np.arange(batch.num_seqs), batch.query_lens)
         tables = np.ascontiguousarray(batch.block_tables[rows])
@@ -202,6 +263,94 @@ class Engine:
         kernel_s = clock.total() if clock else None
         return StepResult(tokens, phases, kernel_s)
 
+    def _execute_language(self, batch: StepBatch, phases: dict[str, float],
+                          lap: Any) -> StepResult:
+        """A language model's step: decode rows through the decode kernel, prompt chunks
+        through the prefill kernel, each layer in its own pool with its own window."""
+        backend, pool, model, clock = self.backend, self.pool, self.model, self._clock
+        nd, seqs = batch.num_decode, batch.num_seqs
+        size = self.settings.block_size
+        check_slots(batch.slot_mapping, pool.num_blocks * size)
+        # One upload of each index array per step, before the first launch (see _execute).
+        staged = {"slots": backend.stage("engine.slots", batch.slot_mapping),
+                  "tables": backend.stage("engine.tables", batch.block_tables),
+                  "lens": backend.stage("engine.lens", batch.context_lens)}
+        if batch.window_slot_mapping is not None and batch.window_block_tables is not None:
+            check_slots(batch.window_slot_mapping, pool.plan.window_blocks * size)
+            staged["window_slots"] = backend.stage("engine.window_slots",
+                                                   batch.window_slot_mapping)
+            staged["window_tables"] = backend.stage("engine.window_tables",
+                                                    batch.window_block_tables)
+        starts = batch.query_start_loc[nd:]
+        if seqs > nd:
+            staged["starts"] = backend.stage("engine.starts", starts - starts[0])
+        max_context = int(batch.context_lens[:nd].max()) if nd else 0
+        max_query = int(batch.query_lens[nd:].max()) if seqs > nd else 0
+        out = None
+        if nd and seqs > nd:  # both kinds of rows: each kernel writes its part of one output
+            out = self._device_out(batch.num_tokens)
+            if out is None:
+                g = self.geometry
+                out = backend.empty((batch.num_tokens, g.heads, g.head_dim), pool.dtype)
+        lens = staged["lens"]
+        model.begin_step(batch.token_ids, batch.positions, batch.sample_indices)
+        lap("prepare")
+        for layer in range(self.geometry.layers):
+            mark = clock.start() if clock else None
+            q, k, v = model.layer_qkv(layer)
+            if clock:
+                clock.stop(mark)
+            lap("model")
+            keys, values = pool.keys[layer], pool.values[layer]
+            windowed = pool.windowed[layer]
+            mark = clock.start() if clock else None
+            backend.write_cache(k, v, keys, values,
+                                staged["window_slots" if windowed else "slots"])
+            if clock:
+                clock.stop(mark)
+            lap("write")
+            mark = clock.start() if clock else None
+            tables = staged["window_tables" if windowed else "tables"]
+            spec = self.attention[layer]
+            if out is None and not nd:
+                result = backend.paged_prefill_attention(
+                    q, keys, values, tables, staged["starts"], lens, spec.scale,
+                    window=spec.window, max_query_len=max_query)
+            elif out is None:
+                result = backend.paged_attention(q, keys, values, tables, lens, spec.scale,
+                                                 window=spec.window, max_context=max_context)
+            else:
+                backend.paged_attention(q[:nd], keys, values, tables[:nd], lens[:nd],
+                                        spec.scale, window=spec.window,
+                                        max_context=max_context, out=out[:nd])
+                backend.paged_prefill_attention(
+                    q[nd:], keys, values, tables[nd:], staged["starts"], lens[nd:],
+                    spec.scale, window=spec.window, max_query_len=max_query, out=out[nd:])
+                result = out
+            if clock:
+                clock.stop(mark)
+            lap("attention")
+            model.layer_output(layer, result)
+        lap("model")
+        sampled = self._sample(batch)
+        backend.synchronize()
+        lap("sample")
+        kernel_s = clock.total() if clock else None
+        return StepResult(sampled.tokens, phases, kernel_s, sampled)
+
+    def _sample(self, batch: StepBatch) -> SampleResult:
+        """The next token of every sampled row: argmax on the model's side when every row is
+        plain greedy, else each row through its request's sampler."""
+        model, samplers = self.model, self.samplers
+        states = [samplers.get(seq_id) for seq_id in batch.sample_seq_ids.tolist()]
+        indices = batch.sample_indices
+        if all(state is None or state.simple_greedy for state in states):
+            tokens = np.asarray(model.sample(indices), np.int32)
+            return SampleResult(tokens, np.full(len(tokens), np.nan, np.float32),
+                                [None] * len(tokens), [None] * len(tokens))
+        logits = model.logits(indices)  # type: ignore[attr-defined]
+        return sample(logits, [state or GREEDY for state in states])
+
     def _attention(self, q: Any, layer: int, tables: Any, lens: Any, longest: int,
                    out: Any) -> Any:
         backend, pool = self.backend, self.pool
@@ -219,8 +368,9 @@ class Engine:
 
     def _device_out(self, rows: int) -> Any:
         """A reused output buffer on a device (no allocation per layer); None on the host,
-        where the attention call's own result is the output."""
-        if not self.backend.on_device or rows > MAX_ROWS_PER_CALL:
+        where the attention call's own result is the output, unless a language model's step
+        mixes decode and prefill rows (two calls write one output)."""
+        if (not self.backend.on_device and not self.language) or rows > MAX_ROWS_PER_CALL:
             return None
         buffer = self._out
         if buffer is None or buffer.shape[0] < rows:
@@ -234,10 +384,14 @@ class Engine:
         start = time.perf_counter()
         if batch.is_empty:
             return StepOutcome([], None)
-        done = self.scheduler.complete_step(batch, result.tokens)
+        ids = batch.sample_seq_ids.tolist()
+        tokens = result.tokens.tolist()
+        stops = self._stops(ids, tokens) if self.language else None
+        done = self.scheduler.complete_step(batch, result.tokens, stop=stops)
         now = time.monotonic()
         tracks = self.tracks
-        for seq_id in batch.sample_seq_ids.tolist():
+        sampled = self._sampled(ids, tokens, result.sampled) if self.language else []
+        for seq_id in ids:
             track = tracks.get(seq_id)
             if track is None:
                 continue
@@ -250,6 +404,7 @@ class Engine:
         finished = [(request, tracks.pop(request.id, None)) for request in done]
         for request in done:
             self.watch.pop(request.id, None)
+            self.samplers.pop(request.id, None)
         phases = result.phases
         phases["schedule"] = self._schedule_s
         phases["complete"] = time.perf_counter() - start
@@ -265,7 +420,34 @@ class Engine:
             preempted=len(batch.preempted))
         self.window.add(record)
         self.last_active = now
-        return StepOutcome(finished, record)
+        return StepOutcome(finished, record, sampled)
+
+    def _stops(self, ids: list[int], tokens: list[int]) -> np.ndarray | None:
+        """Which sampled rows end their request: an end-of-generation token (unless the
+        request ignores them) or one of its stop tokens."""
+        eog, samplers = self.eog_ids, self.samplers
+        stop = np.array([GREEDY.params.ends_generation(token, eog) if state is None
+                         else state.params.ends_generation(token, eog)
+                         for token, state in zip(tokens, map(samplers.get, ids), strict=True)],
+                        dtype=bool)
+        return stop if stop.any() else None
+
+    def _sampled(self, ids: list[int], tokens: list[int],
+                 result: SampleResult | None) -> list[Sampled]:
+        """The step's tokens of live requests, with what their requests asked to know."""
+        tracks = self.tracks
+        out = []
+        for i, (seq_id, token) in enumerate(zip(ids, tokens, strict=True)):
+            if seq_id not in tracks:
+                continue  # aborted meanwhile
+            logprob, top = None, ()
+            if result is not None and not math.isnan(result.logprobs[i]):
+                logprob = float(result.logprobs[i])
+                top_ids, top_values = result.top_ids[i], result.top_logprobs[i]
+                if top_ids is not None and top_values is not None:
+                    top = tuple(zip(top_ids.tolist(), top_values.tolist(), strict=True))
+            out.append(Sampled(seq_id, token, logprob, top))
+        return out
 
     def step(self) -> StepOutcome:
         """schedule + execute + complete in the calling thread."""
@@ -341,18 +523,32 @@ class Engine:
         stats = self.scheduler.stats()
         hit = stats.prefix_hit_tokens
         query = stats.prefix_query_tokens
+        pool: dict[str, Any] = {
+            "allocated": True, "bytes": self.pool.nbytes,
+            "block_bytes": self.pool.plan.block_bytes, "block_size": self.settings.block_size,
+            "blocks": stats.blocks_total, "blocks_free": stats.blocks_free,
+            "blocks_used": stats.blocks_used, "blocks_cached": stats.blocks_cached,
+            "utilization": stats.utilization,
+            "tokens": stats.blocks_total * self.settings.block_size}
+        window = self.scheduler.block_manager.window_pool
+        if window is not None:
+            plan = self.pool.plan
+            pool["window"] = {
+                "tokens": window.window, "layers": sum(self.pool.windowed),
+                "blocks": plan.window_blocks, "block_bytes": plan.window_block_bytes,
+                "bytes": plan.window_blocks * plan.window_block_bytes,
+                "blocks_free": window.num_free_blocks, "blocks_used": window.num_used_blocks,
+                "blocks_cached": window.num_cached_blocks}
+        describe = getattr(self.model, "describe", None)
+        model = describe() if describe is not None else {"name": self.model.name}
+        model.update(kind=self.model.kind, synthetic=not self.language)
         return {
             "backend": self.backend.name,
             "device": self.backend.device_name or "cpu",
-            "model": {"name": self.model.name, "kind": self.model.kind},
+            "model": model,
             "geometry": self.settings.geometry_dict(),
             "dtype": self.settings.dtype,
-            "pool": {"allocated": True, "bytes": self.pool.nbytes,
-                     "block_bytes": self.pool.plan.block_bytes,
-                     "block_size": self.settings.block_size, "blocks": stats.blocks_total,
-                     "blocks_free": stats.blocks_free, "blocks_used": stats.blocks_used,
-                     "blocks_cached": stats.blocks_cached, "utilization": stats.utilization,
-                     "tokens": stats.blocks_total * self.settings.block_size},
+            "pool": pool,
             "running": stats.running, "waiting": stats.waiting, "steps": stats.steps,
             "submitted": stats.submitted, "finished": stats.finished, "aborted": stats.aborted,
             "rejected": stats.rejected, "generated_tokens": stats.generated_tokens,
@@ -365,7 +561,12 @@ class Engine:
 
 def build_engine(settings: EngineSettings, *, backend: AttentionBackend | None = None,
                  model: Model | None = None, profile: bool = False, seed: int = 0) -> Engine:
-    """Pick the backend, size and allocate the pool, make the model (blocking: a thread)."""
+    """Pick the backend, load the model (a language model's weights, or the synthetic one),
+    size the pool from its geometry and allocate it (blocking: call from a thread).
+
+    Settings of a language model that is not loaded yet get its geometry here. Raises
+    PoolError, or for a model ModelFileError / NotEnoughMemory with the figures.
+    """
     if backend is None:
         from velod.kernels import BackendUnavailable, get_backend
 
@@ -374,9 +575,30 @@ def build_engine(settings: EngineSettings, *, backend: AttentionBackend | None =
         except BackendUnavailable as exc:
             raise PoolError(f"engine.device is {settings.device!r} but CUDA cannot run: {exc}; "
                             "set engine.device to auto or cpu") from None
-    plan = plan_pool(settings, backend.free_memory(), "GPU" if backend.on_device else "host")
-    pool = KVPool(settings, plan, backend)
-    g = settings.geometry
+    if model is None and settings.language_model:
+        model = load_language_model(settings, backend)
+    try:
+        if model is not None and settings.geometry is None:
+            settings = settings.with_model(model.geometry,  # type: ignore[attr-defined]
+                                           getattr(model, "info", {}).get("path", ""))
+        plan = plan_pool(settings, backend.free_memory(),
+                         "GPU" if backend.on_device else "host")
+        pool = KVPool(settings, plan, backend)
+    except BaseException:
+        close = getattr(model, "close", None)
+        if close is not None:
+            close()
+        raise
+    g = settings.shape
     if model is None:
         model = SyntheticModel(g.heads, g.kv_heads, g.head_dim, pool.dtype, backend, seed)
     return Engine(settings, backend, pool, model, profile=profile)
+
+
+def load_language_model(settings: EngineSettings, backend: AttentionBackend) -> Model:
+    """The GGUF model ``settings.model`` names, for ``backend`` (blocking). A fixed
+    engine.kv_cache is kept free for the pool when checking the memory for the weights."""
+    from velod.engine.models import load_model
+
+    reserve = settings.kv_cache_bytes or 0
+    return load_model(settings.model, dtype=settings.dtype, reserve=reserve)
