@@ -256,7 +256,8 @@ class GeometryConfig:
 @dataclass(frozen=True)
 class EngineConfig:
     enabled: bool = _opt(True, "Host the engine (allocates nothing until used).")
-    model: str = _opt("llama3.2-1b", "Geometry preset, or 'custom' to use engine.geometry.")
+    model: str = _opt("llama3.2-1b", "Ollama model name (gemma3:270m) or .gguf path; or a "
+                      "synthetic geometry preset; or 'custom' (engine.geometry).")
     geometry: GeometryConfig | None = _opt(None, "Explicit geometry when model is 'custom'.")
     dtype: Literal["float16", "bfloat16", "float32"] = _opt("float16", "KV cache element type "
                                                             "(CPU math is float32).")

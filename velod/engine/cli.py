@@ -66,15 +66,18 @@ def render_status(s: dict[str, Any]) -> str:
         return "\n".join(lines)
     g = s.get("geometry") or {}
     model = s.get("model") or {}
-    lines.append(f"model: {g.get('name')} geometry ({g.get('layers')} layers, {g.get('heads')} "
-                 f"heads, {g.get('kv_heads')} KV heads, head dim {g.get('head_dim')}, context "
-                 f"{g.get('max_context')}), {s.get('dtype')} cache; {model.get('kind')}")
+    lines.extend(_model_lines(model, g, s.get("dtype")))
     pool = s.get("pool") or {}
     if pool.get("allocated"):
         lines.append(f"backend: {s.get('backend')} on {s.get('device')}")
         lines.append(f"pool: {pool['bytes'] / 2**20:.0f} MiB, {pool['blocks']} blocks of "
                      f"{pool['block_size']} tokens, {pool['blocks_free']} free, "
                      f"{pool['blocks_cached']} cached, {pool['utilization']:.0%} in use")
+        window = pool.get("window")
+        if window:
+            lines.append(f"window pool: {window['bytes'] / 2**20:.0f} MiB for the "
+                         f"{window['layers']} sliding-window layers ({window['tokens']} "
+                         f"tokens), {window['blocks']} blocks, {window['blocks_free']} free")
         prefix = s.get("prefix_cache") or {}
         step = s.get("step_s") or {}
         rows = [
@@ -92,6 +95,27 @@ def render_status(s: dict[str, Any]) -> str:
         lines.append(f"pool: not allocated (engine.kv_cache {pool.get('kv_cache')}; allocated "
                      "on the first submit or bench)")
     return "\n".join(lines)
+
+
+def _model_lines(model: dict[str, Any], g: dict[str, Any], dtype: Any) -> list[str]:
+    """What runs: a language model (architecture, quantization, weights) or the synthetic
+    workload, and the attention shape."""
+    shape = (f"{g.get('layers')} layers, {g.get('heads')} heads, {g.get('kv_heads')} KV "
+             f"heads, head dim {g.get('head_dim')}, context {g.get('max_context')}")
+    if g.get("sliding_window"):
+        shape += f", {g['windowed_layers']} layers with a {g['sliding_window']}-token window"
+    if model.get("synthetic", True):
+        return [f"model: {g.get('name')} geometry ({shape}), {dtype} cache; "
+                f"{model.get('kind')}"]
+    if model.get("loaded") is False:
+        return [f"model: {model.get('name')}, a language model (GGUF), loaded on first use; "
+                f"{dtype} KV cache"]
+    weights = model.get("weights") or {}
+    held = (f"weights {weights.get('dtype')}, {weights.get('bytes', 0) / 2**20:.0f} MiB"
+            if weights else "weights on the device")
+    return [f"model: {model.get('name')} ({model.get('architecture')}, "
+            f"{model.get('quantization') or 'unknown quantization'}) from {model.get('path')}",
+            f"  {held}; {shape}; {dtype} KV cache"]
 
 
 def _ms(seconds: float | None) -> str:

@@ -5,8 +5,17 @@ after ``engine.idle_release`` without work. While requests are live one task ste
 engine: scheduling on the event loop (a few milliseconds at most), the device work of each
 step in a worker thread, so the control socket keeps answering during long steps. With no
 work there is no task and no timer but the idle-release one: zero CPU. The verbs
-(``report``, ``submit``, ``abort``, ``bench``) are what ``velod.engine.rpc`` calls; a config
-change reaches the engine through ``reconfigure``, which derives :class:`EngineSettings` once.
+(``report``, ``submit``, ``abort``, ``bench``, ``load``, ``unload``) are what the RPC layer
+calls; a config change reaches the engine through ``reconfigure``, which derives
+:class:`EngineSettings` once.
+
+A language model (``engine.model``: an Ollama name or a .gguf path) is loaded with the pool,
+in a worker thread bounded by ``BUILD_TIMEOUT``: its memory is estimated first (weights plus
+a fixed engine.kv_cache) and refused with the figures, the pool is sized from its geometry,
+and a missing, truncated or unsupported file is an error in status and in the reply, never a
+crash. ``load(model)`` switches to another model now (kept until the config's engine.model
+changes); ``unload()`` frees weights and pool until the next request loads them again, as
+the idle release does.
 """
 
 from __future__ import annotations
@@ -53,6 +62,7 @@ class EngineService(Component):
         self._last_bench_progress = 0.0
         self.releases = 0
         self.allocations = 0
+        self._override: str | None = None  # engine.model chosen by load(), not the config
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -78,6 +88,10 @@ class EngineService(Component):
             spec = EngineSettings.from_config(new) if new.enabled else None
         except EngineConfigError as exc:
             raise ReconfigureRefused(str(exc)) from None
+        # A model chosen by load() stays until the config names another one.
+        override = self._override if new.model == self.config.engine.model else None
+        if override is not None and spec is not None:
+            spec = self._with_model(spec, override)
         if spec != self.settings and self._busy():
             engine = self.engine
             load = (f"{engine.scheduler.num_running} running, {engine.scheduler.num_waiting} "
@@ -87,6 +101,7 @@ class EngineService(Component):
                 "applied: run `velodctl reload` again once it is idle")
         if spec != self.settings:
             self._drop_engine("config changed")
+        self._override = override
         self._adopt(config)
         self.state = "running" if new.enabled else "stopped"
         self._schedule_release()
@@ -105,6 +120,23 @@ class EngineService(Component):
             self.settings_error = str(exc)
             self.error = self.settings_error
             self.state = "degraded"
+            return
+        if self._override is not None:
+            self.settings = self._with_model(self.settings, self._override)
+
+    @staticmethod
+    def _with_model(settings: EngineSettings, model: str) -> EngineSettings:
+        """``settings`` running ``model`` (checked as engine.model is) instead."""
+        import dataclasses
+
+        from velod.engine.settings import is_model_reference, preset_geometry
+
+        if is_model_reference(model):
+            return dataclasses.replace(settings, geometry=None, model=model, source="",
+                                       language_model=True)
+        geometry, source = preset_geometry(model)
+        return dataclasses.replace(settings, geometry=geometry, model=model, source=source,
+                                   language_model=False)
 
     def _busy(self) -> bool:
         if self._building is not None or self.bench is not None:
@@ -130,15 +162,22 @@ class EngineService(Component):
             try:
                 engine = await asyncio.shield(self._building)
             except Exception as exc:
-                self.error = f"cannot allocate the KV pool: {exc}"
+                what = (f"cannot load {spec.model}" if spec.language_model
+                        else "cannot allocate the KV pool")
+                self.error = f"{what}: {exc}"
                 self.log.error("%s", self.error)
-                raise Unavailable(str(exc)) from None
+                raise Unavailable(self.error) from None
             finally:
                 self._building = None
             if spec != self.settings:  # reconfigured meanwhile (it was idle then)
                 raise Busy("the engine config changed while allocating; retry")
             self.engine, self.error = engine, None
             self.allocations += 1
+            if engine.language:
+                weights = getattr(engine.model, "info", {})
+                self.log.info("model %s loaded (%s); KV pool %.1f MiB on %s (%s)",
+                              spec.model, weights.get("path", ""),
+                              engine.pool.nbytes / 2**20, engine.backend.name, spec.dtype)
             self.log.info("KV pool allocated: %d blocks, %.1f MiB on %s (%s, %s)",
                           engine.pool.num_blocks, engine.pool.nbytes / 2**20,
                           engine.backend.name, spec.model, spec.dtype)
@@ -294,8 +333,12 @@ class EngineService(Component):
             out.update(self.engine.status())
             out["idle_s"] = time.monotonic() - self.engine.last_active
         elif self.settings is not None:
+            model = ({"name": self.settings.model, "kind": "language model (GGUF), loaded on "
+                      "first use", "synthetic": False, "loaded": False}
+                     if self.settings.language_model else
+                     {"name": self.settings.model, "kind": KIND, "synthetic": True})
             out.update({"backend": None, "device": engine_config.device,
-                        "model": {"name": "synthetic", "kind": KIND},
+                        "model": model,
                         "geometry": self.settings.geometry_dict(),
                         "dtype": self.settings.dtype,
                         "pool": {"allocated": False, "kv_cache": self.settings.kv_cache_text,
@@ -326,11 +369,54 @@ class EngineService(Component):
         if isinstance(prompt, int):
             from velod.engine.runtime.workload import Workload
 
-            prompt = Workload(requests=1, prompt=prompt, gen=1, seed=seed).prompts()[0]
+            prompt = Workload(requests=1, prompt=prompt, gen=1, seed=seed).prompts(
+                engine.model.vocab_size)[0]
         seq_id = _submit(engine, prompt, max_new, priority)
         self._kick()
         return {"id": seq_id, "prompt_tokens": len(prompt), "max_new_tokens": max_new,
                 "priority": priority}
+
+    async def load(self, model: str | None = None) -> dict[str, Any]:
+        """Load ``model`` (an Ollama name, a .gguf path or a synthetic preset; None: the one
+        configured) with its pool now; returns what ``engine.status`` says of it.
+
+        Busy while requests run; InvalidParams for a name that is none of those; Unavailable
+        with the reason when it cannot be loaded (the engine is then left without a model).
+        """
+        from velod.engine.core.errors import EngineConfigError
+
+        if not self.config.engine.enabled:
+            raise Unavailable("the engine is disabled (engine.enabled: false in the config)",
+                              {"enabled": False})
+        if self._busy():
+            raise Busy("the engine is busy; abort its requests or wait before loading a model")
+        if self.settings is None:
+            raise Unavailable(f"the engine config is invalid: {self.settings_error}")
+        wanted = self.config.engine.model if model is None else model
+        try:
+            settings = self._with_model(self.settings, wanted)
+        except EngineConfigError as exc:
+            raise InvalidParams(f"model: {exc.reason}", {"field": "model"}) from None
+        if settings != self.settings or self.engine is None or self.error is not None:
+            self._drop_engine(f"loading {wanted}")
+            self._override = None if wanted == self.config.engine.model else wanted
+            self.settings = settings
+            self.error = None
+        await self._ensure_engine()
+        self._schedule_release()
+        report = self.report()
+        return {"model": report.get("model"), "pool": report.get("pool"),
+                "geometry": report.get("geometry"), "backend": report.get("backend")}
+
+    async def unload(self) -> dict[str, Any]:
+        """Free the model's weights and the KV pool now (loaded again on the next request);
+        Busy while requests run."""
+        if self._busy():
+            raise Busy("the engine is busy; abort its requests or wait before unloading")
+        loaded = self.engine is not None
+        name = self.settings.model if self.settings is not None else None
+        self._drop_engine("unloaded by request")
+        return {"unloaded": loaded, "model": name}
 
     async def abort(self, seq_id: int | None) -> dict[str, Any]:
         """Abort request ``seq_id``, or every live request when it is None."""
@@ -367,9 +453,14 @@ class EngineService(Component):
         if self.bench is not None:
             raise Busy("a benchmark is already running")
         _check_workload_fits(engine, workload)
+        if workload.verify and engine.language:
+            raise InvalidParams("verify: the dense recomputation checks the synthetic model; "
+                                "a language model is checked against llama.cpp by the tests",
+                                {"field": "verify"})
         loop = asyncio.get_running_loop()
         tag = f"bench-{next(self._bench_ids)}"
-        prompts = await run_blocking(workload.prompts, timeout=BUILD_TIMEOUT)
+        prompts = await run_blocking(workload.prompts, engine.model.vocab_size,
+                                     timeout=BUILD_TIMEOUT)
         if self.bench is not None:
             raise Busy("a benchmark is already running")
         run = BenchRun(engine, workload, tag, prompts, submit=False)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from velod.engine.core.sequence import FinishedRequest
+from velod.engine.models.sampling import SamplingParams
 from velod.engine.runtime.engine import Engine, RequestTrack
 from velod.engine.runtime.metrics import StepRecord, breakdown, p50_p99
 from velod.engine.runtime.synthetic import VOCAB_SIZE
@@ -33,12 +34,14 @@ class Workload:
     verify: int = 0  # sequences whose attention outputs are checked against a dense recompute
     seed: int = 0
 
-    def prompts(self) -> list[np.ndarray]:
-        """Deterministic prompts: a common prefix, then tokens unique to each request."""
+    def prompts(self, vocab_size: int = VOCAB_SIZE) -> list[np.ndarray]:
+        """Deterministic prompts: a common prefix, then tokens unique to each request (ids
+        below ``vocab_size`` and the synthetic model's vocabulary)."""
         rng = np.random.default_rng(self.seed)
+        vocab = min(vocab_size, VOCAB_SIZE)
         shared = int(self.prompt * self.shared_prefix)
-        prefix = rng.integers(0, VOCAB_SIZE, shared, dtype=np.int32)
-        return [np.concatenate((prefix, rng.integers(0, VOCAB_SIZE, self.prompt - shared,
+        prefix = rng.integers(0, vocab, shared, dtype=np.int32)
+        return [np.concatenate((prefix, rng.integers(0, vocab, self.prompt - shared,
                                                      dtype=np.int32)))
                 for _ in range(self.requests)]
 
@@ -74,7 +77,12 @@ class BenchRun:
         self.workload = workload
         self.tag = tag
         self._base = engine.scheduler.stats()
-        self.prompts = prompts if prompts is not None else workload.prompts()
+        self.prompts = (prompts if prompts is not None
+                        else workload.prompts(engine.model.vocab_size))
+        # A language model generates exactly `gen` tokens each: greedy, past its
+        # end-of-generation tokens.
+        self._sampling = (SamplingParams(temperature=0.0, ignore_eos=True) if engine.language
+                          else None)
         self._priorities = workload.priorities()
         self._verified = set(workload.verified_indices())
         self._positions = workload.checked_positions(engine.settings.block_size)
@@ -102,6 +110,7 @@ class BenchRun:
         try:
             for index in range(len(self.ids), min(len(self.ids) + count, len(self.prompts))):
                 seq_id = engine.submit(self.prompts[index], self.workload.gen,
+                                       sampling=self._sampling,
                                        priority=self._priorities[index], tag=self.tag,
                                        keep_gaps=True)
                 self.ids.append(seq_id)
@@ -178,7 +187,7 @@ class BenchRun:
             "backend": engine.backend.name,
             "device": getattr(engine.backend, "device_name", None) or "cpu",
             "geometry": engine.settings.geometry_dict(), "dtype": engine.settings.dtype,
-            "model": engine.model.kind,
+            "model": engine.model.kind, "model_name": engine.model.name,
             "pool_blocks": engine.pool.num_blocks, "block_size": engine.settings.block_size,
             "elapsed_s": elapsed, "steps": len(self.steps),
             "finished": len(self.finished),
