@@ -169,6 +169,71 @@ def gemma3_gguf() -> Path:
     return path
 
 
+def gemma3_f32_gguf() -> Path:
+    """A float32 copy of the Gemma 3 GGUF: the same metadata, every tensor dequantized by
+    gguf.quants (llama.cpp's own Python dequantization), written beside it once.
+
+    llama.cpp multiplies quantized weights by activations it quantizes to 8 bits on the fly;
+    on this copy it computes with exactly the weights velod dequantizes, in float32, so the
+    two can be compared token for token (see the real_model tests of the engine).
+    """
+    source = gemma3_gguf()
+    path = source.with_name(source.stem + ".f32.gguf")
+    stamp = path.with_name(path.name + ".complete")
+    key = f"{GEMMA_SHA256} f32 v1"
+    with contextlib.suppress(OSError):
+        if path.exists() and stamp.read_text() == key:
+            return path
+    with _locked("gemma3-f32"):
+        with contextlib.suppress(OSError):
+            if path.exists() and stamp.read_text() == key:
+                return path
+        staging = path.with_name(f".{path.name}.{os.getpid()}.part")
+        try:
+            _write_dequantized(source, staging)
+            os.replace(staging, path)
+        finally:
+            staging.unlink(missing_ok=True)
+        stamp.write_text(key)
+    return path
+
+
+def _write_dequantized(source: Path, target: Path) -> None:
+    """``source`` with every tensor as float32, streamed one tensor at a time."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(source)
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(str(target), arch)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
+            continue
+        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub_type)
+    writer.add_uint32("general.file_type", int(gguf.LlamaFileType.ALL_F32))
+    shapes = {}
+    for tensor in reader.tensors:
+        shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
+        shapes[tensor.name] = shape
+        writer.add_tensor_info(tensor.name, shape, np.dtype(np.float32),
+                               4 * int(np.prod(shape)))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for tensor in reader.tensors:
+        shape = shapes[tensor.name]
+        out = np.empty(shape, np.float32)
+        rows = tensor.data.reshape(shape[0], -1) if len(shape) > 1 else tensor.data[None]
+        flat = out.reshape(rows.shape[0], -1)
+        step = max(1, (1 << 22) // max(flat.shape[1], 1))  # a few MB at a time: low peak
+        for first in range(0, rows.shape[0], step):
+            flat[first:first + step] = gguf.quants.dequantize(
+                rows[first:first + step], tensor.tensor_type).reshape(-1, flat.shape[1])
+        writer.write_tensor_data(out)
+    writer.close()
+
+
 def gguf_metadata(path: Path) -> dict[str, Any]:
     """Every metadata key of a GGUF file as plain Python values (lists, str, int, float)."""
     import gguf

@@ -14,8 +14,10 @@ decode step at batch 1 and 32 (steady state, median). The real test comes in pha
 llama.cpp multiplies quantized weights by activations it quantizes to 8 bits on the fly, which
 moves this model's log-probabilities by up to ~0.5 from exact float32 arithmetic; velod
 computes in float32 from the exactly dequantized weights. ``--dequantized`` runs llama-server
-on a float32 copy of the same GGUF (written once beside it, every tensor dequantized by
-gguf.quants) with a float32 KV cache: the same weights in the same arithmetic as velod.
+on a float32 copy of the same GGUF (``tests.assets.gemma3_f32_gguf``: made once beside it,
+every tensor dequantized by gguf.quants) with a float32 KV cache: the same weights in the
+same arithmetic as velod. The real_model tests of the engine (tests/unit/engine/models/
+test_real_model.py) make both comparisons through the engine itself.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests.assets import gemma3_f32_gguf  # noqa: E402
 from tests.unit.engine.models.paged_runner import PagedRunner  # noqa: E402
 from velod.engine.models import load_model  # noqa: E402
 
@@ -69,34 +72,6 @@ def post(port: int, path: str, body: dict) -> dict:
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=300) as reply:
         return json.loads(reply.read())
-
-
-def dequantized_copy(model: Path) -> Path:
-    """A float32 copy of ``model`` (metadata as it is, every tensor dequantized), made once."""
-    import gguf
-
-    target = model.with_name(model.stem + ".f32.gguf")
-    if target.exists():
-        return target
-    reader = gguf.GGUFReader(str(model))
-    writer = gguf.GGUFWriter(str(target) + ".part", reader.fields["general.architecture"]
-                             .contents())
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
-            continue
-        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub_type)
-    writer.add_uint32("general.file_type", int(gguf.LlamaFileType.ALL_F32))
-    for tensor in reader.tensors:
-        shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
-        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        writer.add_tensor(tensor.name, np.asarray(values, np.float32).reshape(shape))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    os.replace(str(target) + ".part", target)
-    return target
 
 
 class LlamaServer:
@@ -187,7 +162,7 @@ def main() -> None:
     results = []
     server_model, extra = args.model, []
     if args.dequantized:
-        server_model = dequantized_copy(args.model)
+        server_model = gemma3_f32_gguf()
         extra = ["--cache-type-k", "f32", "--cache-type-v", "f32"]
     with LlamaServer(server_model, extra) as server:
         for text in PROMPTS:

@@ -41,3 +41,25 @@ def test_the_oracle_passes_backslashes_and_newlines_through_unchanged(
     assert gemma_tokenize("a\\nb", add_special=False) != gemma_tokenize("a\nb",
                                                                        add_special=False)
     assert gemma_tokenize("", add_special=True) == [2]
+
+
+def test_the_float32_copy_holds_every_tensor_dequantized_and_the_same_metadata(
+        tmp_path: Path) -> None:
+    import gguf
+    import numpy as np
+
+    from tests.unit.engine.models.tiny_gguf import SPECS, write_tiny
+
+    source = write_tiny(tmp_path / "llama.gguf", SPECS["llama"])
+    target = tmp_path / "llama.f32.gguf"
+    assets._write_dequantized(source, target)
+    before, after = gguf.GGUFReader(source), gguf.GGUFReader(target)
+    assert after.fields["general.file_type"].contents() == int(gguf.LlamaFileType.ALL_F32)
+    assert after.fields["llama.rope.freq_base"].contents() == \
+        before.fields["llama.rope.freq_base"].contents()
+    quantized = {t.name: t for t in before.tensors}
+    assert {t.tensor_type for t in after.tensors} == {gguf.GGMLQuantizationType.F32}
+    for tensor in after.tensors:
+        original = quantized[tensor.name]
+        expected = gguf.quants.dequantize(original.data, original.tensor_type)
+        assert np.array_equal(np.asarray(tensor.data).reshape(expected.shape), expected)
