@@ -536,6 +536,7 @@ def load_cuda_model(source: str, backend: Any, *, dtype: Any = np.float16, max_t
     """The model named by ``source`` (an Ollama name or a .gguf path) on ``backend``'s device
     (blocking: call from a worker thread). Raises ModelFileError, UnsupportedModel or
     DeviceMemoryError, never leaves a half-loaded model."""
+    from velod.engine.models.tokenizer import end_of_generation_ids
     from velod.kernels.model_ops import CudaModelOps
     from velod.model.gguf import open_gguf
     from velod.model.store import resolve
@@ -547,10 +548,13 @@ def load_cuda_model(source: str, backend: Any, *, dtype: Any = np.float16, max_t
         hp = read_hparams(gguf.metadata, shapes, str(found.path))
         ops = CudaModelOps(backend, dtype)
         weights = load_device_weights(gguf, hp, ops, dtype)
+        eog_ids = end_of_generation_ids(gguf.metadata)
     finally:
         gguf.close()
-    return CudaTransformer(hp, weights, ops, max_tokens=max_tokens, max_seqs=max_seqs,
-                           block_size=block_size,
-                           max_blocks_per_seq=-(-hp.context_length // block_size),
-                           graph_batch_sizes=graph_batch_sizes, source=str(source),
-                           info={"path": str(found.path)})
+    runner = CudaTransformer(hp, weights, ops, max_tokens=max_tokens, max_seqs=max_seqs,
+                             block_size=block_size,
+                             max_blocks_per_seq=-(-hp.context_length // block_size),
+                             graph_batch_sizes=graph_batch_sizes, source=str(source),
+                             info={"path": str(found.path)})
+    runner.eog_ids = eog_ids  # what ends generation, for the engine's stop rule
+    return runner

@@ -18,6 +18,12 @@ with a causal mask. Its sliding-window layers keep their K/V in the window pool 
 sampler (``velod.engine.models.sampling``); a token that ends its request (an
 end-of-generation token, a stop token) finishes it in the scheduler.
 
+On a GPU the model is the CUDA runner (``velod.engine.models.cuda_runner``). A model without
+sliding-window layers whose sampled rows are all plain greedy runs a whole step through the
+runner's ``run_batch`` (decode-only steps replay a CUDA graph per batch-size bucket); the
+runner reads one block table for every layer, so a model with a window pool (Gemma 3) and any
+step that samples goes layer by layer through the same protocol as the NumPy model.
+
 The synthetic model (no weights, a workload for the attention path) sends every prompt token
 through the decode kernel as one query row whose context is its own position plus one.
 """
@@ -128,6 +134,10 @@ class Engine:
             raise EngineError("a sliding-window layer needs a language model (the engine runs "
                               "windowed layers through the LanguageModel protocol)")
         self.eog_ids: frozenset[int] = frozenset(getattr(model, "eog_ids", ()) or ())
+        # A runner that computes a whole greedy step itself (the CUDA runner's graphs) over
+        # one block table for every layer: only without a window pool.
+        whole_step = getattr(model, "run_batch", None)
+        self._whole_step = whole_step if self.language and not any(pool.windowed) else None
         self.samplers: dict[int, SamplerState] = {}  # request id -> its sampler (if not greedy)
         self.window = StepWindow()
         self.tracks: dict[int, RequestTrack] = {}
@@ -268,6 +278,16 @@ class Engine:
         """A language model's step: decode rows through the decode kernel, prompt chunks
         through the prefill kernel, each layer in its own pool with its own window."""
         backend, pool, model, clock = self.backend, self.pool, self.model, self._clock
+        if self._whole_step is not None and self._plain_greedy(batch):
+            mark = clock.start() if clock else None
+            tokens = np.asarray(self._whole_step(batch, pool.keys, pool.values), np.int32)
+            if clock:
+                clock.stop(mark)
+            lap("model")
+            empty = [None] * len(tokens)
+            sampled = SampleResult(tokens, np.full(len(tokens), np.nan, np.float32), empty,
+                                   list(empty))
+            return StepResult(tokens, phases, clock.total() if clock else None, sampled)
         nd, seqs = batch.num_decode, batch.num_seqs
         size = self.settings.block_size
         check_slots(batch.slot_mapping, pool.num_blocks * size)
@@ -337,6 +357,12 @@ class Engine:
         lap("sample")
         kernel_s = clock.total() if clock else None
         return StepResult(sampled.tokens, phases, kernel_s, sampled)
+
+    def _plain_greedy(self, batch: StepBatch) -> bool:
+        """True when every sampled row is the argmax of its logits, nothing else asked."""
+        samplers = self.samplers
+        return all(state is None or state.simple_greedy
+                   for state in map(samplers.get, batch.sample_seq_ids.tolist()))
 
     def _sample(self, batch: StepBatch) -> SampleResult:
         """The next token of every sampled row: argmax on the model's side when every row is
@@ -579,7 +605,7 @@ def build_engine(settings: EngineSettings, *, backend: AttentionBackend | None =
         model = load_language_model(settings, backend)
     try:
         if model is not None and settings.geometry is None:
-            settings = settings.with_model(model.geometry,  # type: ignore[attr-defined]
+            settings = settings.with_model(model_geometry(model),
                                            getattr(model, "info", {}).get("path", ""))
         plan = plan_pool(settings, backend.free_memory(),
                          "GPU" if backend.on_device else "host")
@@ -596,9 +622,24 @@ def build_engine(settings: EngineSettings, *, backend: AttentionBackend | None =
 
 
 def load_language_model(settings: EngineSettings, backend: AttentionBackend) -> Model:
-    """The GGUF model ``settings.model`` names, for ``backend`` (blocking). A fixed
-    engine.kv_cache is kept free for the pool when checking the memory for the weights."""
+    """The GGUF model ``settings.model`` names, for ``backend`` (blocking): on a GPU the CUDA
+    runner (weights in the cache's type, sized for the scheduler's steps), on the host the
+    NumPy model (float32 weights; a fixed engine.kv_cache is kept free for the pool when
+    checking the memory for them)."""
+    if backend.on_device:
+        from velod.engine.models.cuda_runner import load_cuda_model
+        from velod.engine.runtime.pool import storage_dtype
+
+        return load_cuda_model(settings.model, backend, dtype=storage_dtype(settings.dtype),
+                               max_tokens=settings.max_tokens_per_step,
+                               max_seqs=settings.max_batch_size, block_size=settings.block_size)
     from velod.engine.models import load_model
 
     reserve = settings.kv_cache_bytes or 0
     return load_model(settings.model, dtype=settings.dtype, reserve=reserve)
+
+
+def model_geometry(model: Any) -> Any:
+    """A loaded language model's :class:`~velod.model.metadata.Geometry`."""
+    geometry = getattr(model, "geometry", None)
+    return geometry if geometry is not None else model.hp.geometry
