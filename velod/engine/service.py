@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -30,8 +31,12 @@ from velod.component import Component, Context, ReconfigureRefused
 from velod.errors import Busy, InvalidParams, NotFound, Unavailable
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from velod.config import Config
-    from velod.engine.runtime.engine import Engine, StepOutcome
+    from velod.engine.core.sequence import FinishedRequest
+    from velod.engine.models.sampling import SamplingParams
+    from velod.engine.runtime.engine import Engine, Sampled, StepOutcome
     from velod.engine.runtime.workload import BenchRun, Workload
     from velod.engine.settings import EngineSettings
 
@@ -63,6 +68,8 @@ class EngineService(Component):
         self.releases = 0
         self.allocations = 0
         self._override: str | None = None  # engine.model chosen by load(), not the config
+        # Per request: who hears of each token and of the end (see submit()).
+        self._listeners: dict[int, Listener] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -76,6 +83,8 @@ class EngineService(Component):
         if self._driver is not None:
             self._driver.cancel()
         self._fail_bench("velod is stopping")
+        for seq_id in list(self._listeners):
+            self._end_listener(seq_id, "aborted")
         self._drop_engine("stopping")
         self.state = "stopped"
 
@@ -259,6 +268,7 @@ class EngineService(Component):
                     engine.abort(seq_id)
                     self.ctx.bus.publish("engine.finished", {"id": seq_id, "reason": "error",
                                                              "error": str(exc)})
+                    self._end_listener(seq_id, "error")
         finally:
             self._driver = None
             self._schedule_release()
@@ -266,6 +276,16 @@ class EngineService(Component):
     def _after_step(self, outcome: StepOutcome) -> None:
         bus = self.ctx.bus
         now = time.monotonic()
+        listeners = self._listeners
+        if listeners:
+            for token in outcome.sampled:
+                listener = listeners.get(token.id)
+                if listener is not None:
+                    listener.token(token)
+            for request, _ in outcome.finished:
+                listener = listeners.pop(request.id, None)
+                if listener is not None:
+                    listener.finish(request)
         for request, track in outcome.finished:
             if track is None or track.tag is not None:
                 continue
@@ -358,8 +378,17 @@ class EngineService(Component):
         return "busy" if self._busy() else "idle"
 
     async def submit(self, prompt: list[int] | int, max_new: int, priority: int = 0,
-                     seed: int = 0) -> dict[str, Any]:
-        """Queue one request: token ids, or a synthetic prompt of that many tokens."""
+                     seed: int = 0, *, sampling: SamplingParams | None = None,
+                     on_token: Callable[[Sampled], None] | None = None,
+                     on_finish: Callable[[FinishedRequest], None] | None = None
+                     ) -> dict[str, Any]:
+        """Queue one request: token ids, or a synthetic prompt of that many tokens.
+
+        ``sampling`` picks its tokens (None: greedy; a language model only). ``on_token`` is
+        called on the event loop with each new token (``Sampled``: id, token, log-probability
+        where asked), ``on_finish`` once at the end with the ``FinishedRequest`` (reason
+        "length", "stop", "aborted" or "error"); neither may block.
+        """
         engine = await self._ensure_engine()
         limit = engine.geometry.context_length - 1
         if isinstance(prompt, int) and prompt > limit:
@@ -371,10 +400,20 @@ class EngineService(Component):
 
             prompt = Workload(requests=1, prompt=prompt, gen=1, seed=seed).prompts(
                 engine.model.vocab_size)[0]
-        seq_id = _submit(engine, prompt, max_new, priority)
+        seq_id = _submit(engine, prompt, max_new, priority, sampling)
+        if on_token is not None or on_finish is not None:
+            self._listeners[seq_id] = Listener(on_token, on_finish)
         self._kick()
         return {"id": seq_id, "prompt_tokens": len(prompt), "max_new_tokens": max_new,
                 "priority": priority}
+
+    def _end_listener(self, seq_id: int, reason: str) -> None:
+        """Tell a request's listener it ended without finishing (aborted, failed step)."""
+        listener = self._listeners.pop(seq_id, None)
+        if listener is not None:
+            from velod.engine.core.sequence import FinishedRequest
+
+            listener.finish(FinishedRequest(seq_id, reason, [], 0, 0))
 
     async def load(self, model: str | None = None) -> dict[str, Any]:
         """Load ``model`` (an Ollama name, a .gguf path or a synthetic preset; None: the one
@@ -439,6 +478,7 @@ class EngineService(Component):
                            "aborted)", {"field": "id"})
         for i in aborted:
             self.ctx.bus.publish("engine.finished", {"id": i, "reason": "aborted"})
+            self._end_listener(i, "aborted")
         self._schedule_release()
         return {"aborted": aborted}
 
@@ -483,11 +523,36 @@ class EngineService(Component):
             self._schedule_release()
 
 
-def _submit(engine: Engine, prompt: Any, max_new: int, priority: int) -> int:
+class Listener:
+    """One request's callbacks (see ``EngineService.submit``); a failing callback is logged
+    and dropped, never allowed to stop the step loop."""
+
+    def __init__(self, on_token: Callable[[Sampled], None] | None,
+                 on_finish: Callable[[FinishedRequest], None] | None) -> None:
+        self.on_token, self.on_finish = on_token, on_finish
+
+    def token(self, token: Sampled) -> None:
+        if self.on_token is not None:
+            try:
+                self.on_token(token)
+            except Exception:
+                logging.getLogger("velod.engine").exception("a token listener failed")
+                self.on_token = None
+
+    def finish(self, request: FinishedRequest) -> None:
+        if self.on_finish is not None:
+            try:
+                self.on_finish(request)
+            except Exception:
+                logging.getLogger("velod.engine").exception("a finish listener failed")
+
+
+def _submit(engine: Engine, prompt: Any, max_new: int, priority: int,
+            sampling: SamplingParams | None = None) -> int:
     from velod.engine.core.errors import InvalidRequest, QueueFull
 
     try:
-        return engine.submit(prompt, max_new, priority=priority)
+        return engine.submit(prompt, max_new, sampling=sampling, priority=priority)
     except InvalidRequest as exc:
         raise InvalidParams(str(exc), {"field": exc.field, "limit": _plain(exc.limit)}) from None
     except QueueFull as exc:

@@ -167,3 +167,35 @@ def test_a_bench_runs_on_a_language_model_with_exact_token_counts(models, tmp_pa
         await service.stop()
 
     asyncio.run(scenario())
+
+
+def test_listeners_hear_each_token_and_the_end_and_a_failing_one_stops_nothing(models,
+                                                                              tmp_path):
+    from velod.engine.models.sampling import SamplingParams
+
+    async def scenario() -> None:
+        service, events = service_for(str(models["llama"]), tmp_path)
+        await service.start()
+        heard: list[Any] = []
+        ended: list[Any] = []
+        params = SamplingParams(temperature=0.7, seed=3, logprobs=True)
+        reply = await service.submit([4, 8, 15, 16], 7, sampling=params,
+                                     on_token=heard.append, on_finish=ended.append)
+
+        def broken(token: Any) -> None:
+            raise RuntimeError("a listener that fails")
+
+        other = await service.submit([23, 42], 5, on_token=broken)
+        await finish(service, reply["id"], events)
+        await finish(service, other["id"], events)
+        (request,) = ended
+        assert request.reason == "length"
+        assert [t.token for t in heard] == request.output_token_ids
+        assert all(t.id == reply["id"] and t.logprob is not None and t.logprob <= 0
+                   for t in heard)
+        long = await service.submit(list(range(1, 30)), 60, on_finish=ended.append)
+        await service.abort(long["id"])
+        assert ended[-1].id == long["id"] and ended[-1].reason == "aborted"
+        await service.stop()
+
+    asyncio.run(scenario())
