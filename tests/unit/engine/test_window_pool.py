@@ -10,6 +10,10 @@ import pytest
 
 from velod.engine import BlockManager, EngineConfigError, OutOfBlocks, Scheduler, SchedulerConfig
 from velod.engine.core.window_pool import PAD_BLOCK
+from velod.engine.runtime.pool import block_bytes, plan_pool, window_blocks_wanted
+from velod.engine.settings import EngineSettings
+from velod.model.kv import kv_cache_size
+from velod.model.metadata import Geometry
 
 BLOCK = 4
 
@@ -182,3 +186,40 @@ def test_admission_waits_for_the_window_pool() -> None:
     scheduler.complete_step(batch, [])
     batch = scheduler.step()  # the first released its out-of-window blocks: room now
     assert second in batch.seq_ids.tolist()
+
+
+# ------------------------------------------------------------------ sizing the two pools
+
+GEMMA3_270M = Geometry(architecture="gemma3", layers=18, heads=4, kv_heads=1, key_length=256,
+                       value_length=256, embedding_length=640, context_length=32768,
+                       vocab_size=262144, sliding_window=512,
+                       windowed=tuple(i % 6 < 5 for i in range(18)))
+
+
+def gemma_settings(budget: int, **changes: object) -> EngineSettings:
+    values = {"geometry": GEMMA3_270M, "model": "gemma3.gguf", "dtype": "float16",
+              "kv_cache_bytes": budget, "block_size": 16, "max_batch_size": 4,
+              "max_tokens_per_step": 512, "language_model": True} | changes
+    return EngineSettings(**values)  # type: ignore[arg-type]
+
+
+def test_gemma3s_cache_is_sized_as_llama_cpp_sizes_it_not_six_times_larger():
+    # What llama-server allocates for -c 32768 -np 4 (four slots of 8192 tokens), f16.
+    llama = kv_cache_size(GEMMA3_270M, 8192, 4, "float16")
+    plan = plan_pool(gemma_settings(llama.total), 1 << 40, "host")
+    # The same bytes hold four full contexts in the full-attention pool, and every slot's
+    # window plus a step's chunk in the window pool.
+    assert plan.num_blocks * 16 >= 4 * 8192
+    assert plan.window_blocks == window_blocks_wanted(gemma_settings(llama.total))
+    assert plan.bytes <= llama.total
+    # One pool over every layer would not hold even the four contexts (8,864 tokens of the
+    # 32,768): every layer's cache would be sized as the 3 full-attention ones are.
+    one_pool = llama.total // block_bytes(gemma_settings(llama.total)) * 16
+    assert one_pool < 4 * 8192 / 3 and plan.num_blocks * 16 > 4 * one_pool
+
+
+def test_a_budget_below_a_full_batch_of_windows_gets_as_many_blocks_in_each_pool():
+    small = 64 * block_bytes(gemma_settings(0))  # 64 blocks of all 18 layers
+    plan = plan_pool(gemma_settings(small, max_batch_size=64), 1 << 40, "host")
+    assert plan.num_blocks == plan.window_blocks == 64
+    assert plan.bytes <= small
