@@ -299,3 +299,28 @@ def check_block_pairs(block_pairs: np.ndarray, num_blocks: int) -> None:
         raise AttentionArgumentError("a destination block appears twice in block_pairs")
     if np.intersect1d(sources, destinations).size:
         raise AttentionArgumentError("a block is both a source and a destination")
+
+
+def check_prefill_args(query, key_cache, value_cache, block_tables, query_start_loc,
+                       context_lens) -> AttentionShape:
+    """The sizes of a prefill call (``num_seqs`` = sequences, not query rows), or
+    AttentionArgumentError; query rows are ``[num_tokens, num_heads, head_dim]``."""
+    if query.ndim != 3:
+        raise AttentionArgumentError(
+            f"query must be [num_tokens, num_heads, head_dim], got shape {tuple(query.shape)}")
+    if query_start_loc.ndim != 1 or len(query_start_loc) < 1:
+        raise AttentionArgumentError("query_start_loc must be [num_seqs + 1]")
+    if np.dtype(query_start_loc.dtype) != np.int32:
+        raise AttentionArgumentError(
+            f"query_start_loc must be int32, got {np.dtype(query_start_loc.dtype).name}")
+    starts = query_start_loc.astype(np.int64)
+    if starts[0] != 0 or starts[-1] != query.shape[0] or (np.diff(starts) < 0).any():
+        raise AttentionArgumentError(
+            f"query_start_loc must rise from 0 to num_tokens={query.shape[0]}")
+    # The per-sequence checks, with one query row standing in for each sequence's chunk.
+    stand_in = np.empty((len(starts) - 1, *query.shape[1:]), query.dtype)
+    shape = check_attention_args(stand_in, key_cache, value_cache, block_tables, context_lens)
+    check_context_lens(context_lens, shape)
+    if (np.diff(starts) > context_lens).any():
+        raise AttentionArgumentError("a sequence has more query rows than context tokens")
+    return shape
