@@ -141,3 +141,17 @@ def test_prefill_argument_errors_name_the_problem():
                                           window=0)
     with pytest.raises(AttentionArgumentError, match="window"):
         reference.paged_attention(case.query, *args, case.context_lens, 1.0, window=0)
+
+
+def test_a_block_id_outside_the_cache_is_refused_not_clipped():
+    case = make_case(np.random.default_rng(11), [20], num_kv_heads=1, group=2, head_dim=8,
+                     block_size=8)
+    case.block_tables[0, 1] = case.key_cache.shape[0] + 5
+    with pytest.raises(AttentionArgumentError, match="outside the cache"):
+        reference.paged_attention(case.query, case.key_cache, case.value_cache,
+                                  case.block_tables, case.context_lens, case.scale)
+    starts = np.array([0, 1], np.int32)
+    with pytest.raises(AttentionArgumentError, match="outside the cache"):
+        reference.paged_prefill_attention(case.query, case.key_cache, case.value_cache,
+                                          case.block_tables, starts, case.context_lens,
+                                          case.scale)

@@ -259,3 +259,15 @@ def test_weights_report_how_they_are_held(tiny_llama):
     layer = model.weights.layers[0]
     assert layer.wqkv.shape == (256 + 2 * 128, 256) and layer.wqkv.flags.c_contiguous
     assert layer.wgu.shape == (2 * 512, 256)
+
+
+def test_the_model_package_is_light_to_import():
+    # velod.model is a leaf: reading a name or a manifest must not pull in NumPy or gguf.
+    import subprocess
+    import sys
+
+    code = ("import sys, velod.model.store, velod.model.gguf; "
+            "print(sorted(m for m in ('numpy', 'gguf') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == "[]"

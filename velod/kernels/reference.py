@@ -11,6 +11,9 @@ take an optional sliding ``window``.
 
 from __future__ import annotations
 
+import math
+import threading
+
 import numpy as np
 
 from velod.kernels.layout import (
@@ -29,8 +32,13 @@ from velod.kernels.layout import (
 # copy out of the paged cache and the matmul that reads it, which is what keeps the paged
 # path close to dense attention over contiguous K/V (see bench/numpy_attention.py).
 PIECE_BYTES = 1 << 20
+# Keys gathered at once for a group of short sequences decoded together (padded to the
+# longest): fewer, larger calls for a batch of short contexts.
+GROUP_BYTES = 1 << 20
 # Scores held at once by a prefill chunk (rows x context floats): bounds its temporaries.
 SCORE_BYTES = 16 << 20
+# Largest gather kept in a per-thread scratch buffer (see _scratch).
+SCRATCH_BYTES = 32 << 20
 # Query rows per prefill pass: smaller passes skip more of the causal mask's hidden half,
 # larger ones make fewer, bigger matmuls.
 PREFILL_ROWS = 128
@@ -87,10 +95,34 @@ def window_start(context_lens: np.ndarray, window: int | None) -> np.ndarray:
     return np.maximum(lens - window, 0)
 
 
-def _gather_blocks(cache: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Whole blocks ``cache[ids]`` as float32 ``[len(ids) * block_size, kv, d]``."""
-    rows = cache.take(ids, axis=0)
+def _gather_blocks(cache: np.ndarray, ids: np.ndarray, slot: str) -> np.ndarray:
+    """Whole blocks ``cache[ids]`` as float32 ``[len(ids) * block_size, kv, d]``, in this
+    thread's scratch buffer ``slot`` (valid until the next gather into the same slot)."""
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= cache.shape[0]):
+        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+        raise AttentionArgumentError(f"block id {bad} is outside the cache's "
+                                     f"{cache.shape[0]} blocks")
+    rows = _scratch(slot, (len(ids), *cache.shape[1:]), cache.dtype)
+    cache.take(ids, axis=0, out=rows, mode="clip")  # checked above; "raise" would buffer
     return to_float32(rows).reshape(-1, *cache.shape[2:])
+
+
+_local = threading.local()
+
+
+def _scratch(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A reusable buffer of this thread (contents undefined). A fresh multi-MB array costs
+    a page fault per 4 KiB on first touch, more than the copy into it; buffers up to
+    SCRATCH_BYTES are kept per thread and name, larger requests get a new array."""
+    dtype = np.dtype(dtype)
+    size = math.prod(shape)
+    if size * dtype.itemsize > SCRATCH_BYTES:
+        return np.empty(shape, dtype)
+    buffers = _local.__dict__.setdefault("buffers", {})
+    buffer = buffers.get((name, dtype))
+    if buffer is None or buffer.size < size:
+        buffer = buffers[(name, dtype)] = np.empty(size, dtype)
+    return buffer[:size].reshape(shape)
 
 
 def _block_ids(block_tables: np.ndarray, seqs: np.ndarray, first: np.ndarray,
@@ -118,8 +150,9 @@ def _decode_group(queries: np.ndarray, key_cache: np.ndarray, value_cache: np.nd
     queries ``[G, kv, g, d]``; ``ids`` ``[G, blocks]``; ``start`` the position of each
     sequence's first gathered token; tokens outside ``lo..len-1`` are masked."""
     count = ids.shape[0]
-    keys = _gather_blocks(key_cache, ids.reshape(-1)).reshape(count, -1, *key_cache.shape[2:])
-    values = _gather_blocks(value_cache, ids.reshape(-1)).reshape(keys.shape)
+    keys = _gather_blocks(key_cache, ids.reshape(-1), "k").reshape(count, -1,
+                                                                  *key_cache.shape[2:])
+    values = _gather_blocks(value_cache, ids.reshape(-1), "v").reshape(keys.shape)
     positions = start[:, None] + np.arange(keys.shape[1])
     hidden = (positions < lo[:, None]) | (positions >= lens[:, None])        # [G, n]
     scores = np.matmul(queries, keys.transpose(0, 2, 3, 1))                  # [G, kv, g, n]
@@ -142,7 +175,7 @@ def _decode_long(query: np.ndarray, key_cache: np.ndarray, value_cache: np.ndarr
     scores = np.empty((*query.shape[:2], n), np.float32)
     pieces = range(first, last, per_piece)
     for b in pieces:
-        keys = _gather_blocks(key_cache, table_row[b:min(b + per_piece, last)])
+        keys = _gather_blocks(key_cache, table_row[b:min(b + per_piece, last)], "k")
         a = b * block_size - offset
         np.matmul(query, keys.transpose(1, 2, 0), out=scores[:, :, a:a + keys.shape[0]])
     if lo > offset or length < offset + n:
@@ -151,7 +184,7 @@ def _decode_long(query: np.ndarray, key_cache: np.ndarray, value_cache: np.ndarr
     total = _softmax_rows(scores)
     out = np.zeros(query.shape, np.float32)
     for b in pieces:
-        values = _gather_blocks(value_cache, table_row[b:min(b + per_piece, last)])
+        values = _gather_blocks(value_cache, table_row[b:min(b + per_piece, last)], "v")
         a = b * block_size - offset
         hidden_before, hidden_after = lo - offset - a, length - offset - a
         if hidden_before > 0:
@@ -194,42 +227,53 @@ def paged_attention(
     lens = context_lens.astype(np.int64)
     lo = window_start(context_lens, window)
     if partition_size is not None:
-        for seq in range(shape.num_seqs):
-            length, start = int(lens[seq]), int(lo[seq])
-            if length == 0:
-                continue
-            k = _gather(key_cache, block_tables[seq], start, length)      # [kv, n, d]
-            v = _gather(value_cache, block_tables[seq], start, length)
-            if partition_size >= length - start:
-                out[seq] = _attend_single(queries[seq], k, v)
-            else:
-                out[seq] = _attend_partitioned(queries[seq], k, v, partition_size)
-        return from_float32(out.reshape(shape.num_seqs, shape.num_heads, dim), query.dtype)
-    block_size = shape.block_size
+        _decode_partitioned(queries, key_cache, value_cache, block_tables, lo, lens,
+                            partition_size, out)
+    else:
+        _decode_pieces(queries, key_cache, value_cache, block_tables, lo, lens, out)
+    return from_float32(out.reshape(shape.num_seqs, shape.num_heads, dim), query.dtype)
+
+
+def _decode_partitioned(queries, key_cache, value_cache, block_tables, lo, lens,
+                        partition_size: int, out: np.ndarray) -> None:
+    """One sequence at a time, in partitions merged by log-sum-exp (the CUDA path's way)."""
+    for seq in range(len(lens)):
+        length, start = int(lens[seq]), int(lo[seq])
+        if length == 0:
+            continue
+        k = _gather(key_cache, block_tables[seq], start, length)      # [kv, n, d]
+        v = _gather(value_cache, block_tables[seq], start, length)
+        if partition_size >= length - start:
+            out[seq] = _attend_single(queries[seq], k, v)
+        else:
+            out[seq] = _attend_partitioned(queries[seq], k, v, partition_size)
+
+
+def _decode_pieces(queries, key_cache, value_cache, block_tables, lo, lens,
+                   out: np.ndarray) -> None:
+    """Long sequences alone, a piece of blocks at a time; short ones together, as many as
+    fill a group when padded to the longest of them."""
+    block_size = key_cache.shape[1]
     first = lo // block_size
     counts = np.where(lens > 0, -(-lens // block_size) - first, 0)
     per_piece = max(1, PIECE_BYTES // _block_bytes(key_cache))
+    per_group = max(1, GROUP_BYTES // _block_bytes(key_cache))
     order = np.argsort(counts, kind="stable")
     order = order[counts[order] > 0]
-    long = order[counts[order] > per_piece]
-    short = order[counts[order] <= per_piece]
-    for seq in long.tolist():
+    for seq in order[counts[order] > per_piece].tolist():
         out[seq] = _decode_long(queries[seq], key_cache, value_cache, block_tables[seq],
                                 int(lo[seq]), int(lens[seq]))
-    # Short sequences go together, as many as fill a piece when padded to the longest.
+    short = order[counts[order] <= per_piece]
     i = 0
     while i < len(short):
-        j = i + 1
-        while j < len(short) and (j - i + 1) * int(counts[short[j]]) <= per_piece:
+        j = i + 1  # sorted by count: the last one taken is the widest
+        while j < len(short) and (j - i + 1) * int(counts[short[j]]) <= per_group:
             j += 1
-        group_seqs = short[i:j]
-        width = int(counts[group_seqs].max())
-        ids = _block_ids(block_tables, group_seqs, first, counts, width)
-        out[group_seqs] = _decode_group(queries[group_seqs], key_cache, value_cache, ids,
-                                        first[group_seqs] * block_size, lo[group_seqs],
-                                        lens[group_seqs])
+        seqs = short[i:j]
+        ids = _block_ids(block_tables, seqs, first, counts, int(counts[seqs].max()))
+        out[seqs] = _decode_group(queries[seqs], key_cache, value_cache, ids,
+                                  first[seqs] * block_size, lo[seqs], lens[seqs])
         i = j
-    return from_float32(out.reshape(shape.num_seqs, shape.num_heads, dim), query.dtype)
 
 
 def paged_prefill_attention(
@@ -271,8 +315,8 @@ def paged_prefill_attention(
         first, last = lo // block_size, -(-length // block_size)
         offset = first * block_size
         ids = block_tables[seq, first:last].astype(np.int64)
-        keys = _gather_blocks(key_cache, ids)                            # [n, kv, d]
-        values = _gather_blocks(value_cache, ids)
+        keys = _gather_blocks(key_cache, ids, "k")                       # [n, kv, d]
+        values = _gather_blocks(value_cache, ids, "v")
         n = keys.shape[0]
         positions = offset + np.arange(n)
         if lo > offset or length < offset + n:

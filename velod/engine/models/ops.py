@@ -25,9 +25,9 @@ def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) ->
     return y
 
 
-def linear_t(x: np.ndarray, weight_t: np.ndarray) -> np.ndarray:
-    """``x @ weight_t`` for a weight stored transposed, ``[in, out]``."""
-    return x @ weight_t
+def linear_t(x: np.ndarray, weight_t: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``x @ weight_t`` for a weight stored transposed, ``[in, out]`` (into ``out`` if given)."""
+    return np.matmul(x, weight_t, out=out)
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:

@@ -47,6 +47,7 @@ class TransformerModel:
         self._tables: dict[Rope, tuple[np.ndarray, np.ndarray]] = {}
         self._keep: np.ndarray | None = None
         self._kept = False
+        self._logits = np.zeros((0, hp.vocab_size), np.float32)
 
     # ------------------------------------------------------------------ the step
 
@@ -109,6 +110,7 @@ class TransformerModel:
         self._hidden = hidden
 
     def logits(self, sample_indices: np.ndarray) -> np.ndarray:
+        """float32 ``[len(sample_indices), vocab]``, valid until the next ``logits`` call."""
         indices = np.asarray(sample_indices, np.int64)
         if self._kept:
             if self._keep is None or not np.array_equal(indices, self._keep):
@@ -118,7 +120,12 @@ class TransformerModel:
         else:
             rows = self._hidden[indices]
         normed = ops.rms_norm(rows, self.weights.output_norm, self.hp.rms_eps)
-        return ops.linear_t(normed, self.weights.output_t)
+        # A fresh [rows, vocab] array would page-fault its way in every step (33 MB at 32
+        # rows of Gemma 3): the buffer is kept, and the result is valid until the next call.
+        if self._logits.shape[0] < len(normed):
+            self._logits = np.empty((len(normed), self.vocab_size), np.float32)
+        out = self._logits[:len(normed)]
+        return ops.linear_t(normed, self.weights.output_t, out=out)
 
     def sample(self, sample_indices: np.ndarray) -> np.ndarray:
         """Greedy: the most likely next token of each sampled row."""
@@ -145,3 +152,4 @@ class TransformerModel:
         """Drops the step's activations (the weights go with the model)."""
         self._hidden = np.zeros((0, self.hp.hidden), np.float32)
         self._tables = {}
+        self._logits = np.zeros((0, self.vocab_size), np.float32)
