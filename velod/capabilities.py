@@ -28,7 +28,7 @@ CAPABILITIES = (
     Capability("tuner", "velod.tuner.service:Tuner", "velod.tuner.rpc", "velod.tuner.cli",
                ("ollama", "tune", "bench")),
     Capability("engine", "velod.engine.service:EngineService", "velod.engine.rpc",
-               "velod.engine.cli", ("engine",)),
+               "velod.engine.cli", ("engine", "generate")),
 )
 
 

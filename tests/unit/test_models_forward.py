@@ -171,7 +171,7 @@ def test_a_model_without_layer_attention_gets_full_attention_at_the_engine_scale
 
 
 def test_bad_step_inputs_are_engine_errors(tiny):
-    from velod.engine.errors import EngineError
+    from velod.engine.core.errors import EngineError
 
     model = load_model(str(tiny["llama"][0]))
     with pytest.raises(EngineError, match=r"token id out of range \[0, 97\)"):

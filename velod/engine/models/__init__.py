@@ -7,16 +7,29 @@ engine step (see ``velod.engine.models.protocol``). Blocking: call it from a wor
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from velod.engine.models.hparams import ARCHITECTURES, HParams, UnsupportedModel, read_hparams
-from velod.engine.models.protocol import LanguageModel, LayerAttention, layer_attention
-from velod.engine.models.quants import FORMATS, UnsupportedQuantization
-from velod.engine.models.transformer import TransformerModel
-from velod.engine.models.weights import NotEnoughMemory, load_weights
-from velod.model.gguf import ModelFileError, open_gguf
-from velod.model.store import resolve
+if TYPE_CHECKING:
+    from velod.engine.models.transformer import TransformerModel
+
+# Loaded on first use (PEP 562): the tokenizer, chat and sampling modules of this package
+# are imported by light code (an idle daemon, velodctl) that must not pull in NumPy.
+_EXPORTS = {
+    "ARCHITECTURES": "velod.engine.models.hparams",
+    "HParams": "velod.engine.models.hparams",
+    "UnsupportedModel": "velod.engine.models.hparams",
+    "LanguageModel": "velod.engine.models.protocol",
+    "LayerAttention": "velod.engine.models.protocol",
+    "layer_attention": "velod.engine.models.protocol",
+    "FORMATS": "velod.engine.models.quants",
+    "UnsupportedQuantization": "velod.engine.models.quants",
+    "TransformerModel": "velod.engine.models.transformer",
+    "NotEnoughMemory": "velod.engine.models.weights",
+    "ModelFileError": "velod.model.gguf",
+}
 
 __all__ = [
     "ARCHITECTURES",
@@ -35,6 +48,15 @@ __all__ = [
 ]
 
 
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'velod.engine.models' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
 def quantization_label(metadata: dict[str, Any]) -> str | None:
     """The file's quantization as llama.cpp names it (``Q4_K_M``), from general.file_type."""
     file_type = metadata.get("general.file_type")
@@ -48,18 +70,28 @@ def quantization_label(metadata: dict[str, Any]) -> str | None:
         return f"file type {file_type}"
 
 
-def load_model(source: str | Path, *, dtype: Any = "float32",
-               available: int | None = None) -> TransformerModel:
+def load_model(source: str | Path, *, dtype: Any = "float32", available: int | None = None,
+               on_metadata: Callable[[dict[str, Any]], None] | None = None) -> TransformerModel:
     """The model named by ``source`` with its weights in memory.
 
+    ``on_metadata`` gets the file's metadata before the weights load (the tokenizer and
+    chat template come from it, without opening the file twice).
     Raises ModelFileError (not found, not a GGUF, truncated, unsupported architecture or
     quantization) or NotEnoughMemory (with the figures), never a half-loaded model.
     """
     import numpy as np
 
+    from velod.engine.models.hparams import read_hparams
+    from velod.engine.models.transformer import TransformerModel
+    from velod.engine.models.weights import load_weights
+    from velod.model.gguf import open_gguf
+    from velod.model.store import resolve
+
     found = resolve(str(source))
     gguf = open_gguf(found.path)
     try:
+        if on_metadata is not None:
+            on_metadata(gguf.metadata)
         shapes = {name: info.shape for name, info in gguf.tensors.items()}
         hp = read_hparams(gguf.metadata, shapes, str(found.path))
         weights = load_weights(gguf, hp, available=available)

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from velod.engine.errors import EngineError
-from velod.engine.models import ops
+import velod.engine.models.ops as ops
+from velod.engine.core.errors import EngineError
 from velod.engine.models.hparams import HParams, Rope
 from velod.engine.models.protocol import LayerAttention
 from velod.engine.models.weights import Weights

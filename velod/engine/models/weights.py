@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from velod.engine.errors import EngineError
+from velod.engine.core.errors import EngineError
 from velod.engine.models.hparams import HParams
 from velod.engine.models.quants import check_supported, dequantize
 from velod.model.gguf import GGUFFile, ModelFileError
