@@ -11,7 +11,7 @@ methods are the ``@rpc`` functions of its capability's ``rpc`` module
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +32,8 @@ class Context:
     bus: Bus
     state_dir: Path
     log: logging.Logger
+    # The components built before this one, by name: what a front end (HTTP) serves.
+    services: dict[str, Component] = field(default_factory=dict)
 
 
 class Component:

@@ -140,7 +140,8 @@ class Daemon:
     def _build(self, capability: Capability) -> Component:
         cls = _load_component_class(capability.service)
         ctx = Context(config=self.config, bus=self.bus, state_dir=self.state_dir,
-                      log=logging.getLogger("velod"))
+                      log=logging.getLogger("velod"),
+                      services={c.name: c for c in self.components})
         component = cls(ctx)
         self.registry.add_all(methods_of(importlib.import_module(capability.rpc), component))
         return component

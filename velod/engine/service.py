@@ -548,6 +548,18 @@ class EngineService(Component):
                 if self.engine is engine and engine.abort(seq_id):
                     self.ctx.bus.publish("engine.finished", {"id": seq_id, "reason": "aborted"})
                     self._schedule_release()
+            self._publish_generation(live)
+
+    def _publish_generation(self, live: LiveGeneration) -> None:
+        """``engine.generation``: one finished request's counts and timings (for metrics)."""
+        result = live.result
+        if result is None:
+            return
+        self.ctx.bus.publish("engine.generation", {
+            "id": live.seq_id, "model": result.model, "finish_reason": result.finish_reason,
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "ttft_s": result.timings.ttft_s, "eval_s": result.timings.eval_s})
 
 
 def _check(check: Any, *args: Any) -> None:
