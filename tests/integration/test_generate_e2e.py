@@ -22,6 +22,13 @@ def json_lines(text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+def generate(daemon: Any, *args: str, timeout: float = 60) -> list[dict[str, Any]]:
+    """``velodctl generate --json --ignore-eos ARGS``: the token lines, then the final one.
+    (Random weights may pick the end-of-text token anywhere: tests that count tokens go on.)"""
+    return json_lines(daemon.ctl("generate", "--json", "--ignore-eos", *args,
+                                 timeout=timeout).stdout)
+
+
 @pytest.fixture
 def served(velod_factory, tiny_llm_gguf):
     d = velod_factory(ENGINE)
@@ -37,8 +44,7 @@ def tiny_tokenizer() -> Any:
 
 
 def test_generate_streams_pieces_that_join_to_the_final_text(served):
-    lines = json_lines(served.ctl("generate", "--json", "--ignore-eos", "--max-tokens", "12", "--seed", "3",
-                                  "--ignore-eos", "Hello there").stdout)
+    lines = generate(served, "--max-tokens", "12", "--seed", "3", "Hello there")
     *pieces, final = lines
     assert final["done"] is True and final["finish_reason"] == "length"
     assert "".join(p["text"] for p in pieces) == final["text"]
@@ -50,8 +56,7 @@ def test_generate_streams_pieces_that_join_to_the_final_text(served):
 
 def test_same_seed_gives_the_same_text_and_greedy_is_deterministic(served):
     def run(*extra: str) -> dict[str, Any]:
-        out = served.ctl("generate", "--json", "--ignore-eos", "--max-tokens", "16", *extra, "Once").stdout
-        return json_lines(out)[-1]
+        return generate(served, "--max-tokens", "16", *extra, "Once")[-1]
 
     assert run("--seed", "11")["tokens"] == run("--seed", "11")["tokens"]
     assert run("--seed", "11")["tokens"] != run("--seed", "12")["tokens"]
@@ -59,12 +64,11 @@ def test_same_seed_gives_the_same_text_and_greedy_is_deterministic(served):
 
 
 def test_stop_string_ends_the_request_and_is_not_in_the_text(served):
-    first = json_lines(served.ctl("generate", "--json", "--ignore-eos", "--max-tokens", "24",
-                                  "--temperature", "0", "Hello").stdout)[-1]
+    first = generate(served, "--max-tokens", "24", "--temperature", "0", "Hello")[-1]
     stop = first["text"][len(first["text"]) // 2:][:3]
     assert stop.strip(), first["text"]
-    cut = json_lines(served.ctl("generate", "--json", "--ignore-eos", "--max-tokens", "24", "--temperature",
-                                "0", "--stop", stop, "Hello").stdout)[-1]
+    cut = generate(served, "--max-tokens", "24", "--temperature", "0", "--stop", stop,
+                   "Hello")[-1]
     assert cut["finish_reason"] == "stop" and cut["stop"] == stop
     assert cut["text"] == first["text"][:first["text"].index(stop)]
     status = served.call("engine.status")
@@ -73,8 +77,7 @@ def test_stop_string_ends_the_request_and_is_not_in_the_text(served):
 
 def test_plain_output_prints_the_text_and_a_summary(served):
     result = served.ctl("generate", "--ignore-eos", "--max-tokens", "4", "--temperature", "0", "Hi")
-    final = json_lines(served.ctl("generate", "--json", "--ignore-eos", "--max-tokens", "4", "--temperature",
-                                  "0", "Hi").stdout)[-1]
+    final = generate(served, "--max-tokens", "4", "--temperature", "0", "Hi")[-1]
     assert result.stdout == final["text"] + "\n"
     prompt_tokens = len(tiny_tokenizer().encode("Hi"))
     assert f"length: {prompt_tokens} prompt tokens, 4 generated" in result.stderr
@@ -95,7 +98,7 @@ def test_errors_name_the_field_and_leave_the_daemon_serving(served, tiny_llm_ggu
     missing = served.ctl("engine", "load", str(tiny_llm_gguf.parent / "nope.gguf"), check=False)
     assert missing.returncode == 1 and "nope.gguf" in missing.stderr
     assert served.call("engine.status")["model"]["name"] == str(tiny_llm_gguf)  # still loaded
-    assert json_lines(served.ctl("generate", "--json", "--ignore-eos", "--max-tokens", "2", "x").stdout)
+    assert generate(served, "--max-tokens", "2", "x")[-1]["completion_tokens"] == 2
 
 
 def test_generate_without_a_model_says_how_to_load_one(velod_factory):
@@ -157,8 +160,7 @@ def test_gemma_greedy_text_equals_llama_cpp(velod_factory, gemma_gguf: Path, lla
     prompt = "The capital of France is"
     d = velod_factory({"engine": {"dtype": "float32", "device": "cpu", "kv_cache": "64MiB"}})
     d.ctl("engine", "load", str(gemma_gguf), timeout=300)
-    final = json_lines(d.ctl("generate", "--json", "--ignore-eos", "--max-tokens", "10", "--temperature", "0",
-                             prompt, timeout=300).stdout)[-1]
+    final = generate(d, "--max-tokens", "10", "--temperature", "0", prompt, timeout=300)[-1]
     reference = subprocess.run(
         [str(llama_bin / "llama-completion"), "-m", str(gemma_gguf), "-p", prompt, "-n", "24",
          "--temp", "0", "-t", "2", "-no-cnv", "--no-display-prompt"],

@@ -62,9 +62,9 @@ async def read_json(request: web.Request) -> dict[str, Any]:
 
     try:
         raw = await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        raise HttpError("too_large", f"request body larger than {exc.max_size} bytes "
-                        "(http.max_body_size)") from None
+    except web.HTTPRequestEntityTooLarge:
+        raise HttpError("too_large", "the request body is larger than http.max_body_size "
+                        "allows") from None
     try:
         body = json.loads(raw or b"null")
     except (ValueError, UnicodeDecodeError) as exc:
