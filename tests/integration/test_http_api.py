@@ -297,3 +297,17 @@ def test_gemma_answers_a_chat_through_the_openai_client(velod_factory, gemma_ggu
         messages=[{"role": "user", "content": "What is the capital of France?"}])
     assert time.monotonic() - started < 120
     assert reply.choices[0].message.content and reply.usage.prompt_tokens == 16
+
+
+def test_velodctl_bench_measures_the_engine_through_its_own_ollama_api(served):
+    d, url = served
+    result = json.loads(d.ctl("bench", "--url", url, "--prompt", "chat", "--gen", "6",
+                              "--repeat", "1", "--concurrency", "1,2", "--json",
+                              timeout=120).stdout)
+    assert result["complete"] is True and result["error"] is None
+    assert result["ollama"]["url"] == url
+    cases = {case["concurrency"]: case for case in result["cases"]}
+    assert set(cases) == {1, 2}
+    assert all(case["metrics"]["gen_tps"]["median"] > 0 for case in cases.values())
+    listed = d.call("bench.list", {"limit": 5})["results"]
+    assert listed[0]["id"] == result["id"]  # saved beside Ollama's results, same tool

@@ -55,7 +55,8 @@ class ServedModel:
         """
         if not name:
             return True
-        return name in self.aliases
+        # Ollama's clients add the default tag to a name without one.
+        return name in self.aliases or name.removesuffix(":latest") in self.aliases
 
     @property
     def aliases(self) -> tuple[str, ...]:

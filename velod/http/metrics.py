@@ -99,7 +99,7 @@ class Metrics:
         if bench_list is not None:
             with contextlib.suppress(Exception):  # a missing store is no metric, not a 500
                 runs = await asyncio.wait_for(bench_list(100), SCRAPE_TIMEOUT)
-                self._bench = latest_bench(runs.get("runs", []) if isinstance(runs, dict)
+                self._bench = latest_bench(runs.get("results", []) if isinstance(runs, dict)
                                            else [])
         return generate_latest(self.registry)
 
