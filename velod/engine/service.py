@@ -89,6 +89,12 @@ class EngineService(Component):
             spec = self._derive(new) if new.enabled else None
         except EngineConfigError as exc:
             raise ReconfigureRefused(str(exc)) from None
+        if self.served is not None and self.settings is not None and spec is not None and \
+                spec.dtype != self.settings.dtype:
+            # The loaded model writes its K/V in the cache's element type, chosen at load.
+            raise ReconfigureRefused(
+                f"engine.dtype {spec.dtype} needs the model loaded again: `velodctl engine "
+                f"unload`, reload, then `velodctl engine load {self.served.name}`")
         if spec != self.settings and self._busy():
             engine = self.engine
             load = (f"{engine.scheduler.num_running} running, {engine.scheduler.num_waiting} "
