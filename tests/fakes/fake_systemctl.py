@@ -10,11 +10,20 @@ manages services described by ``$FAKE_SYSTEMCTL_STATE/<unit>.json``
   so a changed drop-in without a daemon-reload is not seen, as with systemd;
 - ``start``, ``stop``, ``restart`` run the service as a process (pid in ``<unit>.pid``)
   with the unit's ``env`` plus the loaded environment;
-- ``is-active``, ``show -p Environment|MainPID|ActiveState [--value]``.
+- ``is-active``; ``show -p PROP [-p PROP...] [--value]`` for ``Environment`` (the
+  environment loaded at the last daemon-reload, each entry shell-quoted where needed and
+  space-separated, as systemd prints it), ``MainPID`` (0 when stopped), ``ActiveState``,
+  ``NeedDaemonReload`` (``yes`` when the files on disk say something else than what was
+  loaded) and ``ExecMainStartTimestampMonotonic`` (microseconds of CLOCK_MONOTONIC when the
+  main process started, 0 if never), the properties systemd documents for a service.
 
 Failure injection: a file ``$FAKE_SYSTEMCTL_STATE/<unit>.next-restart`` containing ``fail``
 makes the next start/restart fail (exit 1, service stopped); ``no-come-back`` starts a
 process that never answers. The file is consumed by the start it affects.
+A file ``$FAKE_SYSTEMCTL_STATE/hang`` containing ``VERB before`` or ``VERB after`` makes
+the next call of that verb sleep ``$FAKE_SYSTEMCTL_HANG_S`` seconds (default 30) before or
+after doing its work, so a test can kill velod at that point (consumed by that call; the
+sleeping process writes its pid to ``$FAKE_SYSTEMCTL_STATE/hanging.pid``).
 """
 
 from __future__ import annotations
@@ -119,6 +128,10 @@ def stop(unit: str) -> None:
     (STATE / f"{unit}.pid").unlink(missing_ok=True)
 
 
+def started_path(unit: str) -> Path:
+    return STATE / f"{unit}.started-monotonic-us"
+
+
 def start(unit: str) -> int:
     if pid_of(unit) is not None:
         return 0
@@ -143,19 +156,56 @@ def start(unit: str) -> int:
     proc = subprocess.Popen(argv, env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
                             start_new_session=True, cwd=spec.get("cwd"))
     (STATE / f"{unit}.pid").write_text(str(proc.pid))
+    started_path(unit).write_text(str(int(time.monotonic() * 1e6)))
     return 0
+
+
+# systemd's shell_maybe_quote(s, 0), which `systemctl show` applies to each entry of a
+# string array: double quotes when a character needs them; inside, \ " ` $ get a
+# backslash and control characters a C escape.
+_NEEDS_QUOTES = set("\"\\`$*?['()<>|&;!")
+_C_ESCAPES = {"\a": "a", "\b": "b", "\f": "f", "\n": "n", "\r": "r", "\t": "t", "\v": "v"}
+
+
+def shell_maybe_quote(text: str) -> str:
+    if not any(c in _NEEDS_QUOTES or c <= " " or c >= "\x7f" for c in text):
+        return text
+    out = []
+    for c in text:
+        if c in '\\"`$':
+            out.append("\\" + c)
+        elif c in _C_ESCAPES:
+            out.append("\\" + _C_ESCAPES[c])
+        elif c < " " or c == "\x7f":
+            out.append(f"\\{ord(c):03o}")
+        else:
+            out.append(c)
+    return '"' + "".join(out) + '"'
 
 
 def show(unit: str, props: list[str], value_only: bool) -> int:
     pid = pid_of(unit)
-    env = loaded_environment(unit) if (STATE / f"{unit}.json").exists() else {}
-    values = {"Environment": " ".join(shlex.quote(f"{k}={v}") for k, v in env.items()),
+    known = (STATE / f"{unit}.json").exists()
+    env = loaded_environment(unit) if known else {}
+    started = started_path(unit).read_text() if started_path(unit).exists() else "0"
+    stale = known and read_environment(unit) != env
+    values = {"Environment": " ".join(shell_maybe_quote(f"{k}={v}") for k, v in env.items()),
               "MainPID": str(pid or 0), "ActiveState": "active" if pid else "inactive",
-              "Id": unit}
+              "NeedDaemonReload": "yes" if stale else "no",
+              "ExecMainStartTimestampMonotonic": started, "Id": unit}
     for prop in props or list(values):
         value = values.get(prop, "")
         print(value if value_only else f"{prop}={value}")
     return 0
+
+
+def hang(verb: str, when: str) -> None:
+    """Sleep when the test asked this verb to hang at this point (see the module doc)."""
+    flag = STATE / "hang"
+    if flag.exists() and flag.read_text().split() == [verb, when]:
+        flag.unlink(missing_ok=True)
+        (STATE / "hanging.pid").write_text(str(os.getpid()))  # for the test to end it
+        time.sleep(float(os.environ.get("FAKE_SYSTEMCTL_HANG_S", "30")))
 
 
 def main(argv: list[str]) -> int:
@@ -164,7 +214,14 @@ def main(argv: list[str]) -> int:
     if not args:
         print("fake systemctl: a command is required", file=sys.stderr)
         return 1
-    verb, rest = args[0], args[1:]
+    verb = args[0]
+    hang(verb, "before")
+    code = run(verb, args[1:], quiet="--quiet" in argv or "-q" in argv)
+    hang(verb, "after")
+    return code
+
+
+def run(verb: str, rest: list[str], quiet: bool) -> int:
     STATE.mkdir(parents=True, exist_ok=True)
     if verb == "daemon-reload":
         for spec in STATE.glob("*.json"):
@@ -188,7 +245,7 @@ def main(argv: list[str]) -> int:
         return code
     if verb == "is-active":
         active = pid_of(unit_name(rest[0])) is not None
-        if "--quiet" not in argv and "-q" not in argv:
+        if not quiet:
             print("active" if active else "inactive")
         return 0 if active else 3
     if verb == "show":

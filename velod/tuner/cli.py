@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from velod.control.output import ago, emit, print_json, table
+from velod.control.progress import EventProgress, stderr_view
 from velod.tuner.bench.cli import register as register_bench
 from velod.units import format_size, parse_size
 
@@ -90,7 +91,8 @@ def cmd_plan(args: argparse.Namespace, client: Any) -> int:
 
 
 def cmd_apply(args: argparse.Namespace, client: Any) -> int:
-    result = client.call("tuner.apply", {"now": args.now}, timeout=600)
+    result = _with_progress(args, "tune apply",
+                            lambda: client.call("tuner.apply", {"now": args.now}, timeout=600))
     if args.json:
         print_json(result)
     else:
@@ -98,8 +100,29 @@ def cmd_apply(args: argparse.Namespace, client: Any) -> int:
     return EXIT_OK if result["decision"] in ("applied", "nothing") else 1
 
 
+def _with_progress(args: argparse.Namespace, prefix: str, call: Any) -> Any:
+    """``call()`` while its steps (restart, wait, verification benchmarks) go to stderr."""
+    progress = EventProgress(args.socket, ["tuner.progress", "bench.progress"],
+                             render_step, stderr_view(prefix))
+    try:
+        return call()
+    finally:
+        progress.close()
+
+
+def render_step(data: dict[str, Any]) -> tuple[str, float | None] | None:
+    """A ``tuner.progress`` step, or a verification benchmark's ``bench.progress``."""
+    if "step" in data:
+        return str(data["step"]), None
+    if data.get("phase") in ("warm-up", "measure"):
+        return (f"measuring {data.get('prompt') or ''}: {data.get('done', 0)}/"
+                f"{data.get('total', 0)} requests"), None
+    return None
+
+
 def cmd_rollback(args: argparse.Namespace, client: Any) -> int:
-    result = client.call("tuner.rollback", {}, timeout=600)
+    result = _with_progress(args, "tune rollback",
+                            lambda: client.call("tuner.rollback", {}, timeout=600))
     if args.json:
         print_json(result)
     else:
@@ -113,6 +136,8 @@ def cmd_history(args: argparse.Namespace, client: Any) -> int:
         print_json(result)
     else:
         print(render_history(result["entries"]))
+        if result.get("warning"):
+            print(f"warning: {result['warning']}")
     return EXIT_OK
 
 
@@ -190,9 +215,20 @@ def render_show(r: dict[str, Any]) -> str:
 
 
 def _verdict(r: dict[str, Any]) -> str:
+    running = r.get("running") or {}
     if r["up_to_date"]:
+        if not running.get("known", True):
+            return ("The drop-ins set the recommended settings; what Ollama runs cannot be "
+                    f"checked ({running.get('note')}).")
         return "Ollama runs the recommended settings; nothing to change."
     count = len(r["changes"])
+    if running.get("not_running"):
+        names = ", ".join(f"{k}={v[0] if v[0] is not None else '(unset)'}"
+                          for k, v in sorted(running["not_running"].items()))
+        return (f"The drop-ins set the recommended settings, but Ollama was not restarted "
+                f"since: it runs {names}. "
+                + ("Observe mode: `velodctl tune apply` restarts it." if r["mode"] == "observe"
+                   else "velod restarts it when Ollama is idle."))
     if r.get("blocked"):
         return (f"{count} setting(s) differ, but this plan failed before "
                 f"({r['blocked']['decision']}: {r['blocked']['message']}); velod will not "

@@ -10,6 +10,7 @@ happens while a benchmark runs.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -24,6 +25,8 @@ from velod.tuner.bench.spec import BenchSpec
 from velod.tuner.bench.store import BenchStore, new_id
 
 EVENT = "bench.progress"
+INTERRUPTED = ("interrupted before the end (the client went away, e.g. Ctrl-C, or velod "
+               "stopped); partial results kept")
 
 
 class Benchmarks:
@@ -101,27 +104,47 @@ class Benchmarks:
             self._publish(EVENT, data)
 
         runner = BenchRunner(client, spec, run_id, progress)
-        measured = await runner.run()
-        loaded = None
-        try:
-            for m in await client.loaded():
-                if normalize_name(m.name) == normalize_name(spec.model):
-                    loaded = {"size": m.size, "size_vram": m.size_vram,
-                              "context_length": m.context_length,
-                              "gpu_percent": round(100 * m.gpu_fraction, 1)}
-        except OllamaError:
-            pass  # Ollama died mid-run: the measured part and its error are what matter
-        result = {"id": run_id, "time": started, "spec": spec.to_dict(),
+        record = {"id": run_id, "time": started, "spec": spec.to_dict(),
                   "ollama": {"url": client.base_url, "version": version},
                   "model": {"name": spec.model, "digest": digest},
-                  "server_settings": settings, "loaded": loaded, **measured}
+                  "server_settings": settings, "loaded": None}
+        try:
+            measured = await runner.run()
+        except asyncio.CancelledError:
+            # The caller went away (Ctrl-C in velodctl closes its connection, which cancels
+            # the call) or velod is stopping: keep what was measured, then stop.
+            result = {**record, **runner.results("interrupted", INTERRUPTED)}
+            await self._save(result, runner, progress)
+            raise
+        result = {**record, "loaded": await self._loaded(client, spec.model), **measured}
+        await self._save(result, runner, progress)
+        return result
+
+    async def _loaded(self, client: OllamaClient, model: str) -> dict[str, Any] | None:
+        """How ``model`` sits in memory now (``/api/ps``); None when it is not loaded."""
+        try:
+            for m in await client.loaded():
+                if normalize_name(m.name) == normalize_name(model):
+                    return {"size": m.size, "size_vram": m.size_vram,
+                            "context_length": m.context_length,
+                            "gpu_percent": round(100 * m.gpu_fraction, 1)}
+        except OllamaError:
+            pass  # Ollama died mid-run: the measured part and its error are what matter
+        return None
+
+    async def _save(self, result: dict[str, Any], runner: BenchRunner,
+                    progress: Callable[[dict[str, Any]], None]) -> None:
+        """Save ``result`` (adding its path or the save error), then announce the end."""
         try:
             path = await run_blocking(self.store.save, result, timeout=10)
             result["path"] = str(path)
         except (OSError, TimeoutError) as exc:
-            self.log.error("cannot save benchmark %s: %s", run_id, exc)
+            self.log.error("cannot save benchmark %s: %s", result["id"], exc)
             result["save_error"] = str(exc)
-        progress({"id": run_id, "phase": "finished", "done": runner.done,
-                  "total": spec.requests, "complete": result["complete"],
-                  "error": result["error"]})
-        return result
+        total = runner.spec.requests
+        if result["error_kind"] == "interrupted":
+            self.log.info("benchmark %s interrupted after %d of %d requests; what was "
+                          "measured is saved", result["id"], runner.done, total)
+        progress({"id": result["id"], "phase": "finished", "done": runner.done,
+                  "total": total, "complete": result["complete"], "error": result["error"],
+                  "error_kind": result["error_kind"]})
