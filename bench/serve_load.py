@@ -7,6 +7,7 @@ Starts velod (localhost only, a temporary directory), loads the model (default: 
 from the test asset cache), warms it up, then runs ``--clients`` clients, each streaming
 ``/v1/completions`` requests back to back (greedy, ``ignore_eos``: every request generates
 exactly ``--max-tokens``) until ``--duration`` has passed; bounded in time and in requests.
+RSS "before" is taken after a warm-up at the full concurrency.
 Meanwhile a control-socket client pings velod (``system.ping``, as ``velodctl ping``) every
 50 ms. Reports requests/s, aggregate tokens/s, time to first token p50/p99, errors, velod's
 RSS before and after, ping latency; then, in this process, the same engine with the same
@@ -184,7 +185,9 @@ def main() -> None:
         pid = daemon.proc.pid
         with Client.connect(str(daemon.socket), timeout=600) as client:
             client.call("engine.load", {"model": model})
-        asyncio.run(http_load(url, model, min(args.clients, 4), 0.1, 4))  # warm-up: pool, buffers
+        # Warm-up at the full concurrency: the pool and the batch-sized buffers exist before
+        # "RSS before", so the RSS comparison shows what the load left behind.
+        asyncio.run(http_load(url, model, args.clients, 0.1, 4))
         time.sleep(1.0)
         rss_before = rss_bytes(pid)
         pinger = Pinger(str(daemon.socket))
