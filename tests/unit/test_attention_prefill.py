@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.unit.attention_cases import DTYPES, TOLERANCE, make_case, relative_error
+from tests.unit.kernels.attention_cases import DTYPES, TOLERANCE, make_case, relative_error
 from velod.kernels import AttentionArgumentError, reference
 from velod.kernels.layout import from_float32, to_float32
 
