@@ -295,7 +295,7 @@ class HttpConfig:
                                _check("must be between 1KiB and 256MiB",
                                       lambda v: 1024 <= v <= 256 * 1024**2))
     max_requests: int = _opt(256, "Requests served at once; more get 503 with Retry-After.",
-                             positive)
+                             between(1, 65536))
     request_timeout: Duration = _opt(Duration(600.0), "Longest one request may run (its "
                                      "generation is aborted then).", positive)
     retry_after: Duration = _opt(Duration(1.0), "Retry-After sent with 503 when the engine's "
