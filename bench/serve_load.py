@@ -10,9 +10,10 @@ exactly ``--max-tokens``) until ``--duration`` has passed; bounded in time and i
 RSS "before" is taken after a warm-up at the full concurrency.
 Meanwhile a control-socket client pings velod (``system.ping``, as ``velodctl ping``) every
 50 ms. Reports requests/s, aggregate tokens/s, time to first token p50/p99, errors, velod's
-RSS before and after, ping latency; then, in this process, the same engine with the same
-model and the same number of concurrent requests for the same time, so the HTTP figure is
-compared side by side with the engine's own (ratio).
+RSS before and after, ping latency. Then ``--rounds`` pairs of rounds, each ``--clients``
+requests at once: over HTTP, then the same engine with the same model driven in this process
+without HTTP; each pair gives a ratio of aggregate tokens/s (the machine's load moves between
+rounds, not within a pair as much).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import threading
@@ -70,11 +72,11 @@ class Pinger(threading.Thread):
 
 
 async def one_client(session: Any, url: str, model: str, max_tokens: int, deadline: float,
-                     stats: dict[str, Any]) -> None:
+                     stats: dict[str, Any], once: bool = False) -> None:
     body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0,
             "ignore_eos": True, "stream": True}
-    for _ in range(MAX_REQUESTS_PER_CLIENT):
-        if time.monotonic() >= deadline:
+    for _ in range(1 if once else MAX_REQUESTS_PER_CLIENT):
+        if time.monotonic() >= deadline and not once:
             return
         start = time.monotonic()
         first = None
@@ -106,8 +108,8 @@ async def one_client(session: Any, url: str, model: str, max_tokens: int, deadli
         stats["done_at"] = time.monotonic()
 
 
-async def http_load(url: str, model: str, clients: int, duration: float, max_tokens: int
-                    ) -> dict[str, Any]:
+async def http_load(url: str, model: str, clients: int, duration: float, max_tokens: int,
+                    once: bool = False) -> dict[str, Any]:
     import aiohttp
 
     stats: dict[str, Any] = {"requests": 0, "chunks": 0, "ttft": [], "errors": []}
@@ -116,47 +118,53 @@ async def http_load(url: str, model: str, clients: int, duration: float, max_tok
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         start = time.monotonic()
         await asyncio.gather(*(one_client(session, url, model, max_tokens, start + duration,
-                                          stats)
+                                          stats, once)
                                for _ in range(clients)))
         elapsed = time.monotonic() - start
     return {"elapsed_s": elapsed, **stats}
 
 
-def in_process(model: str, clients: int, duration: float, max_tokens: int,
-               kv_cache: int) -> dict[str, Any]:
+class InProcess:
     """The same model and engine settings, driven in this process without HTTP."""
-    import dataclasses
 
-    from velod.config import EngineConfig, MemoryAmount
-    from velod.engine.models.sampling import SamplingParams
-    from velod.engine.runtime.engine import build_engine
-    from velod.engine.served import load_served
-    from velod.engine.settings import EngineSettings
+    def __init__(self, model: str, clients: int, kv_cache: int) -> None:
+        import dataclasses
 
-    served = load_served(model, kv_dtype="float32")
-    base = EngineSettings.from_config(EngineConfig(
-        dtype="float32", device="cpu", kv_cache=MemoryAmount(bytes=kv_cache),
-        max_batch_size=max(clients, 1)))
-    settings = dataclasses.replace(base, geometry=served.geometry, model=served.name)
-    engine = build_engine(settings, model=served.model)
-    prompt = served.tokenizer.encode(PROMPT)
-    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=max_tokens)
-    for _ in range(clients):
-        engine.submit(prompt, max_tokens, sampling=params)
-    start = time.monotonic()
-    deadline = start + duration
-    generated = requests = 0
-    while engine.has_work:
-        outcome = engine.step()
-        generated += len(outcome.tokens)
-        for _ in outcome.finished:
-            requests += 1
-            if time.monotonic() < deadline:  # keep the same number of requests in flight
-                engine.submit(prompt, max_tokens, sampling=params)
-    elapsed = time.monotonic() - start
-    engine.close()
-    return {"elapsed_s": elapsed, "requests": requests, "tokens": generated,
-            "tokens_per_s": generated / elapsed}
+        from velod.config import EngineConfig, MemoryAmount
+        from velod.engine.runtime.engine import build_engine
+        from velod.engine.served import load_served
+        from velod.engine.settings import EngineSettings
+
+        served = load_served(model, kv_dtype="float32")
+        base = EngineSettings.from_config(EngineConfig(
+            dtype="float32", device="cpu", kv_cache=MemoryAmount(bytes=kv_cache),
+            max_batch_size=max(clients, 1)))
+        settings = dataclasses.replace(base, geometry=served.geometry, model=served.name)
+        self.engine = build_engine(settings, model=served.model)
+        self.prompt = served.tokenizer.encode(PROMPT)
+
+    def round(self, clients: int, max_tokens: int) -> dict[str, Any]:
+        """``clients`` requests at once, greedy, each exactly ``max_tokens`` long."""
+        from velod.engine.models.sampling import SamplingParams
+
+        params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=max_tokens)
+        start = time.monotonic()
+        for _ in range(clients):
+            self.engine.submit(self.prompt, max_tokens, sampling=params)
+        generated = 0
+        while self.engine.has_work:
+            generated += len(self.engine.step().tokens)
+        elapsed = time.monotonic() - start
+        return {"elapsed_s": elapsed, "tokens": generated, "tokens_per_s": generated / elapsed}
+
+
+async def http_round(url: str, model: str, clients: int, max_tokens: int) -> dict[str, Any]:
+    """``clients`` streaming requests at once, each one request (the same work as a round of
+    :class:`InProcess`)."""
+    load = await http_load(url, model, clients, 0.0, max_tokens, once=True)
+    tokens = load["requests"] * max_tokens
+    return {"elapsed_s": load["elapsed_s"], "tokens": tokens, "errors": len(load["errors"]),
+            "tokens_per_s": tokens / load["elapsed_s"]}
 
 
 def main() -> None:
@@ -166,6 +174,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--model", help="a GGUF (default: Gemma 3 270M from the asset cache)")
     parser.add_argument("--kv-cache", default="256MiB")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating HTTP / in-process rounds for the ratio")
     parser.add_argument("--no-in-process", action="store_true")
     args = parser.parse_args()
     if args.clients > 256 or args.duration > 600:
@@ -181,6 +191,9 @@ def main() -> None:
               "http": {"listen": f"127.0.0.1:{port}", "request_timeout": "30m",
                        "max_requests": 1024}}
     url = f"http://127.0.0.1:{port}/v1/completions"
+    load_start = os.getloadavg()[0]  # the box is shared: say how busy it was
+    own = None if args.no_in_process else InProcess(model, args.clients, _bytes(args.kv_cache))
+    rounds: list[dict[str, Any]] = []
     with BenchDaemon(config) as daemon:
         pid = daemon.proc.pid
         with Client.connect(str(daemon.socket), timeout=600) as client:
@@ -198,6 +211,16 @@ def main() -> None:
         pinger.join(10)
         time.sleep(2.0)  # let the last sequences' buffers go
         rss_after = rss_bytes(pid)
+        if own is not None:
+            own.round(min(args.clients, 4), 4)  # warm-up
+            # The shared machine's load moves by the minute: HTTP and in-process rounds
+            # alternate, and each pair gives a ratio.
+            for _ in range(args.rounds):
+                via_http = asyncio.run(http_round(url, model, args.clients, args.max_tokens))
+                direct = own.round(args.clients, args.max_tokens)
+                rounds.append({"http": via_http, "in_process": direct,
+                               "ratio": via_http["tokens_per_s"] / direct["tokens_per_s"],
+                               "load_average_1m": os.getloadavg()[0]})
     tokens = load["requests"] * args.max_tokens
     http = {"clients": args.clients, "duration_s": load["elapsed_s"],
             "requests": load["requests"], "requests_per_s": load["requests"] / load["elapsed_s"],
@@ -215,12 +238,14 @@ def main() -> None:
                        "mean": statistics.fmean(pinger.latencies) if pinger.latencies
                        else None}}
     result: dict[str, Any] = {"bench": "serve_load", "machine": machine(), "model": model,
-                              "max_tokens": args.max_tokens, "http": http}
-    if not args.no_in_process:
-        own = in_process(model, args.clients, args.duration, args.max_tokens,
-                         _bytes(args.kv_cache))
-        result["in_process"] = own
-        result["http_over_in_process"] = http["tokens_per_s"] / own["tokens_per_s"]
+                              "max_tokens": args.max_tokens, "http": http,
+                              "load_average_1m": {"start": load_start,
+                                                  "end": os.getloadavg()[0]}}
+    if rounds:
+        result["rounds"] = rounds
+        result["http_over_in_process"] = {
+            "median": statistics.median(r["ratio"] for r in rounds),
+            "each": [r["ratio"] for r in rounds]}
     print(json.dumps(result, indent=2))
 
 
