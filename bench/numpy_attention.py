@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """NumPy paged attention against dense matmul attention over the same tokens, side by side.
 
-    python bench/numpy_attention.py [--repeats N] [--out FILE]
+    python bench/numpy_attention.py [--repeats N] [--compare FILE] [--out FILE]
 
 Cases (float32 cache and math, block size 16, block tables shuffled over the cache):
 
@@ -15,7 +15,9 @@ Dense = softmax(q·Kᵀ)·V with ``np.matmul`` over contiguous head-major K/V ``
 (the grouped query heads of a kv head as the rows of one GEMM), and the same with
 ``np.einsum``; both read exactly the tokens the paged call reads. Each repeat times every
 variant once, in turn, so machine noise hits them alike; the JSON reports the median and the
-best time of each and the paged/dense ratios of both. Prints one JSON document (and writes
+best time of each and the paged/dense ratios of both. ``--compare FILE`` races another
+implementation of ``velod/kernels/reference.py`` in the decode cases too (e.g. an older one:
+``git show REV:velod/kernels/reference.py > old.py``). Prints one JSON document (and writes
 it to --out).
 """
 
@@ -116,7 +118,7 @@ def ratio(ms: dict[str, dict[str, float]], a: str, b: str) -> dict[str, float]:
 
 
 def decode_case(name: str, seqs: int, context: int, heads: int, kv: int, dim: int,
-                window: int | None, repeats: int) -> dict[str, Any]:
+                window: int | None, repeats: int, other: Any = None) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     keys, values, tables, dense_k, dense_v = paged_cache(rng, seqs, context, kv, dim)
     group = heads // kv
@@ -127,17 +129,24 @@ def decode_case(name: str, seqs: int, context: int, heads: int, kv: int, dim: in
     paged = reference.paged_attention(query, keys, values, tables, lens, scale, window=window)
     error = float(np.abs(paged.reshape(q.shape) - dense_decode(q, dense_k, dense_v, window))
                   .max())
-    ms = race({
+    variants = {
         "paged": lambda: reference.paged_attention(query, keys, values, tables, lens, scale,
                                                    window=window),
         "dense_matmul": lambda: dense_decode(q, dense_k, dense_v, window),
         "dense_einsum": lambda: dense_decode_einsum(q, dense_k, dense_v, window),
-    }, repeats)
-    return {"case": name, "seqs": seqs, "context": context, "heads": heads, "kv_heads": kv,
-            "head_dim": dim, "window": window, "ms": ms,
-            "paged_over_dense_matmul": ratio(ms, "paged", "dense_matmul"),
-            "paged_over_dense_einsum": ratio(ms, "paged", "dense_einsum"),
-            "max_abs_difference": error}
+    }
+    if other is not None and window is None:
+        variants["compared"] = lambda: other.paged_attention(query, keys, values, tables, lens,
+                                                             scale)
+    ms = race(variants, repeats)
+    result = {"case": name, "seqs": seqs, "context": context, "heads": heads, "kv_heads": kv,
+              "head_dim": dim, "window": window, "ms": ms,
+              "paged_over_dense_matmul": ratio(ms, "paged", "dense_matmul"),
+              "paged_over_dense_einsum": ratio(ms, "paged", "dense_einsum"),
+              "max_abs_difference": error}
+    if "compared" in ms:
+        result["compared_over_dense_matmul"] = ratio(ms, "compared", "dense_matmul")
+    return result
 
 
 def prefill_case(name: str, tokens: int, heads: int, kv: int, dim: int,
@@ -170,15 +179,24 @@ def prefill_case(name: str, tokens: int, heads: int, kv: int, dim: int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--compare", type=Path, help="another reference.py to race")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    other = None
+    if args.compare:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("compared_reference", args.compare)
+        other = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(other)
     results = [
-        decode_case("decode_llama", 16, 2048, 32, 8, 128, None, args.repeats),
-        decode_case("decode_gemma3", 32, 256, 4, 1, 256, None, args.repeats),
+        decode_case("decode_llama", 16, 2048, 32, 8, 128, None, args.repeats, other),
+        decode_case("decode_gemma3", 32, 256, 4, 1, 256, None, args.repeats, other),
         decode_case("decode_gemma3_window128", 32, 256, 4, 1, 256, 128, args.repeats),
         prefill_case("prefill_gemma3", 512, 4, 1, 256, args.repeats),
     ]
     doc = {"benchmark": "numpy_attention", "machine": machine(), "block_size": BLOCK_SIZE,
+           "compared": str(args.compare) if args.compare else None,
            "dtype": "float32", "repeats": args.repeats, "results": results}
     text = json.dumps(doc, indent=2)
     print(text)

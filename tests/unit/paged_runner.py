@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from velod.kernels import reference
+from velod.kernels.layout import from_float32
 
 
 @dataclass
@@ -30,8 +31,10 @@ class PagedRunner:
         self.model = model
         self.block_size = block_size
         shape = (num_blocks, block_size, model.kv_heads, model.head_dim)
-        self.keys = [np.full(shape, np.nan, np.float32) for _ in range(model.layers)]
-        self.values = [np.full(shape, np.nan, np.float32) for _ in range(model.layers)]
+        dtype = getattr(model, "dtype", np.dtype(np.float32))  # the model's cache type
+        self.nan = from_float32(np.full((), np.nan, np.float32), dtype)
+        self.keys = [np.full(shape, self.nan, dtype) for _ in range(model.layers)]
+        self.values = [np.full(shape, self.nan, dtype) for _ in range(model.layers)]
         self.free = list(np.random.default_rng(seed).permutation(num_blocks))
         self.seqs: dict[int, _Seq] = {}
         self.poison = poison_outside_window
@@ -92,5 +95,5 @@ class PagedRunner:
                 # The next query is at position len(tokens): it sees len - window + 1 onwards.
                 first_visible = len(seq.tokens) - window + 1
                 for block in seq.blocks[:max(first_visible, 0) // bs]:
-                    self.keys[layer][block] = np.nan
-                    self.values[layer][block] = np.nan
+                    self.keys[layer][block] = self.nan
+                    self.values[layer][block] = self.nan

@@ -185,3 +185,21 @@ def test_bad_step_inputs_are_engine_errors(tiny):
     with pytest.raises(EngineError, match="other rows than begin_step's"):
         model.logits(np.array([0]))
     assert model.logits(np.array([1])).shape == (1, 97)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float16", 5e-4), ("bfloat16", 2e-3)])
+def test_a_half_precision_kv_cache_stays_close_to_the_reference(tiny, dtype, tolerance):
+    # q/k/v come back in the cache's type; only their rounding separates the results.
+    path, dense = tiny["gemma3"]
+    model = load_model(str(path), dtype=dtype)
+    paged = PagedRunner(model, block_size=4)
+    tokens = token_streams(1, 16, seed=7)[0]
+    logits = paged.step([(0, tokens[:12])])[0]
+    worst = relative(logits, dense.forward(tokens[:12])[-1])
+    for i in range(12, 16):
+        logits = paged.step([(0, [tokens[i]])])[0]
+        worst = max(worst, relative(logits, dense.forward(tokens[:i + 1])[-1]))
+    model.begin_step(np.array([1], np.int32), np.array([0], np.int32))
+    q, k, v = model.layer_qkv(0)
+    assert q.dtype == k.dtype == v.dtype == paged.keys[0].dtype
+    assert worst < tolerance

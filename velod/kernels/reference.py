@@ -155,7 +155,8 @@ def _decode_group(queries: np.ndarray, key_cache: np.ndarray, value_cache: np.nd
     values = _gather_blocks(value_cache, ids.reshape(-1), "v").reshape(keys.shape)
     positions = start[:, None] + np.arange(keys.shape[1])
     hidden = (positions < lo[:, None]) | (positions >= lens[:, None])        # [G, n]
-    scores = np.matmul(queries, keys.transpose(0, 2, 3, 1))                  # [G, kv, g, n]
+    with np.errstate(invalid="ignore", over="ignore"):  # unused slots: masked just below
+        scores = np.matmul(queries, keys.transpose(0, 2, 3, 1))              # [G, kv, g, n]
     if hidden.any():
         np.copyto(scores, -np.inf, where=hidden[:, None, None, :])  # also overwrites NaN
         values[hidden] = 0.0  # unused slots may hold anything; 0 weight x NaN is NaN
@@ -177,7 +178,8 @@ def _decode_long(query: np.ndarray, key_cache: np.ndarray, value_cache: np.ndarr
     for b in pieces:
         keys = _gather_blocks(key_cache, table_row[b:min(b + per_piece, last)], "k")
         a = b * block_size - offset
-        np.matmul(query, keys.transpose(1, 2, 0), out=scores[:, :, a:a + keys.shape[0]])
+        with np.errstate(invalid="ignore", over="ignore"):  # unused slots: masked below
+            np.matmul(query, keys.transpose(1, 2, 0), out=scores[:, :, a:a + keys.shape[0]])
     if lo > offset or length < offset + n:
         scores[:, :, :lo - offset] = -np.inf
         scores[:, :, length - offset:] = -np.inf
@@ -197,7 +199,7 @@ def _decode_long(query: np.ndarray, key_cache: np.ndarray, value_cache: np.ndarr
 
 def _block_bytes(cache: np.ndarray) -> int:
     """Bytes of one block once in float32 (what a gathered piece occupies)."""
-    return int(np.prod(cache.shape[1:])) * 4
+    return math.prod(cache.shape[1:]) * 4
 
 
 def paged_attention(

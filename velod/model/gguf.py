@@ -88,20 +88,18 @@ class GGUFFile:
             raise ModelFileError(self.path, f"has no tensor {name!r}") from None
 
     def release(self, info: TensorInfo) -> None:
-        """Tells the kernel this process is done with a tensor's pages (they leave its RSS;
-        the page cache keeps them). Harmless to call twice."""
-        mm = getattr(self._mapping, "_mmap", None)
-        if mm is None or info.nbytes == 0:
+        """Tells the kernel this process is done with a tensor's pages: they leave its
+        resident memory, and come back from the page cache if read again (the mapping is
+        read-only, so nothing is lost). Harmless to call twice."""
+        mm = getattr(self._mapping, "_mmap", None)  # np.memmap's mmap object
+        if mm is None or info.nbytes == 0 or not hasattr(mm, "madvise"):
             return
         import mmap
 
-        page = mmap.PAGESIZE
-        start = info.offset - info.offset % page
-        end = info.offset + info.nbytes
-        end = end - end % page  # never a page shared with the next tensor
-        if end > start and hasattr(mm, "madvise"):
-            with contextlib.suppress(OSError, ValueError):  # advice only
-                mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+        start = info.offset - info.offset % mmap.PAGESIZE
+        end = min(info.offset + info.nbytes, len(mm))
+        with contextlib.suppress(OSError, ValueError):  # advice only
+            mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def close(self) -> None:
         self.tensors = {}

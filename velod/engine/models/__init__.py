@@ -15,11 +15,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from velod.engine.models.transformer import TransformerModel
 
-# Loaded on first use (PEP 562): the tokenizer, chat and sampling modules of this package
-# are imported by light code (an idle daemon, velodctl) that must not pull in NumPy.
+# Imported on first use (PEP 562): importing a light module of this package (the tokenizer)
+# must not load NumPy and the whole forward.
 _EXPORTS = {
-    "ARCHITECTURES": "velod.engine.models.hparams",
-    "HParams": "velod.engine.models.hparams",
+    "ARCHITECTURES": "velod.engine.models.hparams", "HParams": "velod.engine.models.hparams",
     "UnsupportedModel": "velod.engine.models.hparams",
     "LanguageModel": "velod.engine.models.protocol",
     "LayerAttention": "velod.engine.models.protocol",
@@ -30,6 +29,13 @@ _EXPORTS = {
     "NotEnoughMemory": "velod.engine.models.weights",
     "ModelFileError": "velod.model.gguf",
 }
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
 
 __all__ = [
     "ARCHITECTURES",
@@ -46,15 +52,6 @@ __all__ = [
     "load_model",
     "quantization_label",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'velod.engine.models' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
 
 
 def quantization_label(metadata: dict[str, Any]) -> str | None:

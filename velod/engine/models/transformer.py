@@ -146,7 +146,7 @@ class TransformerModel:
                 "heads": hp.heads, "kv_heads": hp.kv_heads, "head_dim": hp.head_dim,
                 "vocab_size": hp.vocab_size, "context_length": hp.context_length,
                 "sliding_window": next((s.window for s in hp.layer_specs if s.window), None),
-                "weights": {k: v for k, v in self.weights.info.items()}, **self.info}
+                "weights": dict(self.weights.info), **self.info}
 
     def close(self) -> None:
         """Drops the step's activations (the weights go with the model)."""
