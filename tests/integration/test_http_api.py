@@ -212,8 +212,11 @@ def test_full_queue_is_503_with_retry_after(velod_factory, tiny_llm_gguf):
     long = {"model": "tiny-llama", "prompt": "x", "max_tokens": 3000, "ignore_eos": True}
     threads = [threading.Thread(target=httpx.post, args=(url + "/v1/completions",),
                                 kwargs={"json": long, "timeout": 60}) for _ in range(2)]
-    for t in threads:
-        t.start()
+    # One at a time: a request waits until a step admits it, so two sent together could
+    # both be waiting and the second refused before the queue looks as this test needs.
+    threads[0].start()
+    wait_for(lambda: d.call("engine.status")["running"] == 1, what="one running")
+    threads[1].start()
     wait_for(lambda: d.call("engine.status")["waiting"] == 1, what="one running, one queued")
     answer = httpx.post(url + "/v1/completions", json=long)
     assert answer.status_code == 503 and answer.headers["Retry-After"] == "3"
