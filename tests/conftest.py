@@ -36,3 +36,14 @@ def gemma_metadata(gemma_gguf: Path) -> dict[str, Any]:
 def gemma_tokenize(llama_bin: Path, gemma_gguf: Path) -> assets.LlamaTokenize:
     """llama.cpp's llama-tokenize on the Gemma GGUF."""
     return assets.LlamaTokenize(llama_bin, gemma_gguf)
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight llama GGUF with a real (trained, 600-token) SentencePiece-style
+    tokenizer: a language model velod can load, tokenize for and serve in seconds."""
+    from tests.tiny_vocab import spm_metadata
+    from tests.unit.engine.models.tiny_gguf import SPECS, write_tiny
+
+    path = tmp_path_factory.mktemp("tiny-llm") / "tiny-llama.gguf"
+    return write_tiny(path, SPECS["llama"], seed=7, vocab=spm_metadata())

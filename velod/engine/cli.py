@@ -48,6 +48,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     target.add_argument("--all", action="store_true")
     abort.set_defaults(func=cmd_abort)
 
+    from velod.engine import generate_cli
+
+    generate_cli.register(sub, actions)
+
 
 # ---------------------------------------------------------------------------- status
 
@@ -70,7 +74,7 @@ def render_status(s: dict[str, Any]) -> str:
     pool = s.get("pool") or {}
     if pool.get("allocated"):
         lines.append(f"backend: {s.get('backend')} on {s.get('device')}")
-        lines.append(f"pool: {pool['bytes'] / 2**20:.0f} MiB, {pool['blocks']} blocks of "
+        lines.append(f"KV pool: {pool['bytes'] / 2**20:.0f} MiB, {pool['blocks']} blocks of "
                      f"{pool['block_size']} tokens, {pool['blocks_free']} free, "
                      f"{pool['blocks_cached']} cached, {pool['utilization']:.0%} in use")
         window = pool.get("window")
@@ -107,15 +111,12 @@ def _model_lines(model: dict[str, Any], g: dict[str, Any], dtype: Any) -> list[s
     if model.get("synthetic", True):
         return [f"model: {g.get('name')} geometry ({shape}), {dtype} cache; "
                 f"{model.get('kind')}"]
-    if model.get("loaded") is False:
-        return [f"model: {model.get('name')}, a language model (GGUF), loaded on first use; "
+    if not model.get("architecture"):  # named, not loaded (loading, failed or unloaded)
+        return [f"model: {model.get('name')}, a language model (GGUF), not loaded; "
                 f"{dtype} KV cache"]
-    weights = model.get("weights") or {}
-    held = (f"weights {weights.get('dtype')}, {weights.get('bytes', 0) / 2**20:.0f} MiB"
-            if weights else "weights on the device")
-    return [f"model: {model.get('name')} ({model.get('architecture')}, "
-            f"{model.get('quantization') or 'unknown quantization'}) from {model.get('path')}",
-            f"  {held}; {shape}; {dtype} KV cache"]
+    from velod.engine.generate_cli import render_model
+
+    return [render_model(model), f"KV: {shape}; {dtype} cache"]
 
 
 def _ms(seconds: float | None) -> str:

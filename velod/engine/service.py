@@ -1,32 +1,41 @@
-"""The engine as a daemon service: lazy KV pool, a step loop that runs only with work, verbs.
+"""The engine as a daemon service: a language model, a lazy KV pool, a step loop that runs
+only with work, and the verbs.
 
-Nothing is allocated until the first ``engine.submit`` or ``engine.bench``; the pool is freed
-after ``engine.idle_release`` without work. While requests are live one task steps the
-engine: scheduling on the event loop (a few milliseconds at most), the device work of each
-step in a worker thread, so the control socket keeps answering during long steps. With no
-work there is no task and no timer but the idle-release one: zero CPU. The verbs
-(``report``, ``submit``, ``abort``, ``bench``, ``load``, ``unload``) are what the RPC layer
-calls; a config change reaches the engine through ``reconfigure``, which derives
+``engine.model`` names a language model (an Ollama name or a .gguf path) or a synthetic
+preset. A language model is loaded when the daemon starts (and on a reload that names
+another one) in a worker thread bounded by ``LOAD_TIMEOUT``, never blocking the event loop:
+its memory is estimated first (weights plus a fixed engine.kv_cache) and refused with the
+figures; its tokenizer and chat template are built with it (:class:`ServedModel`). A model
+that cannot load (missing, truncated, unsupported, too large) leaves the component degraded
+with the error in status; the daemon carries on. ``load(model, chat_template)`` switches to
+another model (the old one stays if the new one fails; the choice is kept until the config's
+engine.model changes) and ``unload()`` drops it until the next ``load``. The weights stay
+loaded while the daemon runs; the KV pool is allocated on the first request and freed after
+``engine.idle_release`` without work.
+
+While requests are live one task steps the engine: scheduling on the event loop (a few
+milliseconds at most), the device work of each step on one worker thread, so the control
+socket keeps answering during long steps. With no work there is no task and no timer but the
+idle-release one: zero CPU. ``submit`` queues token ids with per-request listeners (each
+token with its log-probability, then the end); ``generate`` is the text layer on top
+(``velod.engine.generation``: tokenize or render the chat off the loop, stream text, stop
+strings, finish reasons, timings). The verbs are what ``velod.engine.rpc`` and the HTTP
+APIs call; a config change reaches the engine through ``reconfigure``, which derives
 :class:`EngineSettings` once.
-
-A language model (``engine.model``: an Ollama name or a .gguf path) is loaded with the pool,
-in a worker thread bounded by ``BUILD_TIMEOUT``: its memory is estimated first (weights plus
-a fixed engine.kv_cache) and refused with the figures, the pool is sized from its geometry,
-and a missing, truncated or unsupported file is an error in status and in the reply, never a
-crash. ``load(model)`` switches to another model now (kept until the config's engine.model
-changes); ``unload()`` frees weights and pool until the next request loads them again, as
-the idle release does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import itertools
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from velod.blocking import run_blocking
+from velod.blocking import SerialWorker, run_blocking
 from velod.component import Component, Context, ReconfigureRefused
 from velod.errors import Busy, InvalidParams, NotFound, Unavailable
 
@@ -35,19 +44,26 @@ if TYPE_CHECKING:
 
     from velod.config import Config
     from velod.engine.core.sequence import FinishedRequest
+    from velod.engine.generation import GenerationRequest
+    from velod.engine.live import Event, LiveGeneration
     from velod.engine.models.sampling import SamplingParams
     from velod.engine.runtime.engine import Engine, Sampled, StepOutcome
     from velod.engine.runtime.workload import BenchRun, Workload
+    from velod.engine.served import ServedModel
     from velod.engine.settings import EngineSettings
 
 BUILD_TIMEOUT = 300.0  # allocating a large pool or compiling CUDA kernels the first time
+LOAD_TIMEOUT = 600.0  # reading and dequantizing a multi-GB GGUF
+PREPARE_TIMEOUT = 10.0  # rendering and tokenizing one prompt (both bounded in size)
+PREPARE_SLOTS = 2  # prompts prepared at once: the step's worker thread is never starved
 PROGRESS_INTERVAL = 0.25
 MAX_EMPTY_STEPS = 1000
 SUBMIT_CHUNK = 128
 
 
 class EngineService(Component):
-    """Component ``engine``: owns the engine, steps it while there is work, answers verbs."""
+    """Component ``engine``: owns the model and the engine, steps it while there is work,
+    answers verbs."""
 
     name = "engine"
 
@@ -67,9 +83,19 @@ class EngineService(Component):
         self._last_bench_progress = 0.0
         self.releases = 0
         self.allocations = 0
+        # Every step on one thread: its scratch buffers and malloc arena stay warm instead
+        # of one set per pool thread that happens to run a step (RSS that only grows).
+        self._stepper = SerialWorker("velod-engine")
+        self.served: ServedModel | None = None  # the language model, once loaded
+        self._served_key: tuple[Any, ...] | None = None  # the settings it was loaded for
         self._override: str | None = None  # engine.model chosen by load(), not the config
+        self._chat_template: str | None = None  # load()'s chat-template override
+        self._loading: asyncio.Task[ServedModel] | None = None
+        self._load_lock: asyncio.Lock | None = None
+        self._prepare_slots: asyncio.Semaphore | None = None
         # Per request: who hears of each token and of the end (see submit()).
         self._listeners: dict[int, Listener] = {}
+        self._generations: dict[int, LiveGeneration] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -77,15 +103,19 @@ class EngineService(Component):
         self._adopt(self.config)
         if self.settings_error is None:  # else _adopt left it degraded, with the error
             self.state = "running" if self.config.engine.enabled else "stopped"
+            self._load_in_background()
 
     async def stop(self) -> None:
         self.state = "stopping"
         if self._driver is not None:
             self._driver.cancel()
+        if self._loading is not None:
+            self._loading.cancel()
         self._fail_bench("velod is stopping")
         for seq_id in list(self._listeners):
-            self._end_listener(seq_id, "aborted")
+            self._end_listener(seq_id, "aborted", "velod is stopping")
         self._drop_engine("stopping")
+        self._drop_model("stopping")
         self.state = "stopped"
 
     async def reconfigure(self, config: Config) -> None:
@@ -98,24 +128,37 @@ class EngineService(Component):
         except EngineConfigError as exc:
             raise ReconfigureRefused(str(exc)) from None
         # A model chosen by load() stays until the config names another one.
-        override = self._override if new.model == self.config.engine.model else None
+        same_model = new.model == self.config.engine.model
+        override = self._override if same_model else None
         if override is not None and spec is not None:
             spec = self._with_model(spec, override)
-        if spec != self.settings and self._busy():
+        served = self.served
+        keep = (served is not None and spec is not None and spec.model == served.name
+                and _load_key(spec) == self._served_key)
+        if keep and spec is not None and served is not None:
+            spec = spec.with_model(served.geometry, f"GGUF {served.path}")
+        if (spec != self.settings or (not keep and served is not None)) and self._busy():
             engine = self.engine
             load = (f"{engine.scheduler.num_running} running, {engine.scheduler.num_waiting} "
                     "waiting" if engine else "building its pool")
             raise ReconfigureRefused(
-                f"the engine is busy ({load}); its new geometry/pool settings were not "
+                f"the engine is busy ({load}); its new model/geometry/pool settings were not "
                 "applied: run `velodctl reload` again once it is idle")
         if spec != self.settings:
             self._drop_engine("config changed")
+        if not keep:
+            self._drop_model("config changed")
         self._override = override
+        if not same_model:
+            self._chat_template = None
         self._adopt(config)
         self.state = "running" if new.enabled else "stopped"
         self._schedule_release()
+        self._load_in_background()
 
     def _adopt(self, config: Config) -> None:
+        """Take ``config``: the settings it derives, with the chosen model's shape once that
+        model is loaded."""
         from velod.engine.core.errors import EngineConfigError
         from velod.engine.settings import EngineSettings
 
@@ -124,14 +167,18 @@ class EngineService(Component):
         if not config.engine.enabled:
             return
         try:
-            self.settings = EngineSettings.from_config(config.engine)
+            settings = EngineSettings.from_config(config.engine)
         except EngineConfigError as exc:
             self.settings_error = str(exc)
             self.error = self.settings_error
             self.state = "degraded"
             return
         if self._override is not None:
-            self.settings = self._with_model(self.settings, self._override)
+            settings = self._with_model(settings, self._override)
+        served = self.served
+        if served is not None and served.name == settings.model:
+            settings = settings.with_model(served.geometry, f"GGUF {served.path}")
+        self.settings = settings
 
     @staticmethod
     def _with_model(settings: EngineSettings, model: str) -> EngineSettings:
@@ -152,6 +199,154 @@ class EngineService(Component):
             return True
         return self.engine is not None and self.engine.has_work
 
+    # ------------------------------------------------------------------ the model
+
+    def _load_in_background(self) -> None:
+        """Start loading the language model the settings name, unless it is loaded or
+        loading; its failure is the component's error (degraded), never the daemon's."""
+        settings = self.settings
+        if (settings is None or not settings.language_model or self.served is not None
+                or self._loading is not None):
+            return
+        self._loading = asyncio.ensure_future(self._load(settings.model, self._chat_template,
+                                                         background=True))
+        # Retrieved here, so a load no request waited for never logs "never retrieved".
+        self._loading.add_done_callback(lambda task: task.cancelled() or task.exception())
+
+    async def _load(self, source: str, chat_template: str | None, *,
+                    background: bool = False) -> ServedModel:
+        """Load ``source`` in a worker thread and make it the engine's model; the previous
+        one stays when this one fails. Errors as the caller gets them (NotFound,
+        InvalidParams, Unavailable, Busy)."""
+        from velod.engine.served import load_served
+
+        if self._load_lock is None:
+            self._load_lock = asyncio.Lock()
+        try:
+            async with self._load_lock:
+                if self.settings is None:
+                    raise Unavailable(f"the engine config is invalid: {self.settings_error}")
+                settings = self._with_model(self.settings, source)
+                self.log.info("loading model %s", source)
+                started = time.monotonic()
+                try:
+                    served = await run_blocking(functools.partial(
+                        load_served, settings, chat_template=chat_template),
+                        timeout=LOAD_TIMEOUT)
+                except Exception as exc:
+                    timeout = isinstance(exc, TimeoutError)
+                    reason = f"took longer than {LOAD_TIMEOUT:g}s" if timeout else str(exc)
+                    if background or self.served is None:
+                        self.error = f"cannot load {source}: {reason}"
+                        self.state = "degraded"
+                    self.log.warning("cannot load model %s: %s", source, reason)
+                    raise (Unavailable(f"cannot load {source}: {reason}") if timeout
+                           else _load_error(source, exc)) from None
+                wanted = self.settings.model if self.settings is not None else None
+                if background and wanted != source:
+                    raise Busy(f"the config named another model while {source} loaded")
+                if self._busy():  # requests for the old model arrived meanwhile
+                    raise Busy("the engine took requests while the model loaded; retry")
+                self._drop_engine(f"model {source} loaded")
+                self._drop_model(f"model {source} loaded")
+                self.served, self._served_key = served, _load_key(settings)
+                if not background:
+                    self._override = None if source == self.config.engine.model else source
+                    self._chat_template = chat_template
+                self._adopt(self.config)
+                self.state = "running"
+                self.log.info("model %s loaded in %.1fs", source, time.monotonic() - started)
+                self.ctx.bus.publish("engine.model_loaded", {"model": source})
+                return served
+        finally:
+            if background:
+                self._loading = None
+
+    def _drop_model(self, reason: str) -> None:
+        if self.served is not None:
+            name = self.served.name
+            self.log.info("model %s unloaded (%s)", name, reason)
+            self.served, self._served_key = None, None
+            self.ctx.bus.publish("engine.model_unloaded", {"model": name, "reason": reason})
+
+    async def _ready_model(self) -> ServedModel:
+        """The language model the settings name, once loaded (waiting for a load under
+        way); Unavailable saying why there is none."""
+        if self.served is None and self._loading is not None:
+            with contextlib.suppress(Exception):  # its error is in self.error
+                await asyncio.shield(self._loading)
+        served = self.served
+        if served is None:
+            raise Unavailable(self.error or "no model is loaded; load one with `velodctl "
+                              "engine load MODEL` (an Ollama name or a GGUF path)")
+        return served
+
+    async def load(self, model: str | None = None,
+                   chat_template: str | None = None) -> dict[str, Any]:
+        """Load ``model`` (an Ollama name, a .gguf path or a synthetic preset; None: the one
+        configured) with its KV pool, in place of any other; returns what ``engine.status``
+        says of it. ``chat_template`` (a built-in's name or a Jinja file) replaces the
+        file's. Busy while requests run; InvalidParams for a name that is none of those or
+        a file that is not a usable model, NotFound for a missing one, Unavailable (not
+        enough memory, with the figures): the model loaded before stays.
+        """
+        from velod.engine.core.errors import EngineConfigError
+
+        if not self.config.engine.enabled:
+            raise Unavailable("the engine is disabled (engine.enabled: false in the config)",
+                              {"enabled": False})
+        if self.settings is None:
+            raise Unavailable(f"the engine config is invalid: {self.settings_error}")
+        if self._busy():
+            raise Busy("the engine is serving requests; load a model when it is idle "
+                       "(velodctl engine abort --all stops them)")
+        wanted = self.config.engine.model if model is None else model
+        try:
+            settings = self._with_model(self.settings, wanted)
+        except EngineConfigError as exc:
+            raise InvalidParams(f"model: {exc.reason}", {"field": "model"}) from None
+        if settings.language_model:
+            served = self.served
+            if (served is None or served.name != wanted or chat_template is not None
+                    or _load_key(settings) != self._served_key):
+                await self._load(wanted, chat_template)
+        else:  # a synthetic preset: no weights
+            self._drop_engine(f"switching to {wanted}")
+            self._drop_model(f"switching to {wanted}")
+            self._override = None if wanted == self.config.engine.model else wanted
+            self._adopt(self.config)
+            self.state = "running"
+        await self._ensure_engine()
+        self._schedule_release()
+        report = self.report()
+        return {"model": report.get("model"), "pool": report.get("pool"),
+                "geometry": report.get("geometry"), "backend": report.get("backend")}
+
+    async def unload(self) -> dict[str, Any]:
+        """Free the model's weights and the KV pool now (until the next ``load``, or a
+        reload of a config that names another model); Busy while requests run."""
+        if self._busy():
+            raise Busy("the engine is serving requests; unload when it is idle")
+        name = self.served.name if self.served is not None else None
+        self._drop_engine("unloaded by request")
+        self._drop_model("unloaded by request")
+        if self.settings is not None and self.settings.geometry is not None \
+                and self.settings.language_model:
+            self._adopt(self.config)  # the shape goes with the model
+        return {"unloaded": name is not None, "model": name}
+
+    def model_for(self, name: str | None) -> ServedModel:
+        """The loaded model when ``name`` (None: any) means it; NotFound / Unavailable."""
+        served = self.served
+        if served is None:
+            raise Unavailable(self.error or "no model is loaded; load one with `velodctl "
+                              "engine load MODEL` (an Ollama name or a GGUF path)",
+                              {"model": name})
+        if not served.answers_to(name):
+            raise NotFound(f"model {name!r} is not loaded (loaded: {served.name})",
+                           {"model": name, "loaded": served.name})
+        return served
+
     # ------------------------------------------------------------------ the pool
 
     async def _ensure_engine(self) -> Engine:
@@ -162,44 +357,45 @@ class EngineService(Component):
             raise Unavailable(f"the engine config is invalid: {self.settings_error}")
         if self.engine is not None:
             return self.engine
+        served = await self._ready_model() if self.settings.language_model else None
+        if self.engine is not None:
+            return self.engine
         if self._building is None:
-            from velod.engine.runtime.engine import build_engine
-
-            spec = self.settings
-            self._building = asyncio.ensure_future(
-                run_blocking(build_engine, spec, timeout=BUILD_TIMEOUT))
-            try:
-                engine = await asyncio.shield(self._building)
-            except Exception as exc:
-                what = (f"cannot load {spec.model}" if spec.language_model
-                        else "cannot allocate the KV pool")
-                self.error = f"{what}: {exc}"
-                self.log.error("%s", self.error)
-                raise Unavailable(self.error) from None
-            finally:
-                self._building = None
-            if spec != self.settings:  # reconfigured meanwhile (it was idle then)
-                raise Busy("the engine config changed while allocating; retry")
-            self.engine, self.error = engine, None
-            self.allocations += 1
-            if engine.language:
-                weights = getattr(engine.model, "info", {})
-                self.log.info("model %s loaded (%s); KV pool %.1f MiB on %s (%s)",
-                              spec.model, weights.get("path", ""),
-                              engine.pool.nbytes / 2**20, engine.backend.name, spec.dtype)
-            self.log.info("KV pool allocated: %d blocks, %.1f MiB on %s (%s, %s)",
-                          engine.pool.num_blocks, engine.pool.nbytes / 2**20,
-                          engine.backend.name, spec.model, spec.dtype)
-            self.ctx.bus.publish("engine.allocated", {"blocks": engine.pool.num_blocks,
-                                                      "bytes": engine.pool.nbytes})
-            return engine
+            self._building = asyncio.ensure_future(self._build(self.settings, served))
         try:
-            await asyncio.shield(self._building)
-        except Exception as exc:  # the first caller logged it
+            # Every caller waits for the same build; the build itself adopts the engine, so
+            # no waiter can run before it is in place.
+            return await asyncio.shield(self._building)
+        except (Busy, Unavailable):
+            raise
+        except Exception as exc:  # the build logged it
             raise Unavailable(str(exc)) from None
-        if self.engine is None:
-            raise Unavailable(self.error or "the KV pool could not be allocated")
-        return self.engine
+
+    async def _build(self, spec: EngineSettings, served: ServedModel | None) -> Engine:
+        """Build the engine for ``spec`` (running ``served``) in a worker thread, adopt it."""
+        from velod.engine.runtime.engine import build_engine
+
+        model = served.model if served is not None else None
+        try:
+            engine = await run_blocking(functools.partial(build_engine, spec, model=model),
+                                        timeout=BUILD_TIMEOUT)
+        except Exception as exc:
+            self.error = f"cannot allocate the KV pool: {exc}"
+            self.log.error("%s", self.error)
+            raise Unavailable(self.error) from None
+        finally:
+            self._building = None
+        if spec != self.settings or served is not self.served:  # changed meanwhile (idle)
+            engine.close()
+            raise Busy("the engine config or model changed while allocating; retry")
+        self.engine, self.error = engine, None
+        self.allocations += 1
+        self.log.info("KV pool allocated: %d blocks, %.1f MiB on %s (%s, %s)",
+                      engine.pool.num_blocks, engine.pool.nbytes / 2**20,
+                      engine.backend.name, spec.model, spec.dtype)
+        self.ctx.bus.publish("engine.allocated", {"blocks": engine.pool.num_blocks,
+                                                  "bytes": engine.pool.nbytes})
+        return engine
 
     def _drop_engine(self, reason: str) -> None:
         if self._release is not None:
@@ -252,7 +448,7 @@ class EngineService(Component):
                     continue
                 empty = 0
                 self._in_flight = engine
-                result = await run_blocking(engine.execute, batch)
+                result = await self._stepper.run(engine.execute, batch)
                 self._in_flight = None  # not on cancellation: the thread may still run
                 if engine is self.engine:
                     self._after_step(engine.complete(batch, result))
@@ -268,7 +464,7 @@ class EngineService(Component):
                     engine.abort(seq_id)
                     self.ctx.bus.publish("engine.finished", {"id": seq_id, "reason": "error",
                                                              "error": str(exc)})
-                    self._end_listener(seq_id, "error")
+                    self._end_listener(seq_id, "error", self.error)
         finally:
             self._driver = None
             self._schedule_release()
@@ -280,8 +476,8 @@ class EngineService(Component):
         if listeners:
             for token in outcome.sampled:
                 listener = listeners.get(token.id)
-                if listener is not None:
-                    listener.token(token)
+                if listener is not None and listener.token(token):
+                    self._stop_early(token.id)
             for request, _ in outcome.finished:
                 listener = listeners.pop(request.id, None)
                 if listener is not None:
@@ -326,18 +522,24 @@ class EngineService(Component):
             return "disabled"
         if self.settings is None:
             return "invalid config"
+        name = self.settings.model
+        if self._loading is not None:
+            return f"{name}: loading"
+        if self.settings.language_model and self.served is None:
+            return f"{name}: not loaded" + (" (see error)" if self.error else "")
         engine = self.engine
         if engine is None:
-            return f"{self.settings.model}: idle, no pool allocated"
+            return f"{name}: idle, no pool allocated"
         s = engine.scheduler
-        return (f"{self.settings.model} on {engine.backend.name}: {s.num_running} running, "
+        return (f"{name} on {engine.backend.name}: {s.num_running} running, "
                 f"{s.num_waiting} waiting, pool {engine.pool.nbytes / 2**20:.0f} MiB "
                 f"({engine.scheduler.block_manager.utilization:.0%} used)")
 
     # ------------------------------------------------------------------ verbs
 
     def report(self) -> dict[str, Any]:
-        """What ``engine.status`` answers: state, backend, geometry, pool, queue, figures."""
+        """What ``engine.status`` answers: state, model, backend, geometry, pool, queue,
+        figures."""
         from velod.engine.settings import SYNTHETIC_KIND as KIND
 
         engine_config = self.config.engine
@@ -348,22 +550,29 @@ class EngineService(Component):
             "allocations": self.allocations, "releases": self.releases,
             "bench": self.bench.progress() if self.bench else None,
             "stepping": self._driver is not None,
+            "generations": len(self._generations),
         }
+        settings, served = self.settings, self.served
         if self.engine is not None:
             out.update(self.engine.status())
             out["idle_s"] = time.monotonic() - self.engine.last_active
-        elif self.settings is not None:
-            model = ({"name": self.settings.model, "kind": "language model (GGUF), loaded on "
-                      "first use", "synthetic": False, "loaded": False}
-                     if self.settings.language_model else
-                     {"name": self.settings.model, "kind": KIND, "synthetic": True})
-            out.update({"backend": None, "device": engine_config.device,
-                        "model": model,
-                        "geometry": self.settings.geometry_dict(),
-                        "dtype": self.settings.dtype,
-                        "pool": {"allocated": False, "kv_cache": self.settings.kv_cache_text,
-                                 "block_size": self.settings.block_size},
+        elif settings is not None:
+            if served is not None:
+                model = {**served.model.describe(), "synthetic": False}
+            elif settings.language_model:
+                model = {"name": settings.model, "kind": "language model (GGUF)",
+                         "synthetic": False}
+            else:
+                model = {"name": settings.model, "kind": KIND, "synthetic": True}
+            out.update({"backend": None, "device": engine_config.device, "model": model,
+                        "geometry": settings.geometry_dict(), "dtype": settings.dtype,
+                        "pool": {"allocated": False, "kv_cache": settings.kv_cache_text,
+                                 "block_size": settings.block_size},
                         "running": 0, "waiting": 0})
+        if settings is not None and settings.language_model:
+            out["model"] = {**out.get("model", {}), "loaded": served is not None,
+                            "loading": self._loading is not None,
+                            **(served.describe() if served is not None else {})}
         return out
 
     def _state_word(self) -> str:
@@ -371,6 +580,10 @@ class EngineService(Component):
             return "disabled"
         if self.settings is None:
             return "error"
+        if self._loading is not None:
+            return "loading"
+        if self.settings.language_model and self.served is None:
+            return "no model"
         if self._building is not None:
             return "allocating"
         if self.engine is None:
@@ -379,15 +592,18 @@ class EngineService(Component):
 
     async def submit(self, prompt: list[int] | int, max_new: int, priority: int = 0,
                      seed: int = 0, *, sampling: SamplingParams | None = None,
-                     on_token: Callable[[Sampled], None] | None = None,
+                     on_token: Callable[[Sampled], bool | None] | None = None,
                      on_finish: Callable[[FinishedRequest], None] | None = None
                      ) -> dict[str, Any]:
         """Queue one request: token ids, or a synthetic prompt of that many tokens.
 
         ``sampling`` picks its tokens (None: greedy; a language model only). ``on_token`` is
         called on the event loop with each new token (``Sampled``: id, token, log-probability
-        where asked), ``on_finish`` once at the end with the ``FinishedRequest`` (reason
-        "length", "stop", "aborted" or "error"); neither may block.
+        where asked) and returns True to end the request there (reason "stop": a stop
+        string; its blocks free in the next step); ``on_finish`` once at the end with the
+        ``FinishedRequest`` (reason "length", "stop", "aborted" or "error"). Neither may
+        block. InvalidParams for a prompt or option the model cannot take, Busy when the
+        queue is full, Unavailable when no model can run.
         """
         engine = await self._ensure_engine()
         limit = engine.geometry.context_length - 1
@@ -407,55 +623,92 @@ class EngineService(Component):
         return {"id": seq_id, "prompt_tokens": len(prompt), "max_new_tokens": max_new,
                 "priority": priority}
 
-    def _end_listener(self, seq_id: int, reason: str) -> None:
-        """Tell a request's listener it ended without finishing (aborted, failed step)."""
+    def _end_listener(self, seq_id: int, reason: str, error: str | None = None) -> None:
+        """Tell a request's listener it ended outside a step (aborted, stopped, failed)."""
         listener = self._listeners.pop(seq_id, None)
         if listener is not None:
             from velod.engine.core.sequence import FinishedRequest
 
-            listener.finish(FinishedRequest(seq_id, reason, [], 0, 0))
+            listener.finish(FinishedRequest(seq_id, reason, [], 0, 0, error))
 
-    async def load(self, model: str | None = None) -> dict[str, Any]:
-        """Load ``model`` (an Ollama name, a .gguf path or a synthetic preset; None: the one
-        configured) with its pool now; returns what ``engine.status`` says of it.
+    def _stop_early(self, seq_id: int) -> None:
+        """End a request its listener stopped (a stop string): aborted in the engine now,
+        so it is not scheduled again and its blocks free in the next step."""
+        engine = self.engine
+        if engine is not None and engine.abort(seq_id):
+            self.ctx.bus.publish("engine.finished", {"id": seq_id, "reason": "stop"})
+        self._end_listener(seq_id, "stop")
 
-        Busy while requests run; InvalidParams for a name that is none of those; Unavailable
-        with the reason when it cannot be loaded (the engine is then left without a model).
+    async def generate(self, request: GenerationRequest, *,
+                       load: bool = False) -> AsyncIterator[Event]:
+        """Generate for ``request``: a :class:`TokenEvent` per token, then the
+        :class:`GenerationResult`. Concurrent callers share the one scheduler.
+
+        Errors (InvalidParams, NotFound, Unavailable, Busy when the queue is full) come
+        from the first ``__anext__``. A caller that stops iterating (closes the iterator,
+        is cancelled) aborts its sequence. ``load``: load ``request.model`` if another
+        model (or none) is loaded.
         """
-        from velod.engine.core.errors import EngineConfigError
+        from velod.engine.generation import max_new_tokens, prepare_prompt
+        from velod.engine.live import LiveGeneration
 
-        if not self.config.engine.enabled:
-            raise Unavailable("the engine is disabled (engine.enabled: false in the config)",
-                              {"enabled": False})
-        if self._busy():
-            raise Busy("the engine is busy; abort its requests or wait before loading a model")
-        if self.settings is None:
-            raise Unavailable(f"the engine config is invalid: {self.settings_error}")
-        wanted = self.config.engine.model if model is None else model
+        received = time.monotonic()
+        if load and request.model and (self.served is None
+                                       or not self.served.answers_to(request.model)):
+            await self.load(request.model)
+        if self.served is None and self._loading is not None:
+            await self._ready_model()  # the configured model, still loading
+        served = self.model_for(request.model)
+        params = request.params
+        _check(params.check_vocabulary, served.tokenizer.vocab_size)
+        if self._prepare_slots is None:
+            self._prepare_slots = asyncio.Semaphore(PREPARE_SLOTS)
+        async with self._prepare_slots:
+            try:
+                prompt = await run_blocking(prepare_prompt, request, served,
+                                            timeout=PREPARE_TIMEOUT)
+            except TimeoutError:
+                raise Unavailable(f"preparing the prompt took longer than "
+                                  f"{PREPARE_TIMEOUT:g}s") from None
+            except Exception as exc:
+                raise _request_error(exc) from None
+        prepared = time.monotonic()
+        engine = await self._ensure_engine()
+        if served is not self.served:
+            raise Busy("the model changed while the request was prepared; retry")
+        live = LiveGeneration(request, served, len(prompt), received, prepared)
+        reply = await self.submit(prompt, max_new_tokens(params, len(prompt),
+                                                         served.context_length),
+                                  request.priority, sampling=params, on_token=live.on_token,
+                                  on_finish=live.on_finish)
+        seq_id = live.seq_id = reply["id"]
+        self._generations[seq_id] = live
         try:
-            settings = self._with_model(self.settings, wanted)
-        except EngineConfigError as exc:
-            raise InvalidParams(f"model: {exc.reason}", {"field": "model"}) from None
-        if settings != self.settings or self.engine is None or self.error is not None:
-            self._drop_engine(f"loading {wanted}")
-            self._override = None if wanted == self.config.engine.model else wanted
-            self.settings = settings
-            self.error = None
-        await self._ensure_engine()
-        self._schedule_release()
-        report = self.report()
-        return {"model": report.get("model"), "pool": report.get("pool"),
-                "geometry": report.get("geometry"), "backend": report.get("backend")}
+            while True:
+                event = await live.queue.get()
+                yield event
+                if event is live.result:
+                    return
+        finally:
+            self._generations.pop(seq_id, None)
+            if not live.done:  # the caller went away: free the sequence's blocks
+                live.end("aborted")
+                self._listeners.pop(seq_id, None)
+                if self.engine is engine and engine.abort(seq_id):
+                    self.ctx.bus.publish("engine.finished", {"id": seq_id, "reason": "aborted"})
+                    self._schedule_release()
+            self._publish_generation(live)
 
-    async def unload(self) -> dict[str, Any]:
-        """Free the model's weights and the KV pool now (loaded again on the next request);
-        Busy while requests run."""
-        if self._busy():
-            raise Busy("the engine is busy; abort its requests or wait before unloading")
-        loaded = self.engine is not None
-        name = self.settings.model if self.settings is not None else None
-        self._drop_engine("unloaded by request")
-        return {"unloaded": loaded, "model": name}
+    def _publish_generation(self, live: LiveGeneration) -> None:
+        """``engine.generation``: one finished request's counts and timings (for metrics)."""
+        result = live.result
+        if result is None:
+            return
+        self.ctx.bus.publish("engine.generation", {
+            "id": live.seq_id, "model": result.model, "finish_reason": result.finish_reason,
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "ttft_s": result.timings.ttft_s, "eval_s": result.timings.eval_s})
 
     async def abort(self, seq_id: int | None) -> dict[str, Any]:
         """Abort request ``seq_id``, or every live request when it is None."""
@@ -527,17 +780,19 @@ class Listener:
     """One request's callbacks (see ``EngineService.submit``); a failing callback is logged
     and dropped, never allowed to stop the step loop."""
 
-    def __init__(self, on_token: Callable[[Sampled], None] | None,
+    def __init__(self, on_token: Callable[[Sampled], bool | None] | None,
                  on_finish: Callable[[FinishedRequest], None] | None) -> None:
         self.on_token, self.on_finish = on_token, on_finish
 
-    def token(self, token: Sampled) -> None:
+    def token(self, token: Sampled) -> bool:
+        """True when the listener ends its request with this token."""
         if self.on_token is not None:
             try:
-                self.on_token(token)
+                return bool(self.on_token(token))
             except Exception:
                 logging.getLogger("velod.engine").exception("a token listener failed")
                 self.on_token = None
+        return False
 
     def finish(self, request: FinishedRequest) -> None:
         if self.on_finish is not None:
@@ -545,6 +800,41 @@ class Listener:
                 self.on_finish(request)
             except Exception:
                 logging.getLogger("velod.engine").exception("a finish listener failed")
+
+
+def _check(check: Any, *args: Any) -> None:
+    """Run a request check; its InvalidRequest becomes InvalidParams naming the field."""
+    try:
+        check(*args)
+    except Exception as exc:
+        raise _request_error(exc) from None
+
+
+def _request_error(exc: Exception) -> Exception:
+    """A request's own failure (bad field, template, tokens) as the error its caller gets."""
+    from velod.engine.core.errors import InvalidRequest
+    from velod.engine.models.chat import ChatTemplateError
+    from velod.engine.models.tokenizer import TokenizerError
+
+    if isinstance(exc, InvalidRequest):
+        return InvalidParams(str(exc), {"field": exc.field, "limit": _plain(exc.limit)})
+    if isinstance(exc, (ChatTemplateError, TokenizerError)):
+        return InvalidParams(str(exc), {"field": getattr(exc, "field", None)})
+    return exc
+
+
+def _load_error(source: str, exc: Exception) -> Exception:
+    """Why a model did not load, as the error the caller gets."""
+    from velod.engine.core.errors import EngineError
+    from velod.model.store import ModelNotFoundError
+
+    if isinstance(exc, ModelNotFoundError):
+        return NotFound(str(exc), {"model": source})
+    if isinstance(exc, ValueError):  # the file: not a GGUF, truncated, unsupported, template
+        return InvalidParams(f"cannot load {source}: {exc}", {"field": "model"})
+    if isinstance(exc, EngineError):  # not enough memory (with the figures), no device
+        return Unavailable(f"cannot load {source}: {exc}", {"model": source})
+    return exc
 
 
 def _submit(engine: Engine, prompt: Any, max_new: int, priority: int,
@@ -586,6 +876,13 @@ def _submit_bench(run: BenchRun, count: int) -> None:
     except QueueFull as exc:
         raise Busy(f"{exc} (the workload has {run.workload.requests} requests)",
                    {"limit": exc.limit}) from None
+
+
+def _load_key(settings: EngineSettings) -> tuple[Any, ...]:
+    """What a loaded model depends on besides its name: the cache's element type, the
+    device, and the step sizes the CUDA runner allocates for."""
+    return (settings.model, settings.dtype, settings.device, settings.block_size,
+            settings.max_batch_size, settings.max_tokens_per_step)
 
 
 def _plain(value: Any) -> Any:

@@ -84,7 +84,9 @@ async def bench_run(tuner: Tuner, params: dict[str, Any], ctx: CallContext) -> A
         BenchSpec(model="check", **spec)  # fail on bad fields before asking Ollama
     except BenchSpecError as exc:
         raise RpcError("invalid_params", str(exc)) from None
-    return await tuner.bench_run(param(params, "model", str, None), **spec)
+    url = param(params, "url", str, None, check=lambda v: None if v.startswith(
+        ("http://", "https://")) else "must be an http:// or https:// URL")
+    return await tuner.bench_run(param(params, "model", str, None), url=url, **spec)
 
 
 @rpc("bench.list", summary="Saved benchmark results, newest first")

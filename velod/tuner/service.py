@@ -691,10 +691,17 @@ class Tuner(Component):
                 "skipped": skipped.count,
                 "warning": skipped.describe(self.history.path) if skipped.count else None}
 
-    async def bench_run(self, model: str | None, **spec: Any) -> dict[str, Any]:
-        """Benchmark ``model`` (default: the most used) through Ollama and save the result."""
+    async def bench_run(self, model: str | None, url: str | None = None,
+                        **spec: Any) -> dict[str, Any]:
+        """Benchmark ``model`` (default: the most used) through Ollama, or through the
+        Ollama-compatible server at ``url`` (velod's own engine), and save the result."""
         if self.bench.running is not None:
             raise Busy(f"benchmark {self.bench.running['id']} is running; wait for it")
+        if url is not None:
+            async with OllamaClient(url, self.config.ollama.request_timeout) as other:
+                bench = self.bench.through(other)
+                name, digest = await bench.choose_model(model)
+                return await bench.run(BenchSpec(model=name, **spec), digest)
         assert self.lock is not None
         async with self.lock:  # no tuner restart while measuring
             name, digest = await self.bench.choose_model(model)

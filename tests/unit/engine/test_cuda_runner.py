@@ -109,7 +109,10 @@ def test_every_step_s_logits_equal_the_numpy_model_s(tiny, arch):
     runner = make_runner(tiny[arch])
     steps = drive(runner, prompts_for(1), 8, oracle=load_model(tiny[arch]))
     for step in steps:
-        assert relative(step.logits, step.expected) < 1e-5
+        # 1e-4, the bar against the dense reference: the NumPy model runs 2-4 rows
+        # as one GEMV each (ops.GEMV_ROWS), the runner one GEMM; float32 sums in another
+        # order differ by up to ~8e-5 here after the layers of random weights.
+        assert relative(step.logits, step.expected) < 1e-4
         assert np.array_equal(step.logits.argmax(-1), step.expected.argmax(-1))
     # both paths ran: prompt chunks (a 70-token prompt in chunks) and replayed decode steps
     assert runner.stats["eager_steps"] > 0 and runner.stats["graph_replays"] > 0

@@ -44,7 +44,10 @@ class FinishedRequest:
     """A request that left the scheduler: why, and what it generated."""
 
     id: int
-    reason: str  # "length" (max_new_tokens reached), "stop" (eos token) or "aborted"
+    # "length" (max_new_tokens reached), "stop" (an end-of-generation or stop token),
+    # "aborted", or "error" (the step failed: ``error`` says how)
+    reason: str
     output_token_ids: list[int]
     num_prompt_tokens: int
     num_preemptions: int
+    error: str | None = None

@@ -8,6 +8,7 @@ engine step (see ``velod.engine.models.protocol``). Blocking: call it from a wor
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,10 +68,13 @@ def quantization_label(metadata: dict[str, Any]) -> str | None:
 
 
 def load_model(source: str | Path, *, dtype: Any = "float32", available: int | None = None,
-               reserve: int = 0) -> TransformerModel:
+               reserve: int = 0,
+               on_metadata: Callable[[dict[str, Any]], None] | None = None) -> TransformerModel:
     """The model named by ``source`` with its weights in memory; ``dtype`` is its KV cache's
     element type.
 
+    ``on_metadata`` gets the file's metadata before the weights load (the tokenizer and
+    chat template come from it, without opening the file twice).
     Raises ModelFileError (not found, not a GGUF, truncated, unsupported architecture or
     quantization) or NotEnoughMemory (with the figures; ``reserve`` bytes are kept for the
     KV pool), never a half-loaded model.
@@ -89,6 +93,8 @@ def load_model(source: str | Path, *, dtype: Any = "float32", available: int | N
     try:
         shapes = {name: info.shape for name, info in gguf.tensors.items()}
         hp = read_hparams(gguf.metadata, shapes, str(found.path))
+        if on_metadata is not None:
+            on_metadata(gguf.metadata)
         weights = load_weights(gguf, hp, available=available, reserve=reserve)
         info = {"path": str(found.path), "quantization": quantization_label(gguf.metadata),
                 "digest": found.digest}

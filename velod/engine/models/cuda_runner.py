@@ -21,7 +21,7 @@ unit-tested with a NumPy implementation of that interface.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -532,10 +532,13 @@ class CudaTransformer:
 
 def load_cuda_model(source: str, backend: Any, *, dtype: Any = np.float16, max_tokens: int,
                     max_seqs: int, block_size: int,
-                    graph_batch_sizes: Sequence[int] = GRAPH_BATCH_SIZES) -> CudaTransformer:
+                    graph_batch_sizes: Sequence[int] = GRAPH_BATCH_SIZES,
+                    on_metadata: Callable[[dict[str, Any]], None] | None = None
+                    ) -> CudaTransformer:
     """The model named by ``source`` (an Ollama name or a .gguf path) on ``backend``'s device
-    (blocking: call from a worker thread). Raises ModelFileError, UnsupportedModel or
-    DeviceMemoryError, never leaves a half-loaded model."""
+    (blocking: call from a worker thread). ``on_metadata`` gets the file's metadata before
+    the weights load. Raises ModelFileError, UnsupportedModel or DeviceMemoryError, never
+    leaves a half-loaded model."""
     from velod.engine.models.tokenizer import end_of_generation_ids
     from velod.kernels.model_ops import CudaModelOps
     from velod.model.gguf import open_gguf
@@ -546,6 +549,8 @@ def load_cuda_model(source: str, backend: Any, *, dtype: Any = np.float16, max_t
     try:
         shapes = {name: info.shape for name, info in gguf.tensors.items()}
         hp = read_hparams(gguf.metadata, shapes, str(found.path))
+        if on_metadata is not None:
+            on_metadata(gguf.metadata)
         ops = CudaModelOps(backend, dtype)
         weights = load_device_weights(gguf, hp, ops, dtype)
         eog_ids = end_of_generation_ids(gguf.metadata)

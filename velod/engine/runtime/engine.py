@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -590,17 +590,12 @@ def build_engine(settings: EngineSettings, *, backend: AttentionBackend | None =
     """Pick the backend, load the model (a language model's weights, or the synthetic one),
     size the pool from its geometry and allocate it (blocking: call from a thread).
 
+    ``model``: a language model already loaded (the service's), run instead of loading one.
     Settings of a language model that is not loaded yet get its geometry here. Raises
     PoolError, or for a model ModelFileError / NotEnoughMemory with the figures.
     """
     if backend is None:
-        from velod.kernels import BackendUnavailable, get_backend
-
-        try:
-            backend = get_backend(settings.device)
-        except BackendUnavailable as exc:
-            raise PoolError(f"engine.device is {settings.device!r} but CUDA cannot run: {exc}; "
-                            "set engine.device to auto or cpu") from None
+        backend = backend_for(settings)
     if model is None and settings.language_model:
         model = load_language_model(settings, backend)
     try:
@@ -621,22 +616,36 @@ def build_engine(settings: EngineSettings, *, backend: AttentionBackend | None =
     return Engine(settings, backend, pool, model, profile=profile)
 
 
-def load_language_model(settings: EngineSettings, backend: AttentionBackend) -> Model:
+def backend_for(settings: EngineSettings) -> AttentionBackend:
+    """The attention backend ``settings.device`` names; PoolError when CUDA cannot run."""
+    from velod.kernels import BackendUnavailable, get_backend
+
+    try:
+        return get_backend(settings.device)
+    except BackendUnavailable as exc:
+        raise PoolError(f"engine.device is {settings.device!r} but CUDA cannot run: {exc}; "
+                        "set engine.device to auto or cpu") from None
+
+
+def load_language_model(settings: EngineSettings, backend: AttentionBackend, *,
+                        on_metadata: Callable[[dict[str, Any]], None] | None = None) -> Model:
     """The GGUF model ``settings.model`` names, for ``backend`` (blocking): on a GPU the CUDA
     runner (weights in the cache's type, sized for the scheduler's steps), on the host the
     NumPy model (float32 weights; a fixed engine.kv_cache is kept free for the pool when
-    checking the memory for them)."""
+    checking the memory for them). ``on_metadata`` gets the file's metadata first."""
     if backend.on_device:
         from velod.engine.models.cuda_runner import load_cuda_model
         from velod.engine.runtime.pool import storage_dtype
 
         return load_cuda_model(settings.model, backend, dtype=storage_dtype(settings.dtype),
                                max_tokens=settings.max_tokens_per_step,
-                               max_seqs=settings.max_batch_size, block_size=settings.block_size)
+                               max_seqs=settings.max_batch_size, block_size=settings.block_size,
+                               on_metadata=on_metadata)
     from velod.engine.models import load_model
 
     reserve = settings.kv_cache_bytes or 0
-    return load_model(settings.model, dtype=settings.dtype, reserve=reserve)
+    return load_model(settings.model, dtype=settings.dtype, reserve=reserve,
+                      on_metadata=on_metadata)
 
 
 def model_geometry(model: Any) -> Any:

@@ -44,6 +44,15 @@ class Benchmarks:
         self.log = log
         self.running: dict[str, Any] | None = None  # id, spec, progress of the current run
 
+    def through(self, client: OllamaClient) -> Benchmarks:
+        """The same benchmarks (store, progress) measured through another server's client,
+        whose settings are not Ollama's (none are recorded)."""
+        async def no_settings() -> dict[str, str]:
+            return {}
+
+        return Benchmarks(self.store, lambda: client, self._publish, no_settings,
+                          self._most_used, self.log)
+
     async def installed(self) -> list[dict[str, Any]]:
         """``/api/tags`` entries; Unavailable when Ollama does not answer."""
         try:
