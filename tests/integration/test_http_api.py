@@ -196,7 +196,7 @@ def test_status_shows_the_url_and_health_answers(served):
     d, url = served
     assert f"serving {url}" in d.ctl("status").stdout
     assert httpx.get(url + "/health").json() == {"status": "ok", "model": str(
-        d.call("engine.status")["model"]["name"]), "engine": "released"}
+        d.call("engine.status")["model"]["name"]), "engine": "idle"}  # load allocated the pool
 
 
 def test_body_larger_than_the_limit_is_413_in_the_api_shape(velod_factory, tiny_llm_gguf):
