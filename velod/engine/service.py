@@ -222,6 +222,7 @@ class EngineService(Component):
 
         if self._load_lock is None:
             self._load_lock = asyncio.Lock()
+        stale = False
         try:
             async with self._load_lock:
                 if self.settings is None:
@@ -244,6 +245,7 @@ class EngineService(Component):
                            else _load_error(source, exc)) from None
                 wanted = self.settings.model if self.settings is not None else None
                 if background and wanted != source:
+                    stale = True  # the config named another model meanwhile: load that
                     raise Busy(f"the config named another model while {source} loaded")
                 if self._busy():  # requests for the old model arrived meanwhile
                     raise Busy("the engine took requests while the model loaded; retry")
@@ -261,6 +263,8 @@ class EngineService(Component):
         finally:
             if background:
                 self._loading = None
+                if stale:
+                    self._load_in_background()
 
     def _drop_model(self, reason: str) -> None:
         if self.served is not None:
@@ -272,14 +276,20 @@ class EngineService(Component):
     async def _ready_model(self) -> ServedModel:
         """The language model the settings name, once loaded (waiting for a load under
         way); Unavailable saying why there is none."""
-        if self.served is None and self._loading is not None:
-            with contextlib.suppress(Exception):  # its error is in self.error
-                await asyncio.shield(self._loading)
+        await self._ready_model_quietly()
         served = self.served
         if served is None:
             raise Unavailable(self.error or "no model is loaded; load one with `velodctl "
                               "engine load MODEL` (an Ollama name or a GGUF path)")
         return served
+
+    async def _ready_model_quietly(self) -> None:
+        """Wait for a load under way, if any (its error, if it fails, is in self.error)."""
+        while (loading := self._loading) is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(loading)
+            if self._loading is loading:
+                return
 
     async def load(self, model: str | None = None,
                    chat_template: str | None = None) -> dict[str, Any]:
@@ -301,6 +311,8 @@ class EngineService(Component):
             raise Busy("the engine is serving requests; load a model when it is idle "
                        "(velodctl engine abort --all stops them)")
         wanted = self.config.engine.model if model is None else model
+        if self._loading is not None:  # the configured model, loading: it may be this one
+            await self._ready_model_quietly()
         try:
             settings = self._with_model(self.settings, wanted)
         except EngineConfigError as exc:

@@ -224,9 +224,12 @@ def test_the_idle_release_frees_the_pool_and_keeps_the_weights(models, tmp_path)
 def test_a_reload_that_names_another_model_loads_it_and_one_that_keeps_it_does_not(
         models, tmp_path):
     async def scenario() -> None:
-        service, events = service_for(str(models["llama"]), tmp_path)
+        service, events = service_for(str(models["qwen2"]), tmp_path)
         await service.start()
-        await loaded(service)
+        # Another model named while the first one still loads: that one is loaded next.
+        await service.reconfigure(config_for(str(models["llama"])))
+        report = await loaded(service)
+        assert report["model"]["architecture"] == "llama" and service.state == "running"
         llama = service.served
         await service.reconfigure(config_for(str(models["llama"]), idle_release="9s"))
         assert service.served is llama  # nothing the model depends on changed
@@ -236,8 +239,8 @@ def test_a_reload_that_names_another_model_loads_it_and_one_that_keeps_it_does_n
         await service.reconfigure(config_for(str(models["gemma3"]), dtype="float16"))
         report = await loaded(service)  # its K/V are written in the cache's new type
         assert report["dtype"] == "float16" and report["model"]["architecture"] == "gemma3"
-        topics = [e.topic for e in events]
-        assert topics.count("engine.model_loaded") == 3
+        loads = [e.data["model"] for e in events if e.topic == "engine.model_loaded"]
+        assert loads == [str(models["llama"]), str(models["gemma3"]), str(models["gemma3"])]
         await service.stop()
 
     asyncio.run(scenario())
