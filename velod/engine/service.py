@@ -90,6 +90,7 @@ class EngineService(Component):
         self._served_key: tuple[Any, ...] | None = None  # the settings it was loaded for
         self._override: str | None = None  # engine.model chosen by load(), not the config
         self._chat_template: str | None = None  # load()'s chat-template override
+        self._unloaded = False  # unload() asked: no background load until the next choice
         self._loading: asyncio.Task[ServedModel] | None = None
         self._load_lock: asyncio.Lock | None = None
         self._prepare_slots: asyncio.Semaphore | None = None
@@ -150,7 +151,7 @@ class EngineService(Component):
             self._drop_model("config changed")
         self._override = override
         if not same_model:
-            self._chat_template = None
+            self._chat_template, self._unloaded = None, False
         self._adopt(config)
         self.state = "running" if new.enabled else "stopped"
         self._schedule_release()
@@ -206,7 +207,7 @@ class EngineService(Component):
         loading; its failure is the component's error (degraded), never the daemon's."""
         settings = self.settings
         if (settings is None or not settings.language_model or self.served is not None
-                or self._loading is not None):
+                or self._loading is not None or self._unloaded):
             return
         self._loading = asyncio.ensure_future(self._load(settings.model, self._chat_template,
                                                          background=True))
@@ -254,7 +255,7 @@ class EngineService(Component):
                 self.served, self._served_key = served, _load_key(settings)
                 if not background:
                     self._override = None if source == self.config.engine.model else source
-                    self._chat_template = chat_template
+                    self._chat_template, self._unloaded = chat_template, False
                 self._adopt(self.config)
                 self.state = "running"
                 self.log.info("model %s loaded in %.1fs", source, time.monotonic() - started)
@@ -326,6 +327,7 @@ class EngineService(Component):
             self._drop_engine(f"switching to {wanted}")
             self._drop_model(f"switching to {wanted}")
             self._override = None if wanted == self.config.engine.model else wanted
+            self._unloaded = False
             self._adopt(self.config)
             self.state = "running"
         await self._ensure_engine()
@@ -342,6 +344,7 @@ class EngineService(Component):
         name = self.served.name if self.served is not None else None
         self._drop_engine("unloaded by request")
         self._drop_model("unloaded by request")
+        self._unloaded = True
         if self.settings is not None and self.settings.geometry is not None \
                 and self.settings.language_model:
             self._adopt(self.config)  # the shape goes with the model

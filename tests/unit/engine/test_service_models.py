@@ -175,6 +175,8 @@ def test_load_switches_models_keeps_the_old_one_on_failure_and_unload_frees_it(m
         assert service.engine is None and service.report()["model"]["loaded"] is False
         with pytest.raises(Unavailable, match="velodctl engine load"):
             await service.submit([1, 2, 3], 2)
+        await service.reconfigure(config_for(str(models["llama"]), idle_release="9s"))
+        assert service.report()["state"] == "no model"  # a reload does not undo the unload
         back = await service.load("llama3.2-1b")  # a synthetic preset is a model too
         assert back["model"]["synthetic"] is True
         with pytest.raises(InvalidParams, match=r"model: is not a known preset .* did you "
