@@ -300,6 +300,15 @@ class HttpConfig:
                                      "generation is aborted then).", positive)
     retry_after: Duration = _opt(Duration(1.0), "Retry-After sent with 503 when the engine's "
                                  "queue is full.", positive)
+    max_connections: int = _opt(256, "HTTP connections open at once; more are answered 503 "
+                                "and closed.", between(1, 16384))
+    max_connections_per_client: int = _opt(128, "HTTP connections one client may hold (a "
+                                           "client: an address, or a uid on a Unix socket; "
+                                           "all local users share 127.0.0.1).",
+                                           between(1, 16384))
+    idle_timeout: Duration = _opt(Duration(30.0), "An HTTP connection with no request being "
+                                  "served this long is closed (also one still sending a "
+                                  "request's head).", positive)
 
 
 @dataclass(frozen=True)
@@ -496,6 +505,11 @@ def _cross_checks(config: Config) -> list[ConfigIssue]:
                                   control.admin_reserved_connections,
                                   "must be less than control.max_connections "
                                   f"({control.max_connections})"))
+    http = config.http
+    if http.max_connections_per_client > http.max_connections:
+        issues.append(ConfigIssue("http.max_connections_per_client",
+                                  http.max_connections_per_client,
+                                  f"must be at most http.max_connections ({http.max_connections})"))
     for name in config.tuner.pin:
         if not name.replace("_", "").isalnum() or not name.isupper():
             issues.append(ConfigIssue(f"tuner.pin.{name}", name, "must be an environment "

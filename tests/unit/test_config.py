@@ -77,6 +77,9 @@ GOOD_VALUES = {
     "http.max_requests": 32,
     "http.request_timeout": "2m",
     "http.retry_after": "5s",
+    "http.max_connections": 512,
+    "http.max_connections_per_client": 64,
+    "http.idle_timeout": "10s",
     "state_dir": "/tmp/state",
 }
 
@@ -114,6 +117,7 @@ BAD_VALUES = {
     "engine.geometry": ("big", "must be a map"),
     "http.listen": ("localhost", "HOST:PORT"),
     "http.max_body_size": ("1", "between 1KiB and 256MiB"),
+    "http.max_connections": (0, "between 1 and 16384"),
     "state_dir": (3, "must be a string"),
 }
 
