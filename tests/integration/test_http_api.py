@@ -194,7 +194,7 @@ def test_metrics_parse_and_counters_move_as_requests_are_served(served, oai):
 
 def test_status_shows_the_url_and_health_answers(served):
     d, url = served
-    assert f"serving {url}" in d.ctl("status").stdout
+    assert f"serving {url}" in d.ctl("status").stdout and "connection" in d.ctl("status").stdout
     assert httpx.get(url + "/health").json() == {"status": "ok", "model": str(
         d.call("engine.status")["model"]["name"]), "engine": "released"}
 

@@ -168,6 +168,8 @@ class HttpServer(Component):
             summary = "off (http.listen is empty)"
         elif self.url:
             summary = f"serving {self.url} (OpenAI /v1, Ollama /api, /metrics)"
+            if self.gate is not None:
+                summary += f"; {self.gate.open} connection{'s' * (self.gate.open != 1)} open"
         else:
             summary = f"not serving {http.listen}"
         gate = self.gate
