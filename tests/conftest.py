@@ -36,3 +36,11 @@ def gemma_metadata(gemma_gguf: Path) -> dict[str, Any]:
 def gemma_tokenize(llama_bin: Path, gemma_gguf: Path) -> assets.LlamaTokenize:
     """llama.cpp's llama-tokenize on the Gemma GGUF."""
     return assets.LlamaTokenize(llama_bin, gemma_gguf)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight llama GGUF (full attention) that llama-server runs in no time."""
+    from tests.tiny_llama import write_tiny_llama
+
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama") / "tiny-llama.gguf")
