@@ -1,13 +1,15 @@
-"""Apply a plan to Ollama safely: drop-in, daemon-reload, restart when idle, verify, roll back.
+"""Apply a plan to a server safely: drop-in, daemon-reload, restart when idle, verify, roll back.
 
 The order of one apply is: the tuner asks :meth:`Applier.gate` (idle long enough? restart
 allowed yet?); :meth:`Applier.apply` writes velod's drop-in atomically (keeping the old one),
 runs ``systemctl daemon-reload`` and ``systemctl restart <unit>``, then waits (bounded) for
-``/api/version``. When the restart fails or Ollama does not come back, the previous drop-in
-is restored, systemd reloaded and Ollama restarted again. After the next model load,
-:meth:`Applier.verify` checks ``/api/ps``: a model the plan expected on the GPU that spills
-to the CPU rolls the change back too. Model parameters become derived models
-(``<name><suffix>`` through ``/api/create``); the user's models are never edited.
+the backend's readiness probe (Ollama: ``/api/version``; llama-server: ``/health``). When the
+restart fails or the server does not come back, the previous drop-in is restored, systemd
+reloaded and the server restarted again. Afterwards :meth:`Applier.verify` asks the backend
+whether the server runs what was planned (Ollama, at the next model load: no spill to the
+CPU; llama-server: the planned slots and context in ``/props``) and rolls the change back
+when not. Ollama's model parameters become derived models (``<name><suffix>`` through
+``/api/create``); the user's models are never edited.
 """
 
 from __future__ import annotations
@@ -20,17 +22,17 @@ from typing import TYPE_CHECKING, Any
 
 from velod.blocking import run_blocking
 from velod.model.names import normalize_name
-from velod.tuner.backends.ollama import OllamaClient, OllamaError, variant_name
-from velod.tuner.dropin import DropinDir, DropinError
+from velod.tuner.backends.base import Backend, ServerError
+from velod.tuner.backends.ollama import variant_name
+from velod.tuner.dropin import DropinError
 from velod.tuner.history import History
-from velod.tuner.state import LoadedModel
 
 if TYPE_CHECKING:
-    from velod.config import OllamaConfig, TunerConfig
+    from velod.config import TunerConfig
     from velod.hardware.snapshot import Snapshot
     from velod.tuner.planner import Plan
 
-BUSY_GPU_UTILIZATION = 10.0  # % above which a GPU with Ollama's models on it counts as busy
+BUSY_GPU_UTILIZATION = 10.0  # % above which a GPU with the server's models counts as busy
 SYSTEMCTL_TIMEOUT = 90.0  # systemd's own default start timeout is 90 s
 
 
@@ -40,38 +42,40 @@ class ApplyError(Exception):
 
 @dataclass
 class IdleTracker:
-    """When Ollama was last seen working, from ``/api/ps`` and GPU utilization.
+    """When the server was last seen working, from what its backend reports of use and GPU
+    utilization.
 
-    ``/api/ps`` shows each model's ``expires_at``: Ollama moves it when a request
-    finishes (to now + keep-alive), and while a freshly loaded model serves its first
-    request it reports now + keep-alive on every call. Any change between two polls is
-    activity. A long request on a model that has served before leaves ``expires_at``
-    still, which is why GPU utilization counts too (only while Ollama has models loaded,
-    so another program's GPU work does not keep Ollama from ever being tuned).
+    The backend gives a marker that changes with every request (Ollama: each loaded model's
+    ``expires_at`` in ``/api/ps``, moved to now + keep-alive when a request finishes;
+    llama-server: each slot's last task and the token counters) and whether a request is in
+    flight now. Any change between two polls is activity. A long request on an Ollama model
+    that has served before leaves ``expires_at`` still, which is why GPU utilization counts
+    too (only while the server has a model in memory, so another program's GPU work does not
+    keep it from ever being tuned).
     """
 
     last_active: float = field(default_factory=time.monotonic)
-    _expiries: dict[str, str | None] | None = None
+    _marker: Any = None
+    _seen: bool = False
 
-    def observe(self, loaded: list[LoadedModel], snapshot: Snapshot | None,
+    def observe(self, marker: Any, busy: bool, has_model: bool, snapshot: Snapshot | None,
                 now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
-        expiries = {m.name: m.expires_at for m in loaded}
-        if self._expiries is not None and expiries != self._expiries:
+        if (self._seen and marker != self._marker) or busy:
             self.last_active = now
-        self._expiries = expiries
-        if loaded and snapshot is not None and any(
+        self._marker, self._seen = marker, True
+        if has_model and snapshot is not None and any(
                 (g.utilization_gpu or 0.0) >= BUSY_GPU_UTILIZATION for g in snapshot.gpus):
             self.last_active = now
 
     def mark_active(self, now: float | None = None) -> None:
         self.last_active = time.monotonic() if now is None else now
-        self._expiries = None
+        self._seen = False
 
     def rebase(self) -> None:
-        """Forget the last ``/api/ps`` view without counting it as activity (after velod's
-        own requests, which move ``expires_at`` too)."""
-        self._expiries = None
+        """Forget the last view without counting it as activity (after velod's own requests,
+        which move the marker too)."""
+        self._seen = False
 
     def idle_for(self, now: float | None = None) -> float:
         return (time.monotonic() if now is None else now) - self.last_active
@@ -90,8 +94,9 @@ class Outcome:
 
 
 def server_environment(plan: Plan) -> dict[str, str]:
-    """The variables velod's drop-in should set for ``plan`` (every managed one)."""
-    return {name: rec.value for name, rec in plan.server.items()}
+    """The variables velod's drop-in should set for ``plan`` (every managed one that the
+    server's command line does not fix)."""
+    return plan.environment()
 
 
 def model_parameters(recommendations: dict[str, Any]) -> dict[str, Any]:
@@ -110,16 +115,15 @@ def model_parameters(recommendations: dict[str, Any]) -> dict[str, Any]:
 
 
 class Applier:
-    """The I/O of changing Ollama; records every decision in ``history``."""
+    """The I/O of changing one server through its backend; records every decision in
+    ``history``."""
 
-    def __init__(self, ollama: OllamaConfig, tuner: TunerConfig, client: OllamaClient,
-                 history: History, log: logging.Logger | None = None) -> None:
-        self.ollama = ollama
+    def __init__(self, backend: Backend, tuner: TunerConfig, history: History,
+                 log: logging.Logger | None = None) -> None:
+        self.backend = backend
         self.tuner = tuner
-        self.client = client
         self.history = history
         self.log = log or logging.getLogger("velod.tuner.applier")
-        self.dropins = DropinDir(ollama.systemd_dir, ollama.service, ollama.dropin)
         self.idle = IdleTracker()
         self.pending_verification: dict[str, Any] | None = None
         try:
@@ -135,14 +139,18 @@ class Applier:
             if entry["decision"] == "applied" and entry.get("target") == "variant":
                 self.variants[entry["variant"]] = entry.get("parameters", {})
 
-    def reconfigure(self, ollama: OllamaConfig, tuner: TunerConfig, client: OllamaClient) -> None:
-        self.ollama, self.tuner, self.client = ollama, tuner, client
-        self.dropins = DropinDir(ollama.systemd_dir, ollama.service, ollama.dropin)
+    def reconfigure(self, tuner: TunerConfig) -> None:
+        self.tuner = tuner
+
+    @property
+    def dropins(self) -> Any:
+        """The server unit's drop-in directory (follows the backend's config)."""
+        return self.backend.dropins
 
     @property
     def ready_timeout(self) -> float:
-        """How long Ollama may take to answer again after a restart."""
-        return max(2.0, 5 * self.ollama.request_timeout)
+        """How long the server may take to answer again after a restart."""
+        return float(self.backend.ready_timeout)
 
     # ------------------------------------------------------------------ gate
     def gate(self, force: bool = False) -> Outcome | None:
@@ -154,13 +162,14 @@ class Applier:
             if since < self.tuner.min_restart_interval:
                 wait = self.tuner.min_restart_interval - since
                 return Outcome("skipped-rate-limited",
-                               f"Ollama was restarted {since:.0f}s ago; next restart allowed "
+                               f"{self.backend.label} was restarted {since:.0f}s ago; next "
+                               "restart allowed "
                                f"in {wait:.0f}s (tuner.min_restart_interval)",
                                {"retry_in": round(wait, 3)})
         idle = self.idle.idle_for()
         if idle < self.tuner.restart_when_idle_for:
             return Outcome("skipped-busy",
-                           f"Ollama was busy {idle:.1f}s ago; restarting needs "
+                           f"{self.backend.label} was busy {idle:.1f}s ago; restarting needs "
                            f"{self.tuner.restart_when_idle_for:g}s idle "
                            "(tuner.restart_when_idle_for)",
                            {"idle_for": round(idle, 3)})
@@ -169,14 +178,15 @@ class Applier:
     # ------------------------------------------------------------------ systemctl
     async def systemctl(self, *args: str) -> str:
         """Run ``systemctl args``; raise ApplyError with its stderr on failure or timeout."""
-        argv = [self.ollama.systemctl, *args]
+        argv = [self.backend.systemctl, *args]
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE)
         except OSError as exc:
-            raise ApplyError(f"cannot run {self.ollama.systemctl}: {exc} "
-                             "(set ollama.systemctl)") from None
+            raise ApplyError(f"cannot run {self.backend.systemctl}: {exc} "
+                             f"(set the systemctl of {self.backend.name} in the config)"
+                             ) from None
         try:
             out, err = await asyncio.wait_for(proc.communicate(), SYSTEMCTL_TIMEOUT)
         except TimeoutError:
@@ -192,22 +202,22 @@ class Applier:
     async def _restart_and_wait(self) -> None:
         await self.systemctl("daemon-reload")
         self.last_restart = time.time()
-        await self.systemctl("restart", self.ollama.service)
+        await self.systemctl("restart", self.backend.unit)
         self.idle.mark_active()  # a fresh start is not idle time
         await self.wait_ready()
 
     async def wait_ready(self) -> str:
-        """Poll /api/version until Ollama answers; ApplyError after ``ready_timeout``."""
+        """Probe the server until it answers; ApplyError after ``ready_timeout``."""
         deadline = time.monotonic() + self.ready_timeout
         delay, last = 0.05, "no answer"
         while True:
             try:
-                return await self.client.version()
-            except OllamaError as exc:
+                return await self.backend.ready()
+            except ServerError as exc:
                 last = str(exc)
             if time.monotonic() + delay > deadline:
-                raise ApplyError(f"Ollama did not answer within {self.ready_timeout:g}s of "
-                                 f"the restart: {last}")
+                raise ApplyError(f"{self.backend.label} did not answer within "
+                                 f"{self.ready_timeout:g}s of the restart: {last}")
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.25)
 
@@ -224,8 +234,9 @@ class Applier:
         except PermissionError as exc:
             return self._record(Outcome("error", f"cannot write the drop-in: {exc} (apply "
                                         "mode needs write access to the unit's drop-in "
-                                        "directory: run velod as root or set "
-                                        "ollama.systemd_dir)", {"stage": "write"}))
+                                        "directory: run velod as root or set the "
+                                        f"systemd_dir of {self.backend.name})",
+                                        {"stage": "write"}))
         except (DropinError, OSError, TimeoutError) as exc:
             return self._record(Outcome("error", f"cannot write the drop-in: {exc}",
                                         {"stage": "write"}))
@@ -239,28 +250,25 @@ class Applier:
             self.log.warning("applying failed, rolling back: %s", exc)
             return await self._roll_back(f"apply failed: {exc}", failed=env)
         self.pending_verification = {"environment": env, "since": time.time(),
-                                     "expect_on_gpu": [m.name for m in plan.models.values()
-                                                       if m.fully_on_gpu]}
-        return self._record(Outcome("applied", f"Ollama restarted with {len(changes)} "
-                                    "changed setting(s)", {**details, "restarted": True}))
+                                     "expect": self.backend.expectations(plan)}
+        return self._record(Outcome("applied", f"{self.backend.label} restarted with "
+                                    f"{len(changes)} changed setting(s)",
+                                    {**details, "restarted": True}))
 
-    async def verify(self, loaded: list[LoadedModel]) -> Outcome | None:
-        """After an apply, check the first loads: spill of an expected model rolls back."""
+    async def verify(self, state: Any) -> Outcome | None:
+        """After an apply, ask the backend whether ``state`` runs the plan (None while there
+        is nothing to judge yet, e.g. no model loaded); roll back when it does not."""
         pending = self.pending_verification
-        if pending is None or not loaded:
+        if pending is None:
             return None
-        expected = {normalize_name(n) for n in pending["expect_on_gpu"]}
-        spilling = [m for m in loaded if m.spills_to_cpu and normalize_name(m.name) in expected]
+        verdict = self.backend.verify(state, pending.get("expect") or {})
+        if verdict is None:
+            return None
         self.pending_verification = None
-        observed = [{"name": m.name, "size": m.size, "size_vram": m.size_vram,
-                     "context_length": m.context_length} for m in loaded]
-        if spilling:
-            names = ", ".join(f"{m.name} ({100 * (1 - m.gpu_fraction):.0f}% on CPU)"
-                              for m in spilling)
-            return await self._roll_back(f"after the change {names} spilled to the CPU",
-                                         failed=pending["environment"], loaded=observed)
-        return self._record(Outcome("verified", "loaded models run as planned",
-                                    {"loaded": observed}))
+        if not verdict.ok:
+            return await self._roll_back(verdict.message, failed=pending["environment"],
+                                         loaded=verdict.observed)
+        return self._record(Outcome("verified", verdict.message, {"loaded": verdict.observed}))
 
     async def rollback(self, reason: str, undone: dict[str, str] | None = None,
                        **extra: Any) -> Outcome:
@@ -286,7 +294,7 @@ class Applier:
             await self._restart_and_wait()
         except ApplyError as exc:
             return self._record(Outcome("error", f"{reason}; previous drop-in restored but "
-                                        f"Ollama did not come back: {exc}",
+                                        f"{self.backend.label} did not come back: {exc}",
                                         {"stage": "rollback-restart", **details,
                                          "restarted": True}))
         return self._record(Outcome("rolled-back", f"{reason}; previous settings restored",
@@ -294,8 +302,11 @@ class Applier:
 
     # ------------------------------------------------------------------ variants
     async def apply_variants(self, plan: Plan, installed: set[str]) -> list[Outcome]:
-        """Create or update ``<model><suffix>`` for each model with planned parameters."""
-        outcomes = []
+        """Create or update ``<model><suffix>`` for each model with planned parameters
+        (servers with per-model variants only: Ollama)."""
+        outcomes: list[Outcome] = []
+        if not self.backend.variants:
+            return outcomes
         for model, recs in sorted(plan.model_params.items()):
             if not recs or plan.models.get(model, None) is None:
                 continue
@@ -305,8 +316,8 @@ class Applier:
             if exists and self.variants.get(variant) == params:
                 continue
             try:
-                await self.client.create(variant, model, params)
-            except OllamaError as exc:
+                await self.backend.create_variant(variant, model, params)
+            except ServerError as exc:
                 outcomes.append(self._record(Outcome(
                     "error", f"cannot create {variant}: {exc}",
                     {"target": "variant", "variant": variant, "model": model})))

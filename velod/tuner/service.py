@@ -1,26 +1,31 @@
-"""The tuner component: watch Ollama and the hardware, plan, and (in apply mode) apply.
+"""One server's tuner: watch it and the hardware, plan, and (in apply mode) apply.
 
-One loop polls Ollama every ``tuner.interval`` (with exponential back-off while it does not
+``velod.tuner.servers`` (the ``tuner`` component) runs one :class:`Tuner` per managed server;
+each speaks to its server only through its backend (``velod.tuner.backends.base``): Ollama,
+or a llama.cpp llama-server. Below, "the server" is that one.
+
+One loop polls the server every ``tuner.interval`` (with exponential back-off while it does not
 answer) and re-plans; triggers wake it early: start-up, ``hardware.changed``, a config
-reload, a model with CPU spill in ``/api/ps``, a newly pulled model. A changed plan must
+reload, a model with CPU spill in ``/api/ps``, a newly pulled or served model. A changed plan must
 stay the same for ``tuner.settle`` before it is applied (hysteresis); a plan that was rolled
 back is not retried by itself until the plan changes. ``observe`` mode never writes or
 restarts anything. Every decision goes to the history and out as event ``tuner.decision``.
 
 Manual apply (``tuner.apply``, admin) works in both modes: it skips the settle wait, but is
-refused (error ``busy``, nothing changed) while Ollama is busy or within
-``min_restart_interval``; ``now: true`` skips those checks too and restarts Ollama at once
+refused (error ``busy``, nothing changed) while the server is busy or within
+``min_restart_interval``; ``now: true`` skips those checks too and restarts it at once
 (requests in flight are cut off).
 
 The verbs ``velod.tuner.rpc`` calls — ``ollama_status``, ``show``, ``what_if``, ``apply``,
 ``rollback``, ``history``, ``bench_run|list|show|compare`` — are at the end of the class.
 ``velodctl tune plan`` end to end: ``velod/tuner/cli.py`` (cmd_plan) sends ``tuner.plan``;
-``velod/tuner/rpc.py`` reads the params and calls :meth:`Tuner.what_if`, which runs the pure
-planner (``velod/tuner/planner.py``) over a snapshot and the models' metadata.
+``velod/tuner/rpc.py`` reads the params and calls the service's ``what_if``, which calls
+:meth:`Tuner.what_if` of each server: its backend's pure planner (``velod/tuner/planner.py``
+for Ollama) over a snapshot and the models' metadata.
 
 Closed loop (``velod.tuner.closedloop``): with ``tuner.verify`` each apply is measured
 before and after and rolled back when slower; with ``tuner.explore`` (apply mode) the
-settled plan is compared with safe alternatives while Ollama is idle and the fastest kept.
+settled plan is compared with safe alternatives while the server is idle and the fastest kept.
 """
 
 from __future__ import annotations
@@ -39,10 +44,11 @@ from velod.hardware.snapshot import Snapshot
 from velod.model.names import normalize_name
 from velod.tuner import planner
 from velod.tuner.applier import Applier, Outcome, server_environment
-from velod.tuner.backends.ollama import OllamaClient, OllamaError, resolve_url
+from velod.tuner.backends.base import Backend, ServerError
+from velod.tuner.backends.ollama_backend import OllamaBackend
 from velod.tuner.bench.service import Benchmarks
 from velod.tuner.bench.spec import BenchSpec, compare
-from velod.tuner.bench.store import BenchNotFound, BenchStore, summary
+from velod.tuner.bench.store import BenchNotFound, BenchStore, server_of, summary
 from velod.tuner.closedloop import ClosedLoop
 from velod.tuner.dropin import DropinError, Effective
 from velod.tuner.history import History
@@ -69,17 +75,17 @@ def env_key(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
 
 
 class Tuner(Component):
-    """Component ``tuner`` (``velod.tuner.service:Tuner``)."""
+    """The tuner of one server (its ``backend``; Ollama's by default)."""
 
     name = "tuner"
 
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context, backend: Backend | None = None) -> None:
         super().__init__(ctx)
-        self.history = History(ctx.state_dir)
-        self.journal = Journal(self.history, ctx.bus.publish, self.log)
-        self.client = self._make_client(ctx.config)
-        self.applier = Applier(ctx.config.ollama, ctx.config.tuner, self.client, self.history,
-                               self.log)
+        self.backend: Backend = backend or OllamaBackend(ctx.config.ollama)
+        self.log = ctx.log.getChild(f"tuner.{self.backend.name}")
+        self.history = History(ctx.state_dir, self.backend.history_file)
+        self.journal = Journal(self.history, self._publish, self.log)
+        self.applier = Applier(self.backend, ctx.config.tuner, self.history, self.log)
         self.snapshot: Snapshot | None = None
         self.ollama: OllamaState | None = None  # last good poll
         self.last_poll: float | None = None
@@ -106,15 +112,15 @@ class Tuner(Component):
         self._unsubscribe: Any = None
         self.usage: Counter[str] = Counter()  # polls in which a loaded model had been used
         self._expiry_seen: dict[str, str | None] = {}
-        self.bench = Benchmarks(BenchStore(ctx.state_dir), lambda: self.client,
+        self.bench = Benchmarks(BenchStore(ctx.state_dir), lambda: self.backend,
                                 ctx.bus.publish, self._server_settings, self.most_used_model,
                                 self.log)
         self.loop = ClosedLoop(self.applier, self.bench, self.journal, lambda: self.config.tuner,
                                self._plan_with, self.trigger, self.log)
 
-    @staticmethod
-    def _make_client(config: Config) -> OllamaClient:
-        return OllamaClient(resolve_url(config.ollama.url), config.ollama.request_timeout)
+    def _publish(self, topic: str, data: dict[str, Any]) -> Any:
+        """Publish on the bus with the server's name, so subscribers can tell servers apart."""
+        return self.ctx.bus.publish(topic, {**data, "server": self.backend.name})
 
     def _blocked_from_history(self) -> dict[str, Any] | None:
         try:
@@ -149,17 +155,13 @@ class Tuner(Component):
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(self._task, 2.0)
-        await self.client.close()
+        await self.backend.close()
         self.state = "stopped"
 
     async def reconfigure(self, config: Config) -> None:
-        old = self.config
         self.config = config
-        if (old.ollama.url, old.ollama.request_timeout) != (config.ollama.url,
-                                                            config.ollama.request_timeout):
-            await self.client.close()
-            self.client = self._make_client(config)
-        self.applier.reconfigure(config.ollama, config.tuner, self.client)
+        await self.backend.reconfigure(config)
+        self.applier.reconfigure(config.tuner)
         self.pending = None
         self.blocked = None
         self.trigger("reconfigure", urgent=True)
@@ -200,7 +202,7 @@ class Tuner(Component):
             await self._sleep(self._next_delay())
 
     async def _sleep(self, delay: float) -> None:
-        """Wait ``delay`` s or until triggered; while Ollama is failing only an urgent
+        """Wait ``delay`` s or until triggered; while the server is failing only an urgent
         trigger (a config reload) cuts the back-off short."""
         assert self._wake is not None
         self.next_poll_at = deadline = time.monotonic() + delay
@@ -226,22 +228,23 @@ class Tuner(Component):
                 delay = min(delay, max(0.05, self.pending["retry_in"]))
         return delay
 
-    async def poll(self) -> OllamaState | None:
-        """Ask Ollama for its state; on failure count it and keep the error for status."""
+    async def poll(self) -> Any:
+        """Ask the server for its state; on failure count it and keep the error for status."""
         self.last_poll = time.time()
         try:
-            state = await self.client.fetch_state(skip=(self.config.tuner.variant_suffix,))
-        except OllamaError as exc:
+            state = await self.backend.fetch_state(self.config.tuner)
+        except ServerError as exc:
             self.failures += 1
             self.ollama_error = str(exc)
-            self.state, self.error = "degraded", f"Ollama unreachable: {exc}"
+            self.state, self.error = "degraded", f"{self.backend.label} unreachable: {exc}"
             return None
         if self.failures:
-            self.log.info("Ollama answers again at %s", self.client.base_url)
+            self.log.info("%s answers again at %s", self.backend.label, self.backend.url)
         self.failures, self.ollama_error = 0, None
         self.state, self.error = "running", None
         self.ollama, self.last_ok = state, time.time()
-        self.applier.idle.observe(state.loaded, self.snapshot)
+        marker, busy, has_model = self.backend.activity(state)
+        self.applier.idle.observe(marker, busy, has_model, self.snapshot)
         seen = {normalize_name(m.name): m.expires_at for m in state.loaded}
         self.usage.update(n for n, e in seen.items() if self._expiry_seen.get(n) != e)
         self._expiry_seen = seen
@@ -257,24 +260,26 @@ class Tuner(Component):
         self._spilling = spilling
         return state
 
-    def planning_state(self) -> OllamaState:
-        if self.ollama is not None:
-            if self.failures:
-                return dataclasses.replace(self.ollama, reachable=False, error=self.ollama_error)
+    def planning_state(self) -> Any:
+        if self.ollama is not None and not self.failures:
             return self.ollama
-        return OllamaState(version=None, reachable=False, error=self.ollama_error or "not polled")
+        return self.backend.unreachable_state(self.ollama, self.ollama_error or "not polled")
+
+    def policy(self) -> planner.Policy:
+        """The planning policy for this server, with what its unit's command line fixes."""
+        return self.backend.policy(self.config.tuner, self.effective)
 
     async def replan(self) -> planner.Plan | None:
-        """A fresh plan for this machine from the latest snapshot and Ollama state."""
+        """A fresh plan for this machine from the latest snapshot and server state."""
         if self.snapshot is None or not self.config.tuner.enabled:
             return None
-        policy = planner.Policy.from_config(self.config.tuner)
-        self.base_plan = planner.plan(self.snapshot, self.planning_state(), policy)
-        self.plan = self.loop.with_kept(self.base_plan, policy)
         try:
             self.effective = await run_blocking(self.applier.dropins.effective, timeout=10)
         except (OSError, TimeoutError) as exc:
             self.effective = Effective({}, {}, {}, errors=[f"cannot read drop-ins: {exc}"])
+        policy = self.policy()
+        self.base_plan = self.backend.plan(self.snapshot, self.planning_state(), policy)
+        self.plan = self.loop.with_kept(self.base_plan, policy)
         return self.plan
 
     async def _cycle(self) -> None:
@@ -283,9 +288,9 @@ class Tuner(Component):
         state = await self.poll()
         if state is None:
             self._triggers = reasons + [r for r in self._triggers if r not in reasons]
-            return  # back off; never act on a stale view of Ollama
-        if self.applier.pending_verification is not None and state.loaded:
-            outcome = await self.applier.verify(state.loaded)
+            return  # back off; never act on a stale view of the server
+        if self.applier.pending_verification is not None:
+            outcome = await self.applier.verify(state)
             if outcome is not None:
                 self.journal.announce(outcome)
         plan = await self.replan()
@@ -294,7 +299,7 @@ class Tuner(Component):
             self._triggers = reasons + [r for r in self._triggers if r not in reasons]
             return
         tuner = self.config.tuner
-        policy = planner.Policy.from_config(tuner)
+        policy = self.policy()
         if self.loop.active and self.base_plan is not None:
             await self.loop.step(self.base_plan, policy)  # exploration drives the settings
             return
@@ -305,14 +310,15 @@ class Tuner(Component):
             await self.loop.step(self.base_plan, policy)
             if self.loop.active:
                 return
-        if tuner.mode == "apply" and tuner.model_variants and settled:
+        if tuner.mode == "apply" and tuner.model_variants and settled and self.backend.variants:
             # Model parameters go with the server settings they were planned for, so the
             # variants follow once Ollama runs those.
-            for outcome in await self.applier.apply_variants(plan, self.client.tag_names):
+            for outcome in await self.applier.apply_variants(plan,
+                                                             self.backend.installed_names()):
                 self.journal.announce(outcome)
 
     def _delta(self, plan: planner.Plan) -> dict[str, Any] | None:
-        """What applying ``plan`` would change, or None when there is nothing to do: Ollama
+        """What applying ``plan`` would change, or None when there is nothing to do: the server
         runs it already, or velod's file already says it and another file overrides it (a
         conflict shown by tuner.show; restarting would not help)."""
         assert self.effective is not None
@@ -400,7 +406,8 @@ class Tuner(Component):
         return {"state": self.state, "error": self.error, "mode": tuner.mode,
                 "summary": self._summary(changes, retry),
                 "enabled": tuner.enabled, "profile": tuner.profile,
-                "ollama": {"url": self.client.base_url, "reachable": self.reachable(),
+                "server": {"name": self.backend.name, "kind": self.backend.kind,
+                           "url": self.backend.url, "reachable": self.reachable(),
                            "version": self.ollama.version if self.ollama else None,
                            "error": self.ollama_error, "failures": self.failures,
                            "retry_in": round(retry, 3) if retry is not None else None},
@@ -413,20 +420,21 @@ class Tuner(Component):
         mode = self.config.tuner.mode
         if not self.config.tuner.enabled:
             return "disabled (tuner.enabled: false)"
+        label = self.backend.label
         if self.failures:
             when = f", retrying in {retry:.0f}s" if retry is not None else ""
-            return f"{mode}; Ollama not reachable{when}"
+            return f"{mode}; {label} not reachable{when}"
         if self.last_poll is None:
             return f"{mode}; starting"
         version = self.ollama.version if self.ollama else "?"
         if changes is None:
-            return f"{mode}; Ollama {version}; waiting for a hardware snapshot"
+            return f"{mode}; {label} {version}; waiting for a hardware snapshot"
         if not changes:
-            return f"{mode}; Ollama {version} runs the recommended settings"
+            return f"{mode}; {label} {version} runs the recommended settings"
         if self.blocked:
             return (f"{mode}; {changes} change(s) recommended, not retried after "
                     f"{self.blocked['decision']}")
-        return f"{mode}; Ollama {version}; {changes} change(s) recommended"
+        return f"{mode}; {label} {version}; {changes} change(s) recommended"
 
     def reachable(self) -> bool | None:
         if self.last_poll is None:
@@ -445,10 +453,11 @@ class Tuner(Component):
         """This machine's plan under ``base_policy`` with ``pins`` added (for exploring)."""
         assert self.snapshot is not None
         policy = dataclasses.replace(base_policy, pin={**base_policy.pin, **pins})
-        return planner.plan(self.snapshot, self.planning_state(), policy)
+        return self.backend.plan(self.snapshot, self.planning_state(), policy)
 
     async def _server_settings(self) -> dict[str, str]:
-        """The environment systemd gives Ollama (unit file and drop-ins) as velod reads it."""
+        """The environment systemd gives the server (unit file and drop-ins) as velod reads
+        it."""
         try:
             effective = await run_blocking(self.applier.dropins.effective, timeout=10)
         except (OSError, TimeoutError):
@@ -475,7 +484,7 @@ class Tuner(Component):
                    "cpu_percent": round(100 * (1 - m.gpu_fraction), 1),
                    "spills_to_cpu": m.spills_to_cpu, "context_length": m.context_length,
                    "expires_at": m.expires_at} for m in (state.loaded if state else [])]
-        return {"url": self.client.base_url, "reachable": self.reachable(),
+        return {"url": self.backend.url, "reachable": self.reachable(),
                 "version": state.version if state else None, "error": self.ollama_error,
                 "failures": self.failures, "last_ok": self.last_ok,
                 "last_poll": self.last_poll, "stale": bool(self.failures and state),
@@ -497,15 +506,19 @@ class Tuner(Component):
             current = eff.environment.get(name)
             rows.append({"name": name, "current": current, "source": eff.sources.get(name),
                          "default": rec.default, "recommended": rec.value, "reason": rec.reason,
-                         "pinned": rec.pinned, "change": name in changes})
+                         "pinned": rec.pinned, "locked": rec.locked, "change": name in changes})
         return {"mode": self.config.tuner.mode, "profile": plan.profile,
-                "ollama": {"reachable": self.reachable(), "version": plan.version,
+                "server": {"name": self.backend.name, "kind": self.backend.kind,
+                           "label": self.backend.label, "url": self.backend.url,
+                           "reachable": self.reachable(),
+                           "version": self.ollama.version if self.ollama else plan.version,
                            "error": self.ollama_error},
                 "settings": rows, "changes": plain(changes), "up_to_date": not changes,
                 "conflicts": [c.to_dict() | {"message": c.describe()} for c in eff.conflicts],
                 "dropin": str(self.applier.dropins.path), "dropin_errors": eff.errors,
-                "unit_found": self._unit_found(), "service": self.config.ollama.service,
-                "systemd_dir": self.config.ollama.systemd_dir,
+                "unit_found": self._unit_found(), "service": self.backend.unit,
+                "systemd_dir": self.backend.systemd_dir,
+                "exec_start": eff.exec_start,
                 "pending": self.pending_dict(),
                 "blocked": ({"decision": self.blocked["decision"],
                              "message": self.blocked["message"]} if self.blocked else None),
@@ -531,22 +544,24 @@ class Tuner(Component):
             except ValueError as exc:
                 raise InvalidParams(str(exc)) from None
         state = self.planning_state()
+        policy = dataclasses.replace(self.policy(), profile=profile or self.config.tuner.profile)
         if models is not None:
-            state = planner.what_if_state(models, version=state.version)
-        policy = dataclasses.replace(planner.Policy.from_config(self.config.tuner),
-                                     profile=profile or self.config.tuner.profile)
+            # Exactly these models, each from the server's own metadata when it has it.
+            state = self.backend.what_if_state(models, state)
+            policy = dataclasses.replace(policy, models=[])
         assert snapshot is not None
-        result = planner.plan(snapshot, state, policy)
+        result = self.backend.plan(snapshot, state, policy)
         what_if = snapshot is not self.snapshot or models is not None
-        return {"what_if": what_if, "plan": result.to_dict()}
+        return {"what_if": what_if, "plan": result.to_dict(), "server": self.backend.name,
+                "kind": self.backend.kind}
 
     async def apply(self, now: bool = False) -> dict[str, Any]:
         """Apply the current plan without waiting for it to settle (``now``: also while
-        Ollama is busy or was restarted recently)."""
+        the server is busy or was restarted recently)."""
         assert self.lock is not None
         async with self.lock:
             if await self.poll() is None:
-                raise Unavailable(f"Ollama is not reachable: {self.ollama_error}")
+                raise Unavailable(f"{self.backend.label} is not reachable: {self.ollama_error}")
             plan = await self.replan()
             if plan is None:
                 raise Unavailable("no plan yet (tuner disabled or no hardware snapshot)")
@@ -558,7 +573,8 @@ class Tuner(Component):
             self.blocked = None
             changes = self._delta(plan)
             if changes is None:
-                return {"decision": "nothing", "message": "Ollama already runs the plan"
+                return {"decision": "nothing", "message": f"{self.backend.label} already runs "
+                        "the plan"
                         + ("" if not self.effective.conflicts else
                            " as far as velod's drop-in goes (see conflicts in tune show)")}
             outcome = await self.apply_plan(plan, "requested by admin", changes, force=now)
@@ -568,7 +584,7 @@ class Tuner(Component):
         return plain(outcome.to_dict())
 
     async def rollback(self) -> dict[str, Any]:
-        """Restore the previous drop-in and restart Ollama."""
+        """Restore the previous drop-in and restart the server."""
         assert self.lock is not None
         async with self.lock:
             try:
@@ -577,8 +593,8 @@ class Tuner(Component):
                 raise Unavailable(str(exc)) from None
             if not self.applier.dropins.has_backup():
                 raise NotFound(f"nothing to roll back to: no {self.applier.dropins.backup.name} "
-                               "(velod has not changed Ollama's settings since the last "
-                               "rollback)")
+                               f"(velod has not changed {self.backend.label}'s settings since "
+                               "the last rollback)")
             outcome = await self.applier.rollback("requested by admin", undone=current)
             self.pending = None
             if outcome.decision == "rolled-back":
@@ -592,7 +608,7 @@ class Tuner(Component):
         return {"entries": entries, "path": str(self.history.path)}
 
     async def bench_run(self, model: str | None, **spec: Any) -> dict[str, Any]:
-        """Benchmark ``model`` (default: the most used) through Ollama and save the result."""
+        """Benchmark ``model`` (default: the most used) through the server; save the result."""
         if self.bench.running is not None:
             raise Busy(f"benchmark {self.bench.running['id']} is running; wait for it")
         assert self.lock is not None
@@ -627,7 +643,10 @@ class Tuner(Component):
         if a.get("spec", {}).get("gen") != b.get("spec", {}).get("gen") or \
                 a.get("spec", {}).get("prompt_tokens") != b.get("spec", {}).get("prompt_tokens"):
             notes.append("the two runs used different prompt or generation lengths")
-        if (a.get("ollama") or {}).get("version") != (b.get("ollama") or {}).get("version"):
-            notes.append("the two runs measured different Ollama versions")
+        sa_server, sb_server = server_of(a), server_of(b)
+        if sa_server.get("kind", "ollama") != sb_server.get("kind", "ollama"):
+            notes.append("the two runs measured different kinds of server")
+        elif sa_server.get("version") != sb_server.get("version"):
+            notes.append("the two runs measured different server versions")
         return {"a": summary(a), "b": summary(b), "rows": compare(a, b),
                 "settings_changed": changed, "notes": notes}

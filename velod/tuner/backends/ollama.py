@@ -17,32 +17,35 @@ from typing import Any
 
 from velod.model.metadata import Geometry, UnknownArchitecture
 from velod.model.names import normalize_name
+from velod.tuner.backends.base import (
+    ServerBadResponse,
+    ServerError,
+    ServerHTTPError,
+    ServerTimeout,
+    ServerUnreachable,
+)
 from velod.tuner.state import LoadedModel, ModelInfo, OllamaState
 
 DEFAULT_URL = "http://127.0.0.1:11434"
 
 
-class OllamaError(Exception):
+class OllamaError(ServerError):
     """Ollama could not be asked, or answered something velod cannot use."""
 
 
-class OllamaUnreachable(OllamaError):
+class OllamaUnreachable(OllamaError, ServerUnreachable):
     """Nothing answers at the address (refused, DNS, reset)."""
 
 
-class OllamaTimeout(OllamaError):
+class OllamaTimeout(OllamaError, ServerTimeout):
     """Ollama did not answer within the request timeout."""
 
 
-class OllamaHTTPError(OllamaError):
+class OllamaHTTPError(OllamaError, ServerHTTPError):
     """Ollama answered with an HTTP error status; ``status`` holds it."""
 
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.status = status
 
-
-class OllamaBadResponse(OllamaError):
+class OllamaBadResponse(OllamaError, ServerBadResponse):
     """Ollama answered, but not with JSON of the documented shape."""
 
 

@@ -1,8 +1,10 @@
-"""Run a benchmark against Ollama: streaming ``/api/generate``, warm-up, repeats, concurrency.
+"""Run a benchmark against a server: streamed requests, warm-up, repeats, concurrency.
 
-The I/O half of ``velod.tuner.bench.spec``. A run never raises for Ollama's failures: it
-stops at the first one (or at the deadline) and returns what it measured so far with
-``complete: false`` and the error, so partial results are kept.
+The I/O half of ``velod.tuner.bench.spec``. Each request is the backend's
+``bench_request`` (Ollama: streaming ``/api/generate``; llama-server: streaming
+``/completion``). A run never raises for the server's failures: it stops at the first one
+(or at the deadline) and returns what it measured so far with ``complete: false`` and the
+error, so partial results are kept.
 """
 
 from __future__ import annotations
@@ -12,18 +14,18 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from velod.tuner.backends.ollama import OllamaClient, OllamaError, OllamaHTTPError
+from velod.tuner.backends.base import Backend, ServerError, ServerHTTPError
 from velod.tuner.bench.spec import BenchSpec, Case, Sample, build_prompt, repeat_figures
 
 Progress = Callable[[dict[str, Any]], None]
 
 
 class BenchRunner:
-    """Measures one :class:`BenchSpec` through one client."""
+    """Measures one :class:`BenchSpec` through one server's backend."""
 
-    def __init__(self, client: OllamaClient, spec: BenchSpec, run_id: str,
+    def __init__(self, backend: Backend, spec: BenchSpec, run_id: str,
                  on_progress: Progress | None = None) -> None:
-        self.client = client
+        self.backend = backend
         self.spec = spec
         self.run_id = run_id
         self.on_progress = on_progress
@@ -44,10 +46,10 @@ class BenchRunner:
             error_kind = "timeout"
             error = (f"the benchmark did not finish within {self.spec.timeout:g}s; "
                      "partial results kept")
-        except OllamaHTTPError as exc:
-            error_kind = "not_found" if exc.status == 404 else "ollama"
+        except ServerHTTPError as exc:
+            error_kind = "not_found" if exc.status == 404 else "server"
             error = str(exc)
-        except OllamaError as exc:
+        except ServerError as exc:
             error_kind = "unreachable"
             error = f"{exc}; partial results kept"
         return {"cases": [c.to_dict() for c in self.cases if c.repeats],
@@ -82,18 +84,7 @@ class BenchRunner:
     async def _request(self, kind: str) -> Sample:
         self._sent += 1
         prompt = build_prompt(kind, self.spec.prompt_tokens, tag=f"{self.run_id}-{self._sent}")
-        body = {"model": self.spec.model, "prompt": prompt,
-                "options": {"num_predict": self.spec.gen, "temperature": 0, "seed": 42}}
-        start = time.perf_counter()
-        ttft = None
-        final: dict[str, Any] | None = None
-        async for chunk in self.client.generate_stream(body):
-            if ttft is None and chunk.get("response"):
-                ttft = time.perf_counter() - start
-            if chunk.get("done"):
-                final = chunk
-        assert final is not None  # generate_stream raises when the answer ends early
-        return Sample.from_final(final, ttft, time.perf_counter() - start)
+        return await self.backend.bench_request(self.spec.model, prompt, self.spec.gen)
 
     def _progress(self, prompt: str | None, level: int | None, phase: str) -> None:
         if self.on_progress is not None:

@@ -1,15 +1,16 @@
 """Benchmarks as the daemon runs them: pick and check the model, record what was measured
 under which settings, publish progress, save the result.
 
-Used by the tuner's ``bench_*`` verbs and by its closed loop (verify, explore), which share
-one Ollama client and one store. :class:`Benchmarks` gets what it needs — the current
-client, the store, a way to publish progress, to read the server's settings and to name the
+Used by a server's tuner's ``bench_*`` verbs and by its closed loop (verify, explore), which
+share one backend and one store. :class:`Benchmarks` gets what it needs — the current
+backend, the store, a way to publish progress, to read the server's settings and to name the
 most-used model — not the tuner. The caller holds the tuner's lock, so that no restart
 happens while a benchmark runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -18,7 +19,7 @@ from typing import Any
 from velod.blocking import run_blocking
 from velod.errors import Busy, NotFound, Unavailable
 from velod.model.names import normalize_name
-from velod.tuner.backends.ollama import OllamaClient, OllamaError
+from velod.tuner.backends.base import Backend, ServerError
 from velod.tuner.bench.runner import BenchRunner
 from velod.tuner.bench.spec import BenchSpec
 from velod.tuner.bench.store import BenchStore, new_id
@@ -27,44 +28,45 @@ EVENT = "bench.progress"
 
 
 class Benchmarks:
-    """Runs benchmarks through the current client; saves each result in ``store``."""
+    """Runs benchmarks through the current backend; saves each result in ``store``."""
 
-    def __init__(self, store: BenchStore, client: Callable[[], OllamaClient],
+    def __init__(self, store: BenchStore, backend: Callable[[], Backend],
                  publish: Callable[[str, dict[str, Any]], Any],
                  server_settings: Callable[[], Awaitable[dict[str, str]]],
                  most_used: Callable[[list[str]], str | None], log: logging.Logger) -> None:
         self.store = store
-        self._client = client
+        self._backend = backend
         self._publish = publish
         self._server_settings = server_settings
         self._most_used = most_used
         self.log = log
         self.running: dict[str, Any] | None = None  # id, spec, progress of the current run
 
-    async def installed(self) -> list[dict[str, Any]]:
-        """``/api/tags`` entries; Unavailable when Ollama does not answer."""
+    async def installed(self) -> list[tuple[str, str | None]]:
+        """(name, digest) of the models the server can run; Unavailable when it does not
+        answer."""
+        backend = self._backend()
         try:
-            return await self._client().tags()
-        except OllamaError as exc:
-            raise Unavailable(f"Ollama is not reachable: {exc}") from None
+            return await backend.bench_models()
+        except ServerError as exc:
+            raise Unavailable(f"{backend.label} is not reachable: {exc}") from None
 
     async def choose_model(self, requested: str | None) -> tuple[str, str | None]:
         """(name, digest) of ``requested``, else of the most-used installed model."""
-        tags = await self.installed()
-        names = {normalize_name(str(t.get("name") or t.get("model"))): t for t in tags}
+        label = self._backend().label
+        names = {normalize_name(n): digest for n, digest in await self.installed()}
         if requested:
-            entry = names.get(normalize_name(requested))
-            if entry is None:
+            if normalize_name(requested) not in names:
                 listing = ", ".join(sorted(names)) or "none"
-                raise NotFound(f"no model {requested!r} in Ollama; installed: "
-                                 f"{listing} (or `ollama pull {requested}`)",
-                                 {"installed": sorted(names)})
-            return normalize_name(requested), entry.get("digest")
+                hint = f" (or `ollama pull {requested}`)" if label == "Ollama" else ""
+                raise NotFound(f"no model {requested!r} in {label}; installed: "
+                               f"{listing}{hint}", {"installed": sorted(names)})
+            return normalize_name(requested), names[normalize_name(requested)]
         name = self._most_used(list(names))
         if name is None:
-            raise NotFound("Ollama has no models installed (ollama pull one, "
-                             "e.g. `ollama pull llama3.2:3b`)", {"installed": []})
-        return name, names[name].get("digest")
+            raise NotFound(f"{label} has no models installed (for Ollama: ollama pull one, "
+                           "e.g. `ollama pull llama3.2:3b`)", {"installed": []})
+        return name, names[name]
 
     async def run(self, spec: BenchSpec, digest: str | None) -> dict[str, Any]:
         """Measure ``spec`` and save the result (complete or partial); returns it."""
@@ -78,11 +80,11 @@ class Benchmarks:
             self.running = None
 
     async def _run(self, run_id: str, spec: BenchSpec, digest: str | None) -> dict[str, Any]:
-        client = self._client()
+        backend = self._backend()
         try:
-            version = await client.version()
-        except OllamaError as exc:
-            raise Unavailable(f"Ollama is not reachable: {exc}") from None
+            version = await backend.ready()
+        except ServerError as exc:
+            raise Unavailable(f"{backend.label} is not reachable: {exc}") from None
         settings = await self._server_settings()
         started = time.time()
 
@@ -91,19 +93,15 @@ class Benchmarks:
                 self.running["progress"] = data
             self._publish(EVENT, data)
 
-        runner = BenchRunner(client, spec, run_id, progress)
+        runner = BenchRunner(backend, spec, run_id, progress)
         measured = await runner.run()
         loaded = None
-        try:
-            for m in await client.loaded():
-                if normalize_name(m.name) == normalize_name(spec.model):
-                    loaded = {"size": m.size, "size_vram": m.size_vram,
-                              "context_length": m.context_length,
-                              "gpu_percent": round(100 * m.gpu_fraction, 1)}
-        except OllamaError:
-            pass  # Ollama died mid-run: the measured part and its error are what matter
+        # The server may have died mid-run: the measured part and its error are what matter.
+        with contextlib.suppress(ServerError):
+            loaded = await backend.loaded_info(spec.model)
         result = {"id": run_id, "time": started, "spec": spec.to_dict(),
-                  "ollama": {"url": client.base_url, "version": version},
+                  "server": {"name": backend.name, "kind": backend.kind, "url": backend.url,
+                             "version": version},
                   "model": {"name": spec.model, "digest": digest},
                   "server_settings": settings, "loaded": loaded, **measured}
         try:
