@@ -2,15 +2,19 @@
 
 It records every call (one line of JSON argv per call in ``$FAKE_SYSTEMCTL_LOG``) and
 manages services described by ``$FAKE_SYSTEMCTL_STATE/<unit>.json``
-(``{"argv": [...], "env": {...}, "log": "path"}``) the way systemd would:
+(``{"argv": [...], "env": {...}, "log": "path"}``) the way systemd would (systemd.service(5),
+systemd.exec(5), systemctl(1)):
 
-- ``daemon-reload`` re-reads the unit's ``Environment=`` lines from
+- ``daemon-reload`` re-reads the unit's ``Environment=`` and ``ExecStart=`` lines from
   ``$FAKE_SYSTEMCTL_SYSTEMD_DIR/<unit>`` and ``<unit>.d/*.conf`` (lexical order, later wins,
-  an empty ``Environment=`` resets); ``start``/``restart`` use what the *last* reload read,
-  so a changed drop-in without a daemon-reload is not seen, as with systemd;
-- ``start``, ``stop``, ``restart`` run the service as a process (pid in ``<unit>.pid``)
-  with the unit's ``env`` plus the loaded environment;
-- ``is-active``, ``show -p Environment|MainPID|ActiveState [--value]``.
+  an empty ``Environment=`` or ``ExecStart=`` resets; a second ``ExecStart=`` without a
+  reset is refused, as for a ``Type=simple`` service); ``start``/``restart`` use what the
+  *last* reload read, so a changed drop-in without a daemon-reload is not seen, as with
+  systemd;
+- ``start``, ``stop``, ``restart`` run the service as a process (pid in ``<unit>.pid``): the
+  unit's ``ExecStart=`` command line when its files give one (``-@:+!`` prefixes dropped),
+  else the JSON's ``argv``, with the JSON's ``env`` plus the loaded environment;
+- ``is-active``, ``show -p Environment|ExecStart|MainPID|ActiveState [--value]``.
 
 Failure injection: a file ``$FAKE_SYSTEMCTL_STATE/<unit>.next-restart`` containing ``fail``
 makes the next start/restart fail (exit 1, service stopped); ``no-come-back`` starts a
@@ -43,12 +47,18 @@ def unit_name(name: str) -> str:
     return name if "." in name else f"{name}.service"
 
 
-def read_environment(unit: str) -> dict[str, str]:
+class UnitError(Exception):
+    """A unit file systemd would refuse to load."""
+
+
+def read_unit(unit: str) -> dict[str, object]:
+    """The ``[Service]`` environment and command line the unit's files give."""
     files = [SYSTEMD_DIR / unit] if (SYSTEMD_DIR / unit).is_file() else []
     dropins = SYSTEMD_DIR / f"{unit}.d"
     if dropins.is_dir():
         files += sorted(p for p in dropins.iterdir() if p.name.endswith(".conf"))
     env: dict[str, str] = {}
+    command: list[str] = []
     for path in files:
         section = ""
         text = path.read_text(encoding="utf-8").replace("\\\n", " ")
@@ -60,7 +70,19 @@ def read_environment(unit: str) -> dict[str, str]:
                 section = line.strip("[]")
                 continue
             key, _, value = line.partition("=")
-            if section != "Service" or key.strip() != "Environment":
+            if section != "Service":
+                continue
+            if key.strip() == "ExecStart":
+                if not value.strip():
+                    command = []
+                elif command:
+                    raise UnitError(f"{unit} has more than one ExecStart= setting, which is "
+                                    "only allowed for Type=oneshot services. Refusing.")
+                else:
+                    command = [w.replace("%%", "%") for w in shlex.split(value)]
+                    command[0] = command[0].lstrip("-@:+!")
+                continue
+            if key.strip() != "Environment":
                 continue
             if not value.strip():
                 env.clear()
@@ -68,15 +90,15 @@ def read_environment(unit: str) -> dict[str, str]:
             for word in shlex.split(value):
                 name, _, val = word.partition("=")
                 env[name] = val.replace("%%", "%")
-    return env
+    return {"env": env, "exec_start": command}
 
 
-def loaded_env_path(unit: str) -> Path:
+def loaded_path(unit: str) -> Path:
     return STATE / f"{unit}.loaded-env.json"
 
 
-def loaded_environment(unit: str) -> dict[str, str]:
-    path = loaded_env_path(unit)
+def loaded_unit(unit: str) -> dict[str, object]:
+    path = loaded_path(unit)
     if not path.exists():  # as at boot: the first start reads the files
         daemon_reload_unit(unit)
     return json.loads(path.read_text())
@@ -84,7 +106,11 @@ def loaded_environment(unit: str) -> dict[str, str]:
 
 def daemon_reload_unit(unit: str) -> None:
     STATE.mkdir(parents=True, exist_ok=True)
-    loaded_env_path(unit).write_text(json.dumps(read_environment(unit)))
+    try:
+        loaded = read_unit(unit)
+    except UnitError as exc:  # systemd logs it and leaves the unit unloadable
+        loaded = {"env": {}, "exec_start": [], "error": str(exc)}
+    loaded_path(unit).write_text(json.dumps(loaded))
 
 
 def pid_of(unit: str) -> int | None:
@@ -135,10 +161,15 @@ def start(unit: str) -> int:
               f"See \"systemctl status {unit}\" and \"journalctl -xeu {unit}\" for details.",
               file=sys.stderr)
         return 1
-    argv = spec["argv"]
+    loaded = loaded_unit(unit)
+    if loaded.get("error"):
+        print(f"Failed to start {unit}: Unit {unit} has a bad unit file setting.\n"
+              f"{loaded['error']}", file=sys.stderr)
+        return 1
+    argv = loaded.get("exec_start") or spec["argv"]
     if failure == "no-come-back":
         argv = [sys.executable, "-c", "import time; time.sleep(3600)"]
-    env = {**spec.get("env", {}), **loaded_environment(unit)}
+    env = {**spec.get("env", {}), **loaded["env"]}  # type: ignore[dict-item]
     log = open(spec.get("log", os.devnull), "ab")  # noqa: SIM115 (handed to the child)
     proc = subprocess.Popen(argv, env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
                             start_new_session=True, cwd=spec.get("cwd"))
@@ -148,8 +179,14 @@ def start(unit: str) -> int:
 
 def show(unit: str, props: list[str], value_only: bool) -> int:
     pid = pid_of(unit)
-    env = loaded_environment(unit) if (STATE / f"{unit}.json").exists() else {}
+    loaded = loaded_unit(unit) if (STATE / f"{unit}.json").exists() else {}
+    env: dict[str, str] = loaded.get("env", {})  # type: ignore[assignment]
+    command: list[str] = loaded.get("exec_start", [])  # type: ignore[assignment]
+    exec_start = (f"{{ path={command[0]} ; argv[]={' '.join(command)} ; ignore_errors=no ; "
+                  f"start_time=[n/a] ; stop_time=[n/a] ; pid={pid or 0} ; code=(null) ; "
+                  "status=0/0 }") if command else ""
     values = {"Environment": " ".join(shlex.quote(f"{k}={v}") for k, v in env.items()),
+              "ExecStart": exec_start,
               "MainPID": str(pid or 0), "ActiveState": "active" if pid else "inactive",
               "Id": unit}
     for prop in props or list(values):

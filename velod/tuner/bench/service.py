@@ -54,19 +54,20 @@ class Benchmarks:
     async def choose_model(self, requested: str | None) -> tuple[str, str | None]:
         """(name, digest) of ``requested``, else of the most-used installed model."""
         label = self._backend().label
-        names = {normalize_name(n): digest for n, digest in await self.installed()}
+        # By Ollama's naming (``x`` = ``x:latest``), kept as the server spells it.
+        names = {normalize_name(n): (n, digest) for n, digest in await self.installed()}
         if requested:
             if normalize_name(requested) not in names:
-                listing = ", ".join(sorted(names)) or "none"
+                listing = ", ".join(sorted(n for n, _ in names.values())) or "none"
                 hint = f" (or `ollama pull {requested}`)" if label == "Ollama" else ""
                 raise NotFound(f"no model {requested!r} in {label}; installed: "
                                f"{listing}{hint}", {"installed": sorted(names)})
-            return normalize_name(requested), names[normalize_name(requested)]
+            return names[normalize_name(requested)]
         name = self._most_used(list(names))
         if name is None:
             raise NotFound(f"{label} has no models installed (for Ollama: ollama pull one, "
                            "e.g. `ollama pull llama3.2:3b`)", {"installed": []})
-        return name, names[name]
+        return names[normalize_name(name)]
 
     async def run(self, spec: BenchSpec, digest: str | None) -> dict[str, Any]:
         """Measure ``spec`` and save the result (complete or partial); returns it."""
