@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tests.tokenizer_corpus import base_strings
 from velod.engine.models import tokenizer as tk
 
 # Control tokens each family really has, plus user-defined ones (matched even without
@@ -32,8 +33,6 @@ def _training_text() -> list[str]:
     import difflib
     import json as json_module
     import textwrap
-
-    from tests.unit.tokenizer_corpus import base_strings
 
     docs = [textwrap.__doc__ or "", json_module.__doc__ or "", difflib.__doc__ or ""]
     return docs + base_strings()

@@ -100,32 +100,41 @@ ARCHITECTURE_DEFAULTS: Mapping[str, str] = {
 
 @dataclass(frozen=True)
 class ChatTemplate:
-    """A chat template ready to render: a built-in's name, or compiled Jinja source."""
+    """A chat template ready to render: a built-in's name, or Jinja source (compiled here).
+
+    ``ChatTemplate("gemma")`` is a built-in; ``ChatTemplate(name, source)`` compiles
+    ``source`` in the sandbox, and a syntax error is a ChatTemplateError naming the line.
+    """
 
     name: str
     source: str | None = None
-    _compiled: Any = field(default=None, repr=False, compare=False)
+    _compiled: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.source is None:
+            if self.name not in BUILTIN:
+                raise ChatTemplateError("chat_template", (
+                    f"{self.name!r} is not a built-in template; built-in: {', '.join(BUILTIN)}"))
+            return
+        import jinja2
+
+        if len(self.source.encode()) > MAX_TEMPLATE_BYTES:
+            raise ChatTemplateError(self.name, f"longer than {MAX_TEMPLATE_BYTES} bytes")
+        try:
+            compiled = _environment().from_string(self.source)
+        except jinja2.TemplateSyntaxError as error:
+            raise ChatTemplateError(self.name, f"line {error.lineno}: {error.message}") from None
+        object.__setattr__(self, "_compiled", compiled)
 
     @classmethod
     def builtin(cls, name: str) -> ChatTemplate:
         """One of llama.cpp's built-in templates (gemma, llama3, chatml)."""
-        if name not in BUILTIN:
-            raise ChatTemplateError("chat_template", (
-                f"{name!r} is not a built-in template; built-in: {', '.join(BUILTIN)}"))
         return cls(name)
 
     @classmethod
     def from_jinja(cls, source: str, name: str = "tokenizer.chat_template") -> ChatTemplate:
         """A Jinja template compiled in the sandbox; a syntax error names the line."""
-        import jinja2
-
-        if len(source.encode()) > MAX_TEMPLATE_BYTES:
-            raise ChatTemplateError(name, f"longer than {MAX_TEMPLATE_BYTES} bytes")
-        try:
-            compiled = _environment().from_string(source)
-        except jinja2.TemplateSyntaxError as error:
-            raise ChatTemplateError(name, f"line {error.lineno}: {error.message}") from None
-        return cls(name, source, compiled)
+        return cls(name, source)
 
     def render(self, messages: Messages, *, add_generation_prompt: bool = True,
                bos_token: str = "", eos_token: str = "", tokenizer_adds_bos: bool = False,
@@ -169,6 +178,8 @@ class ChatTemplate:
                 parts.append(part)
         except ChatTemplateError:
             raise
+        except _TemplateRaised as error:
+            raise ChatTemplateError(self.name, f"raise_exception: {error}") from None
         except RecursionError:
             raise ChatTemplateError(self.name, "recursion too deep") from None
         except Exception as error:  # untrusted template code: any failure is the template's
@@ -245,8 +256,12 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
                       sort_keys=sort_keys)
 
 
+class _TemplateRaised(Exception):
+    """What a template's raise_exception(message) raises; render() names the template."""
+
+
 def _raise_exception(message: str) -> None:
-    raise ChatTemplateError("chat_template", f"raise_exception: {message}")
+    raise _TemplateRaised(message)
 
 
 def _strftime_now(format: str) -> str:

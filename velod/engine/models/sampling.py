@@ -21,12 +21,12 @@ from __future__ import annotations
 import math
 from collections import Counter, deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 
-from velod.engine.errors import InvalidRequest
+from velod.engine.core.errors import InvalidRequest
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 1000
@@ -38,8 +38,13 @@ MAX_STOP_TOKENS = 256
 _COLUMN_ROWS = 128
 # Beyond this many candidates a full sort of the row is as cheap.
 _FULL_SORT_FRACTION = 8
-# Top-p without top-k grows its candidate set by this factor until it holds the mass.
-_TOP_P_START, _TOP_P_GROWTH = 64, 8
+# Top-p without top-k bins logits by their distance to the best: 4096 bins over 40 nats
+# (further tokens share the last bin; each weighs under e^-40 of the best).
+_TOP_P_BINS, _TOP_P_SPAN = 4096, 40.0
+_TOP_P_HEAD = 64  # candidates tried first
+# Logits further below the best count as this far in sums (e^-80: nothing, but not the
+# slow underflow path of float32 exp).
+_FAR = 80.0
 
 
 Distribution = tuple[np.ndarray, np.ndarray]  # (token ids, weights), not normalised
@@ -125,6 +130,11 @@ class SamplingParams:
             self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
             or self.frequency_penalty != 0.0)
 
+    def ends_generation(self, token: int, eog_ids: frozenset[int]) -> bool:
+        """True when ``token`` ends this request: one of its stop tokens, or one of the
+        model's end-of-generation tokens unless ``ignore_eos``."""
+        return token in self.stop_token_ids or (not self.ignore_eos and token in eog_ids)
+
     def check_vocabulary(self, vocab_size: int) -> None:
         """InvalidRequest when a stop token id is outside the model's vocabulary."""
         for token in self.stop_token_ids:
@@ -166,7 +176,6 @@ def _as_tuple(params: SamplingParams, name: str, kind: type) -> tuple[Any, ...]:
     return items
 
 
-@dataclass
 class SamplerState:
     """One request's sampling state: its generator and the tokens penalties look at.
 
@@ -174,20 +183,15 @@ class SamplerState:
     does); :func:`sample` records each chosen token.
     """
 
-    params: SamplingParams
-    rng: np.random.Generator = field(init=False)
-    window: deque[int] = field(init=False)
-    counts: Counter[int] = field(init=False)
-
     def __init__(self, params: SamplingParams, prompt: Sequence[int] = ()) -> None:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
         size = params.penalty_window
-        self.window = deque(maxlen=None if size < 0 else size)
-        self.counts = Counter()
+        self.window: deque[int] = deque(maxlen=None if size < 0 else size)
+        self.counts: Counter[int] = Counter()
         if params.penalized:
             for token in prompt[-size:] if size > 0 else prompt:
-                self.accept(token)
+                self.accept(int(token))
 
     def accept(self, token: int) -> None:
         """Record a chosen token in the penalty window."""
@@ -269,7 +273,7 @@ def distribution(row: np.ndarray, params: SamplingParams, state: SamplerState) -
     ids, values = _top_candidates(row, k + extra)
     if penalties is not None:
         ids, values = _penalize_candidates(row, ids, penalties, params)
-    return _truncate(ids[:k], values[:k], params, total_mass=None)
+    return _truncate(ids[:k], values[:k], params)
 
 
 def _full_row_distribution(row: np.ndarray, params: SamplingParams,
@@ -282,43 +286,62 @@ def _full_row_distribution(row: np.ndarray, params: SamplingParams,
     if params.greedy:
         return np.array([np.argmax(row)]), np.ones(1)
     if params.top_k and params.top_k < row.shape[0]:
-        return _truncate(*_top_candidates(row, params.top_k), params, total_mass=None)
+        return _truncate(*_top_candidates(row, params.top_k), params)
     top = float(np.max(row))
     if math.isnan(top):
         raise SamplingError("the logits hold NaN")
     if params.top_p < 1.0:
-        # Grow a head of the sorted row until it holds top_p of the whole mass.
-        mass = float(np.exp(row - top, dtype=np.float64).sum())
-        size = _TOP_P_START
-        while True:
-            ids, values = _top_candidates(row, min(size, row.shape[0]))
-            covered = np.exp(values.astype(np.float64) - top).sum()
-            if covered >= params.top_p * mass or size >= row.shape[0]:
-                return _truncate(ids, values, params, total_mass=mass)
-            size *= _TOP_P_GROWTH
+        ids = _top_p_set(row, top, params.top_p)
+        values = row[ids].astype(np.float64)
+        best = values.max()
+        if params.min_p > 0.0:
+            kept = values >= best + math.log(params.min_p)
+            ids, values = ids[kept], values[kept]
+        return ids, np.exp((values - best) / params.temperature)
     if params.min_p > 0.0:
         ids = np.flatnonzero(row >= top + math.log(params.min_p))
         order = np.lexsort((ids, -row[ids]))
-        return _truncate(ids[order], row[ids[order]], params, total_mass=None)
+        return _truncate(ids[order], row[ids[order]], params)
     # Nothing truncates: the whole distribution at the temperature.
     return np.arange(row.shape[0]), np.exp((row.astype(np.float64) - top) / params.temperature)
 
 
-def _truncate(ids: np.ndarray, values: np.ndarray, params: SamplingParams,
-              total_mass: float | None) -> Distribution:
-    """Top-p, min-p and temperature over candidates sorted best first.
+def _top_p_set(row: np.ndarray, top: float, p: float) -> np.ndarray:
+    """The ids of the shortest best-first prefix of ``row`` holding ``p`` of the softmax
+    mass (ties to the lowest id), in no particular order, without sorting the row.
 
-    ``total_mass``: the sum of exp(logit - best) over the whole distribution the top-p
-    cut applies to, when the candidates are only its head; None when they are all of it.
+    When the best few do not hold the mass, the logits are binned by their distance to the
+    best one; whole bins above the cut are in, and only the bin the cut falls in is sorted.
     """
+    distance = top - row  # >= 0; -inf logits are at +inf
+    weights = _weights(-distance)  # float32 terms, float64 sums
+    goal = p * weights.sum(dtype=np.float64)
+    # A language model's mass sits in a few tokens: try the head first.
+    head, _ = _top_candidates(row, min(_TOP_P_HEAD, row.shape[0]))
+    covered = np.cumsum(weights[head], dtype=np.float64)
+    if covered[-1] >= goal:
+        return head[:int(np.searchsorted(covered, goal)) + 1]
+    bins = np.minimum(distance * (_TOP_P_BINS / _TOP_P_SPAN), _TOP_P_BINS - 1).astype(np.intp)
+    cumulative = np.cumsum(np.bincount(bins, weights=weights, minlength=_TOP_P_BINS))
+    cut = min(int(np.searchsorted(cumulative, goal)), _TOP_P_BINS - 1)
+    inside = np.flatnonzero(bins < cut)
+    edge = np.flatnonzero(bins == cut)
+    edge = edge[np.lexsort((edge, -row[edge]))]
+    before = cumulative[cut - 1] if cut else 0.0
+    needed = int(np.searchsorted(before + np.cumsum(weights[edge], dtype=np.float64),
+                                 goal)) + 1
+    return np.concatenate([inside, edge[:needed]])
+
+
+def _truncate(ids: np.ndarray, values: np.ndarray, params: SamplingParams) -> Distribution:
+    """Top-p, min-p and temperature over the top-k candidates, sorted best first."""
     logits = values.astype(np.float64)
     if params.greedy:
         return ids[:1], np.ones(1)
     keep = len(ids)
     if params.top_p < 1.0:
         cumulative = np.cumsum(np.exp(logits - logits[0]))
-        mass = cumulative[-1] if total_mass is None else total_mass
-        keep = min(keep, int(np.searchsorted(cumulative, params.top_p * mass)) + 1)
+        keep = min(keep, int(np.searchsorted(cumulative, params.top_p * cumulative[-1])) + 1)
     if params.min_p > 0.0:
         threshold = logits[0] + math.log(params.min_p)
         keep = min(keep, int(np.searchsorted(-logits, -threshold, side="right")))
@@ -406,4 +429,14 @@ def _top_candidates(row: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 def _log_normalizer(row: np.ndarray) -> float:
     """log(sum(exp(row))), computed stably in float32 with a float64 sum."""
     top = float(np.max(row))
-    return top + math.log(float(np.exp(row - top).sum(dtype=np.float64)))
+    return top + math.log(float(_weights(row - top).sum(dtype=np.float64)))
+
+
+def _weights(shifted: np.ndarray) -> np.ndarray:
+    """exp(shifted) for logits minus the best one, those below -_FAR taken at -_FAR.
+
+    float32 exp of -100 takes NumPy's slow underflow path, ten times slower than the
+    rest; a token e^-80 below the best changes no sum it is added to.
+    """
+    clipped = np.maximum(shifted, np.float32(-_FAR))
+    return np.exp(clipped, out=clipped)

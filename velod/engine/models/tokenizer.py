@@ -28,11 +28,28 @@ from typing import Any
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 # Token texts llama.cpp treats as end of generation (llama-vocab.cpp, "special_eog_ids"),
-# beside the ids named by eos/eot/eom metadata. It marks them as control tokens too.
+# beside the tokens of the EOG roles below. It marks them as control tokens too.
 EOG_TEXTS = frozenset({
     "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>",
     "<|endoftext|>", "<|eom_id|>", "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>",
 })
+# Special roles llama.cpp finds by text when the GGUF names no tokenizer.ggml.<role>_token_id;
+# a token found so becomes a control token.
+ROLE_TEXTS: Mapping[str, tuple[str, ...]] = {
+    "eot": ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
+            "<|end_of_text|>", "<EOT>", "_<EOT>", "<｜end▁of▁sentence｜>", "<end_of_utterance>"),
+    "eom": ("<|eom_id|>",),
+    "fim_pre": ("<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>", "<PRE>",
+                "▁<PRE>", "<|code_prefix|>"),
+    "fim_suf": ("<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>", "<SUF>",
+                "▁<SUF>", "<|code_suffix|>"),
+    "fim_mid": ("<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>",
+                "▁<MID>", "<|code_middle|>"),
+    "fim_pad": ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>"),
+    "fim_rep": ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"),
+    "fim_sep": ("<|file_sep|>",),
+}
+EOG_ROLES = ("eos", "eot", "eom", "fim_pad", "fim_rep", "fim_sep")
 
 # Pre-tokenizer regexes of llama.cpp's BPE vocabularies (unicode.cpp), by tokenizer.ggml.pre.
 _LLAMA3_REGEX = (
@@ -124,7 +141,6 @@ class _SpecialMatcher:
             longest = match.group(1)
             present.add(longest)
             present.update(self.prefixes[longest])
-        present.discard("")
         fragments: list[str | int] = [text]
         # llama.cpp splits by each special in turn, longest first, left to right.
         for special in sorted(present, key=lambda s: (-len(s), self.ids[s])):
@@ -159,6 +175,29 @@ def _per_token(metadata: Mapping[str, Any], key: str, n_tokens: int, kind: type,
     if len(values) != n_tokens:
         raise TokenizerError(key, f"{len(values)} entries for {n_tokens} tokens")
     return values
+
+
+def _end_of_generation(metadata: Mapping[str, Any], vocab: Mapping[str, int],
+                       types: list[int]) -> frozenset[int]:
+    """The tokens that end generation, as llama.cpp finds them; marks them control tokens.
+
+    The tokens of the EOG roles (named by metadata or found by text) and every token whose
+    text is in EOG_TEXTS. ``types`` is updated in place.
+    """
+    roles: dict[str, int | None] = {
+        "eos": _optional_id(metadata, "tokenizer.ggml.eos_token_id", len(types))}
+    for role, texts in ROLE_TEXTS.items():
+        found = _optional_id(metadata, f"tokenizer.ggml.{role}_token_id", len(types))
+        if found is None:
+            found = next((vocab[text] for text in texts if text in vocab), None)
+            if found is not None:
+                types[found] = CONTROL
+        roles[role] = found
+    eog = {token for role in EOG_ROLES if (token := roles[role]) is not None}
+    for text in EOG_TEXTS & vocab.keys():
+        eog.add(vocab[text])
+        types[vocab[text]] = CONTROL
+    return frozenset(eog)
 
 
 def _optional_id(metadata: Mapping[str, Any], key: str, n_tokens: int) -> int | None:
@@ -213,44 +252,43 @@ class Tokenizer:
             supported = ", ".join(f"{k} ({v})" for k, v in MODELS.items())
             raise TokenizerError("tokenizer.ggml.model",
                                  f"{model!r} is not supported; supported: {supported}")
-        tokens = [str(t) for t in _required(metadata, "tokenizer.ggml.tokens")]
+        # An empty text is renamed, as llama.cpp does, so that every token has one.
+        tokens = [str(t) or f"[EMPTY_{i}]"
+                  for i, t in enumerate(_required(metadata, "tokenizer.ggml.tokens"))]
         if not tokens:
             raise TokenizerError("tokenizer.ggml.tokens", "empty vocabulary")
+        vocab = {text: i for i, text in enumerate(tokens)}  # a repeated text keeps its last id
         types = _per_token(metadata, "tokenizer.ggml.token_type", len(tokens), int, NORMAL)
         pre_name: str | None = None
-        if model == "llama":
-            scores = _per_token(metadata, "tokenizer.ggml.scores", len(tokens), float, 0.0)
-            default_bos = True
-            add_space_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
-            backend = _spm_backend(tokens, scores)
-        else:
+        pre: PreTokenizer | None = None
+        if model == "gpt2":
             pre_name = str(metadata.get("tokenizer.ggml.pre", "default"))
             pre = PRE_TOKENIZERS.get(pre_name)
             if pre is None:
                 raise TokenizerError("tokenizer.ggml.pre", (
                     f"{pre_name!r} is not a supported BPE pre-tokenizer; supported: "
                     + ", ".join(sorted(PRE_TOKENIZERS))))
-            merges = [str(m) for m in _required(metadata, "tokenizer.ggml.merges")]
-            default_bos, add_space_prefix = pre.add_bos, False
-            backend = _bpe_backend(tokens, merges, pre)
-        # Token texts llama.cpp knows as end-of-generation become control tokens.
-        types = [CONTROL if text in EOG_TEXTS else kind
-                 for text, kind in zip(tokens, types, strict=True)]
-        eog = {i for i, text in enumerate(tokens) if text in EOG_TEXTS}
-        eog.update(i for key in ("eos", "eot", "eom")
-                   if (i := _optional_id(metadata, f"tokenizer.ggml.{key}_token_id",
-                                         len(tokens))) is not None)
+        eog = _end_of_generation(metadata, vocab, types)
         bos = _optional_id(metadata, "tokenizer.ggml.bos_token_id", len(tokens))
         eos = _optional_id(metadata, "tokenizer.ggml.eos_token_id", len(tokens))
-        add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", default_bos))
+        add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token",
+                                    True if pre is None else pre.add_bos))
         add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False))
         for name, wanted, token in (("bos", add_bos, bos), ("eos", add_eos, eos)):
             if wanted and token is None:
                 raise TokenizerError(f"tokenizer.ggml.{name}_token_id", (
                     f"missing, but tokenizer.ggml.add_{name}_token asks for one"))
+        if pre is None:
+            scores = _per_token(metadata, "tokenizer.ggml.scores", len(tokens), float, 0.0)
+            add_space_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
+            backend = _spm_backend(tokens, vocab, scores)
+        else:
+            merges = [str(m) for m in _required(metadata, "tokenizer.ggml.merges")]
+            add_space_prefix = False
+            backend = _bpe_backend(vocab, merges, pre)
         return cls(model=model, tokens=tokens, token_types=types, backend=backend, pre=pre_name,
-                   bos_id=bos, eos_id=eos, eog_ids=frozenset(eog), add_bos=add_bos,
-                   add_eos=add_eos, add_space_prefix=add_space_prefix)
+                   bos_id=bos, eos_id=eos, eog_ids=eog, add_bos=add_bos, add_eos=add_eos,
+                   add_space_prefix=add_space_prefix)
 
     def _build_pieces(self) -> list[bytes]:
         """Each token's bytes as llama.cpp's token_to_piece gives them with special=True."""
@@ -344,6 +382,16 @@ class Tokenizer:
         self._check(token)
         return self.tokens[token]
 
+    @property
+    def bos_text(self) -> str:
+        """The BOS token's text (``<bos>``) for chat templates; "" without one."""
+        return "" if self.bos_id is None else self.tokens[self.bos_id]
+
+    @property
+    def eos_text(self) -> str:
+        """The EOS token's text (``<eos>``) for chat templates; "" without one."""
+        return "" if self.eos_id is None else self.tokens[self.eos_id]
+
     def is_eog(self, token: int) -> bool:
         """True for a token that ends generation (EOS, end of turn, ...)."""
         return token in self.eog_ids
@@ -380,7 +428,8 @@ def _byte_token_value(text: str) -> bytes:
     raise TokenizerError("tokenizer.ggml.tokens", f"byte token {text!r} is not of the form <0xHH>")
 
 
-def _spm_backend(tokens: Sequence[str], scores: Sequence[float]) -> Any:
+def _spm_backend(tokens: Sequence[str], vocab: Mapping[str, int],
+                 scores: Sequence[float]) -> Any:
     """A ``tokenizers`` BPE equal to llama.cpp's SentencePiece merge loop.
 
     llama.cpp merges, at each step, the adjacent pair whose concatenation is in the
@@ -391,26 +440,24 @@ def _spm_backend(tokens: Sequence[str], scores: Sequence[float]) -> Any:
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import models, normalizers
 
-    vocab = {text: i for i, text in enumerate(tokens)}  # a repeated text keeps its last id
-    ranked: list[tuple[float, int, int, str, str]] = []
-    for text, token in vocab.items():
-        for cut in range(1, len(text)):
-            left, right = text[:cut], text[cut:]
-            if left in vocab and right in vocab:
-                ranked.append((-scores[token], token, cut, left, right))
-    ranked.sort()
-    bpe = models.BPE(vocab=vocab, merges=[(m[3], m[4]) for m in ranked], byte_fallback=True)
+    merges: list[tuple[str, str]] = []
+    # Best score first (ties: lowest id), each token's splits left to right: the merges come
+    # out ranked, with no list of sort keys beside them (Gemma has 513,000).
+    for token in sorted(vocab.values(), key=lambda t: -scores[t]):
+        text = tokens[token]
+        merges.extend((text[:cut], text[cut:]) for cut in range(1, len(text))
+                      if text[:cut] in vocab and text[cut:] in vocab)
+    bpe = models.BPE(vocab=dict(vocab), merges=merges, byte_fallback=True)
     backend = HFTokenizer(bpe)
     backend.normalizer = normalizers.Replace(" ", "▁")
     return backend
 
 
-def _bpe_backend(tokens: Sequence[str], merges: Sequence[str], pre: PreTokenizer) -> Any:
+def _bpe_backend(vocab: Mapping[str, int], merges: Sequence[str], pre: PreTokenizer) -> Any:
     """A ``tokenizers`` byte-level BPE with the GGUF's merges and pre-tokenizer regex."""
     from tokenizers import Regex, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
 
-    vocab = {text: i for i, text in enumerate(tokens)}
     pairs: list[tuple[str, str]] = []
     for merge in merges:
         cut = merge.find(" ", 1)  # as llama.cpp: a merge's left part may start with a space
@@ -420,7 +467,7 @@ def _bpe_backend(tokens: Sequence[str], merges: Sequence[str], pre: PreTokenizer
         # tokenizers refuses merges over unknown tokens; llama.cpp could never emit them.
         if left in vocab and right in vocab and left + right in vocab:
             pairs.append((left, right))
-    bpe = models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre.ignore_merges)
+    bpe = models.BPE(vocab=dict(vocab), merges=pairs, ignore_merges=pre.ignore_merges)
     backend = HFTokenizer(bpe)
     backend.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(pre.regex), behavior="isolated"),

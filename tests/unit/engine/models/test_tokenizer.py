@@ -106,10 +106,44 @@ def test_detokenizer_replaces_bytes_that_can_never_form_a_character() -> None:
     assert stream.flush() == "\ufffd"
 
 
+def test_bos_and_eos_texts_are_what_chat_templates_get() -> None:
+    tokenizer = Tokenizer.from_gguf_metadata(spm())
+    assert (tokenizer.bos_text, tokenizer.eos_text) == ("<s>", "</s>")
+    metadata = spm()
+    del metadata["tokenizer.ggml.eos_token_id"]
+    assert Tokenizer.from_gguf_metadata(metadata).eos_text == ""
+
+
 def test_end_of_generation_covers_eos_and_end_of_turn_text() -> None:
     tokenizer = Tokenizer.from_gguf_metadata(spm())
     assert tokenizer.eog_ids == {2, 3}
     assert tokenizer.is_eog(3) and not tokenizer.is_eog(1)
+
+
+def test_tokens_found_by_text_end_generation_and_become_control_tokens() -> None:
+    metadata = spm()
+    tokens = metadata["tokenizer.ggml.tokens"] = [*metadata["tokenizer.ggml.tokens"],
+                                                  "<|fim_pad|>", "<|im_end|>", "<|fim_prefix|>"]
+    metadata["tokenizer.ggml.token_type"] = [*metadata["tokenizer.ggml.token_type"],
+                                             USER_DEFINED, NORMAL, USER_DEFINED]
+    metadata["tokenizer.ggml.scores"] = [*metadata["tokenizer.ggml.scores"], 0.0, 0.0, 0.0]
+    tokenizer = Tokenizer.from_gguf_metadata(metadata)
+    pad, im_end, prefix = (tokens.index(t) for t in ("<|fim_pad|>", "<|im_end|>",
+                                                     "<|fim_prefix|>"))
+    assert {pad, im_end} <= tokenizer.eog_ids and prefix not in tokenizer.eog_ids
+    assert all(tokenizer.token_types[t] == CONTROL for t in (pad, im_end, prefix))
+    assert prefix not in tokenizer.encode("<|fim_prefix|>", parse_special=False)
+
+
+def test_an_eot_token_named_by_metadata_ends_generation() -> None:
+    tokenizer = Tokenizer.from_gguf_metadata(spm(**{"tokenizer.ggml.eot_token_id": 4}))
+    assert tokenizer.eog_ids == {2, 3, 4}
+
+
+def test_an_empty_token_text_gets_a_placeholder_name_as_in_llama_cpp() -> None:
+    metadata = spm()
+    metadata["tokenizer.ggml.tokens"] = ["", *metadata["tokenizer.ggml.tokens"][1:]]
+    assert Tokenizer.from_gguf_metadata(metadata).token_text(0) == "[EMPTY_0]"
 
 
 def test_unsupported_tokenizer_model_names_the_supported_ones() -> None:

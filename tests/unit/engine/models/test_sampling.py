@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from velod.engine.errors import InvalidRequest
+from velod.engine.core.errors import InvalidRequest
 from velod.engine.models.sampling import (
     SamplerState,
     SamplingError,
@@ -98,6 +98,15 @@ def test_distribution_equals_the_plain_llama_cpp_chain(chain: dict[str, Any], vo
     history = [int(i) for i in np.argsort(-row)[:30:3]] + [7, 7, 7, 11]
     params = SamplingParams(**chain)
     assert_same_distribution(reference(row, params, history), ours(row, params, history))
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.999])
+def test_top_p_on_a_flat_distribution_keeps_the_right_bulk_of_the_vocabulary(top_p: float) -> None:
+    row = np.round(logits(262_144, seed=5, scale=0.5), 2)  # flat, with many ties
+    params = SamplingParams(temperature=1.0, top_k=0, top_p=top_p, min_p=0.0)
+    expected = reference(row, params, [])
+    assert len(expected) > 50_000
+    assert_same_distribution(expected, ours(row, params, []))
 
 
 def test_greedy_takes_the_highest_logit_and_the_lowest_id_of_a_tie() -> None:
@@ -255,6 +264,14 @@ def test_options_are_normalised() -> None:
     params = SamplingParams.from_options({"temperature": 1, "stop": "END", "stop_token_ids": [3]})
     assert params.temperature == 1.0 and isinstance(params.temperature, float)
     assert params.stop == ("END",) and params.stop_token_ids == (3,)
+
+
+def test_stop_tokens_and_end_of_generation_tokens_end_a_request_unless_eos_is_ignored() -> None:
+    eog = frozenset({1, 106})
+    assert SamplingParams(stop_token_ids=(7,)).ends_generation(7, eog)
+    assert SamplingParams().ends_generation(106, eog)
+    assert not SamplingParams(ignore_eos=True).ends_generation(106, eog)
+    assert not SamplingParams().ends_generation(5, eog)
 
 
 def test_stop_token_outside_the_vocabulary_is_an_error() -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.assets import LlamaServer, LlamaTokenize, llama_server
-from tests.unit.tokenizer_corpus import corpus
+from tests.tokenizer_corpus import corpus
 from velod.engine.models.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.real_model

@@ -17,7 +17,7 @@ import pytest
 
 from tests import tiny_vocab
 from tests.assets import LlamaTokenize
-from tests.unit.tokenizer_corpus import corpus
+from tests.tokenizer_corpus import corpus
 from velod.engine.models.tokenizer import CONTROL, USER_DEFINED, Tokenizer
 
 pytestmark = pytest.mark.real_model
