@@ -14,11 +14,9 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ import pytest
 
 from tests.fakes.fake_ollama import free_port
 from tests.integration.conftest import RunningDaemon, wait_for
+from tests.integration.test_tuner_e2e import Machine
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE_BIN = REPO / "tests" / "fakes" / "bin"
@@ -34,39 +33,8 @@ EVAL_RATE = re.compile(r"\|\s+eval time =.*?([\d.]+) tokens per second")
 FAST = {"interval": "200ms", "settle": "300ms", "restart_when_idle_for": "200ms"}
 
 
-@dataclass
-class LlamaMachine:
+class LlamaMachine(Machine):
     """A systemd directory with llama-server's unit, the fake systemctl, and the server."""
-
-    tmp: Path
-    port: int
-    env: dict[str, str]
-
-    @property
-    def systemd_dir(self) -> Path:
-        return self.tmp / "systemd"
-
-    @property
-    def dropin_dir(self) -> Path:
-        return self.systemd_dir / f"{UNIT}.d"
-
-    @property
-    def velod_dropin(self) -> Path:
-        return self.dropin_dir / "50-velod.conf"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def systemctl(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(FAKE_BIN / "systemctl"), *args], env=self.env,
-                              capture_output=True, text=True, timeout=60)
-
-    def restarts(self) -> int:
-        log = Path(self.env["FAKE_SYSTEMCTL_LOG"])
-        calls = [json.loads(line)["argv"] for line in log.read_text().splitlines()] \
-            if log.exists() else []
-        return sum(1 for argv in calls if argv[:1] == ["restart"])
 
     def get(self, path: str) -> Any:
         with urllib.request.urlopen(self.url + path, timeout=5) as resp:
@@ -111,7 +79,7 @@ def llama_machine(tmp: Path, llama_bin: Path, model: Path, flags: str = "",
     env = {**os.environ, "PATH": f"{FAKE_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
            "FAKE_SYSTEMCTL_STATE": str(state), "FAKE_SYSTEMCTL_LOG": str(tmp / "calls"),
            "FAKE_SYSTEMCTL_SYSTEMD_DIR": str(tmp / "systemd")}
-    m = LlamaMachine(tmp, free_port(), env)
+    m = LlamaMachine(tmp, free_port(), env, UNIT)
     m.dropin_dir.mkdir(parents=True)
     (m.systemd_dir / UNIT).write_text(
         "[Unit]\nDescription=llama.cpp server\n\n[Service]\n"

@@ -23,6 +23,7 @@ What a backend answers, in the order the tuner asks:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -100,6 +101,77 @@ class Verification:
     ok: bool
     message: str
     observed: Any = None
+
+
+class UnitBackend:
+    """What every backend derives alike from its config section: the systemd unit, its
+    drop-in directory, and one client that is replaced when the address or timeout changes.
+
+    A subclass sets ``unit_key`` (the config field that names the unit) and implements
+    ``_client(config)`` and ``_section(config)`` (its section of a full config, or None when
+    the config no longer manages it).
+    """
+
+    unit_key = "unit"
+    state_type: Any = None  # the kind's state class (version, reachable and error fields)
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self.client = self._client(config)
+        self.dropins = self._dropins(config)
+
+    def _client(self, config: Any) -> Any:
+        raise NotImplementedError
+
+    def _section(self, config: Config) -> Any:
+        raise NotImplementedError
+
+    def _dropins(self, config: Any) -> DropinDir:
+        from velod.tuner.dropin import DropinDir
+
+        return DropinDir(config.systemd_dir, getattr(config, self.unit_key), config.dropin)
+
+    @property
+    def url(self) -> str:
+        return str(self.client.base_url)
+
+    @property
+    def unit(self) -> str:
+        return str(getattr(self.config, self.unit_key))
+
+    @property
+    def systemd_dir(self) -> str:
+        return str(self.config.systemd_dir)
+
+    @property
+    def systemctl(self) -> str:
+        return str(self.config.systemctl)
+
+    @property
+    def request_timeout(self) -> float:
+        return float(self.config.request_timeout)
+
+    async def reconfigure(self, config: Config) -> bool:
+        """Adopt this server's section of ``config``; True when the client was replaced."""
+        section = self._section(config)
+        if section is None:
+            return False  # no longer managed: the tuner service stops this server's loop
+        old, self.config = self.config, section
+        self.dropins = self._dropins(section)
+        if (old.url, old.request_timeout) == (section.url, section.request_timeout):
+            return False
+        await self.client.close()
+        self.client = self._client(section)
+        return True
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    def unreachable_state(self, last: Any, error: str) -> Any:
+        """The last good state marked unreachable, or an empty one when there is none."""
+        if last is not None:
+            return dataclasses.replace(last, reachable=False, error=error)
+        return self.state_type(version=None, reachable=False, error=error)
 
 
 class Backend(Protocol):

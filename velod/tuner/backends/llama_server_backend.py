@@ -23,7 +23,7 @@ from velod.model import catalog
 from velod.model.gguf_header import GgufHeaderError, read_geometry
 from velod.model.kv import context_per_sequence
 from velod.model.metadata import Geometry, UnknownArchitecture
-from velod.tuner.backends.base import ServerBadResponse, Verification
+from velod.tuner.backends.base import ServerBadResponse, UnitBackend, Verification
 from velod.tuner.backends.llama_server import LlamaServerClient, LlamaServerState
 from velod.tuner.backends.llama_server_planner import AUTO_SLOTS
 from velod.tuner.backends.llama_server_planner import plan as plan_llama_server
@@ -33,7 +33,6 @@ from velod.tuner.backends.llama_server_settings import (
     normalize,
 )
 from velod.tuner.bench.spec import Sample
-from velod.tuner.dropin import DropinDir
 from velod.tuner.planner import Policy
 from velod.tuner.state import ModelInfo, catalog_model
 
@@ -46,18 +45,26 @@ if TYPE_CHECKING:
 GGUF_READ_TIMEOUT = 30.0
 
 
-class LlamaServerBackend:
+class LlamaServerBackend(UnitBackend):
     """One ``llama_server`` entry of the config."""
 
     kind = "llama-server"
     variants = False
+    state_type = LlamaServerState
 
     def __init__(self, config: LlamaServerConfig, name: str) -> None:
-        self.config = config
         self.name = name
-        self.client = LlamaServerClient(config.url, config.request_timeout)
-        self.dropins = DropinDir(config.systemd_dir, config.unit, config.dropin)
+        super().__init__(config)
         self._shapes: dict[tuple[str, int, int], tuple[Geometry | None, str | None]] = {}
+
+    def _client(self, config: LlamaServerConfig) -> LlamaServerClient:
+        return LlamaServerClient(config.url, config.request_timeout)
+
+    def _section(self, config: Config) -> LlamaServerConfig | None:
+        from velod.config import llama_server_names
+
+        index = {n: i for i, n in llama_server_names(config.llama_server)}.get(self.name)
+        return None if index is None else config.llama_server[index]
 
     @property
     def label(self) -> str:
@@ -68,45 +75,8 @@ class LlamaServerBackend:
         return f"tuner-history-{self.name}.jsonl"
 
     @property
-    def url(self) -> str:
-        return self.client.base_url
-
-    @property
-    def unit(self) -> str:
-        return self.config.unit
-
-    @property
-    def systemd_dir(self) -> str:
-        return self.config.systemd_dir
-
-    @property
-    def systemctl(self) -> str:
-        return self.config.systemctl
-
-    @property
-    def request_timeout(self) -> float:
-        return self.config.request_timeout
-
-    @property
     def ready_timeout(self) -> float:
-        return self.config.start_timeout
-
-    async def reconfigure(self, config: Config) -> bool:
-        from velod.config import llama_server_names
-
-        index = {n: i for i, n in llama_server_names(config.llama_server)}.get(self.name)
-        if index is None:
-            return False  # removed: the tuner service stops this server's loop
-        old, self.config = self.config, config.llama_server[index]
-        self.dropins = DropinDir(self.config.systemd_dir, self.config.unit, self.config.dropin)
-        if (old.url, old.request_timeout) == (self.config.url, self.config.request_timeout):
-            return False
-        await self.client.close()
-        self.client = LlamaServerClient(self.config.url, self.config.request_timeout)
-        return True
-
-    async def close(self) -> None:
-        await self.client.close()
+        return float(self.config.start_timeout)
 
     # ------------------------------------------------------------------ observe
     async def fetch_state(self, tuner: TunerConfig) -> LlamaServerState:
@@ -136,11 +106,6 @@ class LlamaServerBackend:
         return ModelInfo(name=name, digest=f"{stat.st_size}-{stat.st_mtime_ns}",
                          size=stat.st_size, geometry=geometry, skip_reason=reason,
                          family=geometry.architecture if geometry else None)
-
-    def unreachable_state(self, last: Any, error: str) -> LlamaServerState:
-        if last is not None:
-            return dataclasses.replace(last, reachable=False, error=error)
-        return LlamaServerState(version=None, reachable=False, error=error)
 
     def activity(self, state: LlamaServerState) -> tuple[Any, bool, bool]:
         return state.activity_marker(), state.busy, True

@@ -8,15 +8,13 @@ benchmark streams ``/api/generate``, whose last chunk carries Ollama's own count
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from velod.model.names import normalize_name
 from velod.tuner import planner
-from velod.tuner.backends.base import ServerBadResponse, Verification
+from velod.tuner.backends.base import ServerBadResponse, UnitBackend, Verification
 from velod.tuner.backends.ollama import OllamaClient, resolve_url
 from velod.tuner.bench.spec import Sample
-from velod.tuner.dropin import DropinDir
 from velod.tuner.state import OllamaState
 
 if TYPE_CHECKING:
@@ -26,7 +24,7 @@ if TYPE_CHECKING:
     from velod.tuner.plan import Plan
 
 
-class OllamaBackend:
+class OllamaBackend(UnitBackend):
     """The Ollama server of ``ollama:`` in the config (see ``backends.base.Backend``)."""
 
     kind = "ollama"
@@ -35,57 +33,23 @@ class OllamaBackend:
     history_file = "tuner-history.jsonl"
     variants = True
 
-    def __init__(self, config: OllamaConfig) -> None:
-        self.config = config
-        self.client = OllamaClient(resolve_url(config.url), config.request_timeout)
-        self.dropins = DropinDir(config.systemd_dir, config.service, config.dropin)
+    unit_key = "service"
+    state_type = OllamaState
 
-    @property
-    def url(self) -> str:
-        return self.client.base_url
+    def _client(self, config: OllamaConfig) -> OllamaClient:
+        return OllamaClient(resolve_url(config.url), config.request_timeout)
 
-    @property
-    def unit(self) -> str:
-        return self.config.service
-
-    @property
-    def systemd_dir(self) -> str:
-        return self.config.systemd_dir
-
-    @property
-    def systemctl(self) -> str:
-        return self.config.systemctl
-
-    @property
-    def request_timeout(self) -> float:
-        return self.config.request_timeout
+    def _section(self, config: Config) -> OllamaConfig:
+        return config.ollama
 
     @property
     def ready_timeout(self) -> float:
         """How long Ollama may take to answer again after a restart."""
         return max(2.0, 5 * self.config.request_timeout)
 
-    async def reconfigure(self, config: Config) -> bool:
-        old, self.config = self.config, config.ollama
-        self.dropins = DropinDir(self.config.systemd_dir, self.config.service,
-                                 self.config.dropin)
-        if (old.url, old.request_timeout) == (self.config.url, self.config.request_timeout):
-            return False
-        await self.client.close()
-        self.client = OllamaClient(resolve_url(self.config.url), self.config.request_timeout)
-        return True
-
-    async def close(self) -> None:
-        await self.client.close()
-
     # ------------------------------------------------------------------ observe
     async def fetch_state(self, tuner: TunerConfig) -> OllamaState:
         return await self.client.fetch_state(skip=(tuner.variant_suffix,))
-
-    def unreachable_state(self, last: Any, error: str) -> OllamaState:
-        if last is not None:
-            return dataclasses.replace(last, reachable=False, error=error)
-        return OllamaState(version=None, reachable=False, error=error)
 
     def activity(self, state: OllamaState) -> tuple[Any, bool, bool]:
         # Ollama moves a model's expires_at when a request finishes (see IdleTracker).
