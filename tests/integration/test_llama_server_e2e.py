@@ -148,6 +148,7 @@ def test_apply_mode_restarts_llama_server_with_the_planned_slots_then_verifies(
     out = d.ctl("tune", "show").stdout
     assert "LLAMA_ARG_N_PARALLEL" in out and "nothing to change" in out
     assert "served GGUF header" in out
+    assert f"serving {tiny_llama_gguf}: 4 slot(s) of 4096 tokens, idle" in out
     assert m.restarts() == 1
 
     # An admin rolls it back: the user's one slot again, and velod does not re-apply it.
@@ -188,7 +189,7 @@ def test_a_flag_on_execstart_is_planned_around_and_never_written(
     show = planned(d)
     row = next(s for s in show["settings"] if s["name"] == "LLAMA_ARG_CTX_SIZE")
     assert row["locked"] and "`-c 2048` on the ExecStart= line" in row["locked"]
-    assert row["recommended"] == "2048" and not row["change"]
+    assert row["recommended"] == row["current"] == "2048" and not row["change"]
     assert "LLAMA_ARG_CTX_SIZE" not in show["changes"]
     assert any("cannot be changed through the environment" in n for n in show["plan"]["notes"])
     out = d.ctl("tune", "show").stdout

@@ -212,7 +212,14 @@ def render_show(r: dict[str, Any]) -> str:
         f"{r['profile']}"
     if server.get("reachable") is False:
         head += f" (not reachable: {server.get('error')})"
-    lines = [head, ""]
+    lines = [head]
+    seen = server.get("observed") or {}
+    if seen.get("slots") is not None:
+        lines.append(f"serving {seen.get('model')}: {seen['slots']} slot(s) of "
+                     f"{seen.get('slot_context')} tokens, {'busy' if seen.get('busy') else 'idle'}"
+                     + ("" if seen.get("metrics") else " (no /metrics: start it with --metrics "
+                        "for token counters)"))
+    lines.append("")
     rows = []
     for s in r["settings"]:
         current = s["current"] if s["current"] is not None else f"({s['default'] or 'unset'})"

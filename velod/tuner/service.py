@@ -53,7 +53,6 @@ from velod.tuner.closedloop import ClosedLoop
 from velod.tuner.dropin import DropinError, Effective
 from velod.tuner.history import History
 from velod.tuner.journal import Journal, plain
-from velod.tuner.state import OllamaState
 
 if TYPE_CHECKING:
     from velod.bus import Event
@@ -87,7 +86,7 @@ class Tuner(Component):
         self.journal = Journal(self.history, self._publish, self.log)
         self.applier = Applier(self.backend, ctx.config.tuner, self.history, self.log)
         self.snapshot: Snapshot | None = None
-        self.ollama: OllamaState | None = None  # last good poll
+        self.ollama: Any = None  # the server's last good poll (its backend's state type)
         self.last_poll: float | None = None
         self.last_ok: float | None = None
         self.ollama_error: str | None = None
@@ -248,7 +247,7 @@ class Tuner(Component):
         seen = {normalize_name(m.name): m.expires_at for m in state.loaded}
         self.usage.update(n for n, e in seen.items() if self._expiry_seen.get(n) != e)
         self._expiry_seen = seen
-        self.observed = []  # triggers seen in Ollama's state, for this cycle
+        self.observed = []  # triggers seen in the server's state, for this cycle
         digests = frozenset((m.name, m.digest) for m in state.models)
         if self._digests is not None and digests != self._digests:
             self.observed.append("model installed or changed")
@@ -503,8 +502,10 @@ class Tuner(Component):
         changes = plan.changes(eff.environment)
         rows = []
         for name, rec in plan.server.items():
-            current = eff.environment.get(name)
-            rows.append({"name": name, "current": current, "source": eff.sources.get(name),
+            # A setting the unit's command line fixes runs with the flag's value.
+            current = rec.value if rec.locked else eff.environment.get(name)
+            source = f"ExecStart= of {self.backend.unit}" if rec.locked else eff.sources.get(name)
+            rows.append({"name": name, "current": current, "source": source,
                          "default": rec.default, "recommended": rec.value, "reason": rec.reason,
                          "pinned": rec.pinned, "locked": rec.locked, "change": name in changes})
         return {"mode": self.config.tuner.mode, "profile": plan.profile,
@@ -512,7 +513,9 @@ class Tuner(Component):
                            "label": self.backend.label, "url": self.backend.url,
                            "reachable": self.reachable(),
                            "version": self.ollama.version if self.ollama else plan.version,
-                           "error": self.ollama_error},
+                           "error": self.ollama_error,
+                           "observed": self.backend.describe(self.ollama) if self.ollama
+                           else None},
                 "settings": rows, "changes": plain(changes), "up_to_date": not changes,
                 "conflicts": [c.to_dict() | {"message": c.describe()} for c in eff.conflicts],
                 "dropin": str(self.applier.dropins.path), "dropin_errors": eff.errors,

@@ -201,6 +201,9 @@ class Backend(Protocol):
     def unreachable_state(self, last: ServerState | None, error: str) -> ServerState:
         """The state to plan from while the server does not answer."""
 
+    def describe(self, state: ServerState) -> dict[str, Any]:
+        """What ``velodctl tune show`` prints about the server beside its settings."""
+
     def activity(self, state: ServerState) -> tuple[Any, bool, bool]:
         """(a marker that changes whenever clients use the server, busy right now, has a
         model in memory)."""

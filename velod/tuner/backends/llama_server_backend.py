@@ -107,6 +107,11 @@ class LlamaServerBackend(UnitBackend):
                          size=stat.st_size, geometry=geometry, skip_reason=reason,
                          family=geometry.architecture if geometry else None)
 
+    def describe(self, state: LlamaServerState) -> dict[str, Any]:
+        return {"model": state.model_path, "slots": state.total_slots,
+                "slot_context": state.slot_context, "busy": state.busy,
+                "metrics": state.metrics is not None}
+
     def activity(self, state: LlamaServerState) -> tuple[Any, bool, bool]:
         return state.activity_marker(), state.busy, True
 

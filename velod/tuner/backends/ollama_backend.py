@@ -51,6 +51,9 @@ class OllamaBackend(UnitBackend):
     async def fetch_state(self, tuner: TunerConfig) -> OllamaState:
         return await self.client.fetch_state(skip=(tuner.variant_suffix,))
 
+    def describe(self, state: OllamaState) -> dict[str, Any]:
+        return {"installed": len(state.models), "loaded": [m.name for m in state.loaded]}
+
     def activity(self, state: OllamaState) -> tuple[Any, bool, bool]:
         # Ollama moves a model's expires_at when a request finishes (see IdleTracker).
         return {m.name: m.expires_at for m in state.loaded}, False, bool(state.loaded)
