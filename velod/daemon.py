@@ -22,11 +22,11 @@ from typing import Any
 
 from velod import PROTOCOL_VERSION, __version__, paths
 from velod import rpc as daemon_rpc
-from velod.blocking import run_blocking
 from velod.bus import Bus
 from velod.capabilities import CAPABILITIES, Capability
-from velod.component import Component, Context, ReconfigureRefused
-from velod.config import Config, ConfigError, ConfigIssue, load_config, to_plain
+from velod.component import TROUBLE, Component, Context, ReconfigureRefused, Unavailable
+from velod.config import Config, ConfigError, ConfigIssue, cap, to_plain, validate_text
+from velod.config_file import BLANK_HINT, CheckLanes, LaneBusy, read_file
 from velod.config_watch import watch_config
 from velod.control.registry import Registry, methods_of
 from velod.control.server import ControlServer, SocketInUse
@@ -38,7 +38,6 @@ EX_CONFIG = 78  # sysexits.h; the unit's RestartPreventExitStatus= keeps systemd
 STOP_TIMEOUT = 3.0
 
 
-
 def _load_component_class(spec: str) -> type[Component]:
     module, _, name = spec.partition(":")
     return getattr(importlib.import_module(module), name)
@@ -46,9 +45,14 @@ def _load_component_class(spec: str) -> type[Component]:
 
 class Daemon:
     def __init__(self, config: Config, config_path: Path, *, socket_override: str | None = None,
-                 log_level_override: str | None = None) -> None:
+                 log_level_override: str | None = None, file_state: str = "loaded") -> None:
         self.config = config
         self.config_path = config_path
+        # Where the running config came from: "loaded" (the file), or "missing"/"blank"
+        # when velod started on its built-in defaults.
+        self.config_source = file_state
+        # Config checks run off the loop, bounded in time; lanes keep callers apart.
+        self.checks = CheckLanes(timeout=5.0)
         self.socket_override = socket_override
         self.log_level_override = log_level_override
         self.bus = Bus()
@@ -81,7 +85,10 @@ class Daemon:
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload("SIGHUP")))
 
-        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        except OSError as exc:  # components that need it report it; the rest still runs
+            log.error("cannot create the state directory %s: %s", self.state_dir, exc)
         self.registry.add_all(methods_of(daemon_rpc, self))
         self._build_components()
 
@@ -101,8 +108,9 @@ class Daemon:
         if self.notifier.watchdog_interval:
             self._spawn(self._watchdog(self.notifier.watchdog_interval))
 
-        log.info("velod %s ready on %s (config %s)", __version__,
-                 self.server.path or "an activated socket", self.config_path)
+        log.info("velod %s ready on %s (config %s%s)", __version__,
+                 self.server.path or "an activated socket", self.config_path,
+                 "" if self.config_source == "loaded" else ": none, built-in defaults")
         self.notifier.send("READY=1", f"STATUS={self._status_line()}", f"MAINPID={os.getpid()}")
         await self._stop.wait()
 
@@ -140,8 +148,12 @@ class Daemon:
     def _build(self, capability: Capability) -> Component:
         cls = _load_component_class(capability.service)
         ctx = Context(config=self.config, bus=self.bus, state_dir=self.state_dir,
-                      log=logging.getLogger("velod"))
-        component = cls(ctx)
+                      log=logging.getLogger("velod"), on_state_change=self._state_changed)
+        try:
+            component = cls(ctx)
+        except Exception as exc:  # a config that validated must not stop the daemon
+            log.exception("component %s could not be created", capability.name)
+            return Unavailable(ctx, capability.name, f"could not be created: {exc}")
         self.registry.add_all(methods_of(importlib.import_module(capability.rpc), component))
         return component
 
@@ -191,16 +203,24 @@ class Daemon:
     async def _reload(self, trigger: str) -> dict[str, Any]:
         now = time.time()
         try:
-            new = await run_blocking(load_config, self.config_path, timeout=10.0)
-        except (ConfigError, TimeoutError) as exc:
-            issues = getattr(exc, "issues", [])
-            message = str(exc) if issues else f"reading {self.config_path} timed out"
-            self.last_reload = {"time": now, "trigger": trigger, "ok": False, "error": message,
-                                "errors": [str(i) for i in issues], "refused": {}}
-            log.error("config reload (%s) refused, keeping the running config: %s",
-                      trigger, message)
-            self.bus.publish("config.reload_failed", {"trigger": trigger, "error": message})
-            return {"applied": False, **self.last_reload}
+            loaded = await self.checks.run("reload", read_file, self.config_path)
+        except ConfigError as exc:
+            return self._refuse(now, trigger, str(exc), exc.lines())
+        except (TimeoutError, LaneBusy) as exc:
+            return self._refuse(now, trigger, f"reading {self.config_path} did not finish "
+                                f"in time ({exc or 'timed out'})", [])
+        if loaded.state != "loaded":
+            if self.config_source != "loaded":  # on the defaults already: nothing changes
+                self.config_source = loaded.state
+                note = f"{loaded.describe(self.config_path)}; running on built-in defaults"
+                self.last_reload = {"time": now, "trigger": trigger, "ok": True, "error": None,
+                                    "errors": [], "refused": {}, "notes": [note]}
+                log.info("config reload (%s): %s", trigger, note)
+                return {"applied": True, **self.last_reload}
+            reason = (f"{loaded.describe(self.config_path)}; keeping the running config "
+                      f"({BLANK_HINT})")
+            return self._refuse(now, trigger, reason, [reason])
+        new = loaded.config
 
         refused: dict[str, str] = {}
         for component in self.components:
@@ -215,6 +235,7 @@ class Daemon:
         if new.control.socket != self.config.control.socket:
             notes.append("control.socket takes effect at the next restart")
         self.config = new
+        self.config_source = "loaded"
         self.server.reconfigure(new.control)
         set_level(self.log_level_override or new.log.level)
         self.last_reload = {"time": now, "trigger": trigger, "ok": True, "error": None,
@@ -225,10 +246,44 @@ class Daemon:
         self.bus.publish("config.reloaded", {"trigger": trigger, "refused": refused})
         return {"applied": True, **self.last_reload}
 
+    def _refuse(self, now: float, trigger: str, message: str,
+                errors: list[str]) -> dict[str, Any]:
+        """Keep the running config; record, log and publish why (every text bounded)."""
+        message = cap(message)
+        self.last_reload = {"time": now, "trigger": trigger, "ok": False, "error": message,
+                            "errors": errors, "refused": {}}
+        log.error("config reload (%s) refused, keeping the running config: %s",
+                  trigger, message)
+        self.bus.publish("config.reload_failed", {"trigger": trigger, "error": message})
+        return {"applied": False, **self.last_reload}
+
+    def _state_changed(self, component: Component, old: str, new: str) -> None:
+        """Tell systemd (``STATUS=``) and subscribers whenever a component's state changes."""
+        self.notifier.send(f"STATUS={self._status_line()}")
+        trouble = f": {cap(str(component.error), 300)}" if new in TROUBLE else ""
+        self.bus.publish("component.state", {
+            "component": component.name, "state": new, "was": old,
+            "message": f"{component.name} {new} (was {old}){trouble}"})
+
+    async def validate(self, text: str, name: str, admin: bool) -> dict[str, Any]:
+        """``validate_text`` off the loop, bounded in time (LaneBusy, TimeoutError); checks
+        from unprivileged peers never hold up an admin's."""
+        return await self.checks.run("admin" if admin else "others", validate_text, text,
+                                     name[:200])
+
     # -------------------------------------------------------------------- control methods
     def _status_line(self) -> str:
-        states = ", ".join(f"{c.name} {c.state}" for c in self.components)
-        return f"serving on {self.server.path}; {states}" if states else "serving"
+        """One line for ``systemctl status``: where velod serves and each component's state."""
+        parts = []
+        for c in self.components:
+            trouble = c.state in TROUBLE and c.error
+            parts.append(f"{c.name} {c.state}" + (f" ({cap(str(c.error), 120)})"
+                                                   if trouble else ""))
+        where = f"serving on {self.server.path or 'an activated socket'}"
+        line = f"{where}; {', '.join(parts)}" if parts else where
+        if self.config_source != "loaded":
+            line += "; built-in defaults"
+        return cap(line, 1000)
 
     def hello(self, admin: bool) -> dict[str, Any]:
         """Name, version, protocol and methods (and whether the caller is an admin)."""
@@ -247,6 +302,9 @@ class Daemon:
             "name": "velod", "version": __version__, "pid": os.getpid(),
             "uptime": time.monotonic() - self.started_monotonic, "started_at": self.started_at,
             "config_path": str(self.config_path), "state_dir": str(self.state_dir),
+            "config_source": self.config_source,
+            "config_loaded_from": (str(self.config_path) if self.config_source == "loaded"
+                                   else None),
             "socket": str(self.server.path) if self.server.path else None,
             "last_reload": self.last_reload, "components": components,
             "control": self.server.status(), "systemd": self.notifier.enabled,
@@ -288,14 +346,19 @@ def main(argv: list[str] | None = None) -> int:
 
     config_path = Path(args.config or paths.default_config()).absolute()
     try:
-        config = load_config(config_path)
+        loaded = read_file(config_path)
     except ConfigError as exc:
         print(f"velod: {exc}", file=sys.stderr)
         return EX_CONFIG
-    setup_logging(args.log_level or config.log.level)
+    setup_logging(args.log_level or loaded.config.log.level)
     logging.getLogger("watchfiles").setLevel(logging.WARNING)
-    daemon = Daemon(config, config_path, socket_override=args.socket,
-                    log_level_override=args.log_level)
+    if loaded.state != "loaded":
+        log.warning("%s: running on the built-in defaults", loaded.describe(config_path))
+    daemon = Daemon(loaded.config, config_path, socket_override=args.socket,
+                    log_level_override=args.log_level, file_state=loaded.state)
+    # A worker thread running Python (a config check) hands the GIL back to the serving
+    # loop within 1 ms instead of 5: pings stay fast while a large config is checked.
+    sys.setswitchinterval(0.001)
     try:
         code = asyncio.run(daemon.run())
     except KeyboardInterrupt:
@@ -305,10 +368,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def load_config_strict(path: Path) -> Config:
-    """Like load_config, but a missing file is an error (for --check-config)."""
-    if not path.exists():
+    """The file's config for --check-config: a missing file is an error, a blank one is
+    valid (it would mean the defaults at start) and said so."""
+    loaded = read_file(path)
+    if loaded.state == "missing":
         raise ConfigError(str(path), [ConfigIssue("", str(path), "no such file")])
-    return load_config(path)
+    if loaded.state == "blank":
+        print(f"{path}: note: {loaded.describe(path)}; at start that means the built-in "
+              f"defaults, while running velod keeps its config ({BLANK_HINT})",
+              file=sys.stderr)
+    return loaded.config
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from velod.config import validate_text
+from velod.config_file import LaneBusy
 from velod.control.registry import CallContext, RpcError, param, rpc
+from velod.topics import TOPICS, unmatched
 
 if TYPE_CHECKING:
     from velod.daemon import Daemon
@@ -40,7 +41,15 @@ async def config_get(daemon: Daemon, params: dict[str, Any], ctx: CallContext) -
 
 @rpc("config.validate", summary="validate config text")
 async def config_validate(daemon: Daemon, params: dict[str, Any], ctx: CallContext) -> Any:
-    return validate_text(param(params, "text", str), param(params, "name", str, "<text>"))
+    # Open to everyone: checked off the loop, one at a time, bounded in time.
+    text, name = param(params, "text", str), param(params, "name", str, "<text>")
+    try:
+        return await daemon.validate(text, name, admin=ctx.peer.admin)
+    except LaneBusy as exc:
+        raise RpcError("busy", f"config.validate: {exc}; try again shortly") from None
+    except TimeoutError:
+        raise RpcError("unavailable", "config.validate: the check took longer than "
+                       f"{daemon.checks.timeout:g}s and was abandoned") from None
 
 
 @rpc("config.reload", admin=True,
@@ -63,4 +72,4 @@ async def subscribe(daemon: Daemon, params: dict[str, Any], ctx: CallContext) ->
 
     unsubscribe = daemon.bus.subscribe(topics, forward)
     ctx.on_close(unsubscribe)
-    return {"subscribed": topics}
+    return {"subscribed": topics, "unmatched": unmatched(topics), "known": sorted(TOPICS)}

@@ -14,14 +14,19 @@ The fake GPU: ``FAKE_OLLAMA_VRAM`` ("24GiB", or "24GiB,24GiB" for two GPUs), els
 of the ``FAKE_NVML_TABLE`` JSON (total minus memory used by other processes), else none.
 
 Test controls (environment at start, or ``POST /_fake/control`` at run time):
-``FAKE_OLLAMA_MODE`` = ok | slow | fail | garbage (slow waits ``FAKE_OLLAMA_DELAY`` s, fail
-answers 500, garbage answers 200 with HTML); ``FAKE_OLLAMA_PRELOAD`` = comma-separated
+``FAKE_OLLAMA_MODE`` = ok | slow | fail | garbage | huge (slow waits ``FAKE_OLLAMA_DELAY``
+s, fail answers 500, garbage answers 200 with HTML, huge answers 200 with a JSON body of
+``FAKE_OLLAMA_HUGE_BYTES``, default 400 MB, streamed without holding it, as a broken
+proxy might); ``FAKE_OLLAMA_PRELOAD`` = comma-separated
 models loaded at start as if a client had just used them; ``FAKE_OLLAMA_VERSION``;
 ``FAKE_OLLAMA_TOKEN_DELAY`` (s per generated token; see ``GenerationTiming`` for
 the other speed knobs); ``FAKE_OLLAMA_DIE_AFTER_TOKENS`` (or ``die_after_tokens`` in a
 control request) exits the process abruptly after that many more generated tokens;
 ``FAKE_OLLAMA_STORE`` = a JSON file where models made by ``/api/create`` are kept across
-restarts, as Ollama keeps them.
+restarts, as Ollama keeps them. The final chunk of ``/api/generate`` carries ``context``
+(the conversation's token ids, as Ollama sends it); ``context_tokens`` in a control request
+makes them that long (a long conversation: one very long streamed line), from the
+generation ``after_requests`` (default 0) generations later on.
 ``FAKE_OLLAMA_BUSY`` = models with a request in flight from the start, or
 ``POST /_fake/busy {"model", "busy"}`` to hold or release one at run time.
 ``GET /_fake/state`` shows the settings the process read.
@@ -332,6 +337,9 @@ class FakeOllama:
         self.version = env.get("FAKE_OLLAMA_VERSION", "0.33.0")
         self.mode = env.get("FAKE_OLLAMA_MODE", "ok")
         self.delay = float(env.get("FAKE_OLLAMA_DELAY", "5"))
+        self.huge_bytes = int(env.get("FAKE_OLLAMA_HUGE_BYTES", str(400 * 1000**2)))
+        self.context_tokens: int | None = None
+        self.context_from = 0  # the generation from which context_tokens applies
         self.timing = GenerationTiming(env)
         self.models: dict[str, Model] = {}
         for spec in models if models is not None else DEFAULT_MODELS:
@@ -437,7 +445,22 @@ class FakeOllama:
         elif self.mode == "garbage":
             return web.Response(text="<html><body>502 Bad Gateway</body></html>",
                                 content_type="text/html")
+        elif self.mode == "huge":
+            return await self._huge(request)
         return await handler(request)
+
+    async def _huge(self, request: web.Request) -> web.StreamResponse:
+        """A JSON string of ``huge_bytes``, written a MiB at a time until the client leaves."""
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        chunk, left = b"x" * MIB, self.huge_bytes
+        await resp.write(b'{"version": "')
+        with contextlib.suppress(ConnectionError):
+            while left > 0:
+                await resp.write(chunk[:left])
+                left -= len(chunk)
+            await resp.write(b'"}')
+        return resp
 
     async def _json(self, request: web.Request) -> dict[str, Any]:
         try:
@@ -546,7 +569,8 @@ class FakeOllama:
                  "total_duration": int((time.time() - started) * 1e9),
                  "load_duration": int(load_s * 1e9),
                  "prompt_eval_count": prompt_count, "prompt_eval_duration": int(prompt_s * 1e9),
-                 "eval_count": count, "eval_duration": int(count * delay * 1e9)}
+                 "eval_count": count, "eval_duration": int(count * delay * 1e9),
+                 "context": list(range(self._context_length(prompt_count + count)))}
         self.generations.append({k: final[k] for k in (
             "model", "load_duration", "prompt_eval_count", "prompt_eval_duration",
             "eval_count", "eval_duration")})
@@ -555,6 +579,11 @@ class FakeOllama:
         await resp.write((json.dumps({**final, key: content("")}) + "\n").encode())
         await resp.write_eof()
         return resp
+
+    def _context_length(self, natural: int) -> int:
+        if self.context_tokens is None or len(self.generations) < self.context_from:
+            return natural
+        return self.context_tokens
 
     def _count_token(self) -> None:
         self.tokens_made += 1
@@ -567,6 +596,9 @@ class FakeOllama:
         self.delay = float(body.get("delay", self.delay))
         if "die_after_tokens" in body:
             self.die_after_tokens = self.tokens_made + int(body["die_after_tokens"])
+        if "context_tokens" in body:
+            self.context_tokens = body["context_tokens"]
+            self.context_from = len(self.generations) + int(body.get("after_requests", 0))
         return web.json_response({"mode": self.mode, "delay": self.delay})
 
     async def h_busy(self, request: web.Request) -> web.Response:

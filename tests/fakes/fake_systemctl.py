@@ -14,11 +14,22 @@ systemd.exec(5), systemctl(1)):
 - ``start``, ``stop``, ``restart`` run the service as a process (pid in ``<unit>.pid``): the
   unit's ``ExecStart=`` command line when its files give one (``-@:+!`` prefixes dropped),
   else the JSON's ``argv``, with the JSON's ``env`` plus the loaded environment;
-- ``is-active``, ``show -p Environment|ExecStart|MainPID|ActiveState [--value]``.
+- ``is-active``; ``show -p PROP [-p PROP...] [--value]`` for ``Environment`` (the
+  environment loaded at the last daemon-reload, each entry shell-quoted where needed and
+  space-separated, as systemd prints it), ``ExecStart`` (the loaded command line, in
+  systemd's ``{ path=... ; argv[]=... ; ... }`` form), ``MainPID`` (0 when stopped),
+  ``ActiveState``, ``NeedDaemonReload`` (``yes`` when the files on disk say something else
+  than what was loaded) and ``ExecMainStartTimestampMonotonic`` (microseconds of
+  CLOCK_MONOTONIC when the main process started, 0 if never), the properties systemd
+  documents for a service.
 
 Failure injection: a file ``$FAKE_SYSTEMCTL_STATE/<unit>.next-restart`` containing ``fail``
 makes the next start/restart fail (exit 1, service stopped); ``no-come-back`` starts a
 process that never answers. The file is consumed by the start it affects.
+A file ``$FAKE_SYSTEMCTL_STATE/hang`` containing ``VERB before`` or ``VERB after`` makes
+the next call of that verb sleep ``$FAKE_SYSTEMCTL_HANG_S`` seconds (default 30) before or
+after doing its work, so a test can kill velod at that point (consumed by that call; the
+sleeping process writes its pid to ``$FAKE_SYSTEMCTL_STATE/hanging.pid``).
 """
 
 from __future__ import annotations
@@ -104,13 +115,16 @@ def loaded_unit(unit: str) -> dict[str, object]:
     return json.loads(path.read_text())
 
 
+def _read_or_error(unit: str) -> dict[str, object]:
+    try:
+        return read_unit(unit)
+    except UnitError as exc:  # systemd logs it and leaves the unit unloadable
+        return {"env": {}, "exec_start": [], "error": str(exc)}
+
+
 def daemon_reload_unit(unit: str) -> None:
     STATE.mkdir(parents=True, exist_ok=True)
-    try:
-        loaded = read_unit(unit)
-    except UnitError as exc:  # systemd logs it and leaves the unit unloadable
-        loaded = {"env": {}, "exec_start": [], "error": str(exc)}
-    loaded_path(unit).write_text(json.dumps(loaded))
+    loaded_path(unit).write_text(json.dumps(_read_or_error(unit)))
 
 
 def pid_of(unit: str) -> int | None:
@@ -145,6 +159,10 @@ def stop(unit: str) -> None:
     (STATE / f"{unit}.pid").unlink(missing_ok=True)
 
 
+def started_path(unit: str) -> Path:
+    return STATE / f"{unit}.started-monotonic-us"
+
+
 def start(unit: str) -> int:
     if pid_of(unit) is not None:
         return 0
@@ -174,25 +192,64 @@ def start(unit: str) -> int:
     proc = subprocess.Popen(argv, env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
                             start_new_session=True, cwd=spec.get("cwd"))
     (STATE / f"{unit}.pid").write_text(str(proc.pid))
+    started_path(unit).write_text(str(int(time.monotonic() * 1e6)))
     return 0
+
+
+# systemd's shell_maybe_quote(s, 0), which `systemctl show` applies to each entry of a
+# string array: double quotes when a character needs them; inside, \ " ` $ get a
+# backslash and control characters a C escape.
+_NEEDS_QUOTES = set("\"\\`$*?['()<>|&;!")
+_C_ESCAPES = {"\a": "a", "\b": "b", "\f": "f", "\n": "n", "\r": "r", "\t": "t", "\v": "v"}
+
+
+def shell_maybe_quote(text: str) -> str:
+    if not any(c in _NEEDS_QUOTES or c <= " " or c >= "\x7f" for c in text):
+        return text
+    out = []
+    for c in text:
+        if c in '\\"`$':
+            out.append("\\" + c)
+        elif c in _C_ESCAPES:
+            out.append("\\" + _C_ESCAPES[c])
+        elif c < " " or c == "\x7f":
+            out.append(f"\\{ord(c):03o}")
+        else:
+            out.append(c)
+    return '"' + "".join(out) + '"'
 
 
 def show(unit: str, props: list[str], value_only: bool) -> int:
     pid = pid_of(unit)
-    loaded = loaded_unit(unit) if (STATE / f"{unit}.json").exists() else {}
+    known = (STATE / f"{unit}.json").exists()
+    loaded = loaded_unit(unit) if known else {}
     env: dict[str, str] = loaded.get("env", {})  # type: ignore[assignment]
     command: list[str] = loaded.get("exec_start", [])  # type: ignore[assignment]
     exec_start = (f"{{ path={command[0]} ; argv[]={' '.join(command)} ; ignore_errors=no ; "
                   f"start_time=[n/a] ; stop_time=[n/a] ; pid={pid or 0} ; code=(null) ; "
                   "status=0/0 }") if command else ""
-    values = {"Environment": " ".join(shlex.quote(f"{k}={v}") for k, v in env.items()),
+    started = started_path(unit).read_text() if started_path(unit).exists() else "0"
+    on_disk = _read_or_error(unit)
+    stale = known and {k: on_disk.get(k) for k in ("env", "exec_start", "error")} != \
+        {k: loaded.get(k) for k in ("env", "exec_start", "error")}
+    values = {"Environment": " ".join(shell_maybe_quote(f"{k}={v}") for k, v in env.items()),
               "ExecStart": exec_start,
               "MainPID": str(pid or 0), "ActiveState": "active" if pid else "inactive",
-              "Id": unit}
+              "NeedDaemonReload": "yes" if stale else "no",
+              "ExecMainStartTimestampMonotonic": started, "Id": unit}
     for prop in props or list(values):
         value = values.get(prop, "")
         print(value if value_only else f"{prop}={value}")
     return 0
+
+
+def hang(verb: str, when: str) -> None:
+    """Sleep when the test asked this verb to hang at this point (see the module doc)."""
+    flag = STATE / "hang"
+    if flag.exists() and flag.read_text().split() == [verb, when]:
+        flag.unlink(missing_ok=True)
+        (STATE / "hanging.pid").write_text(str(os.getpid()))  # for the test to end it
+        time.sleep(float(os.environ.get("FAKE_SYSTEMCTL_HANG_S", "30")))
 
 
 def main(argv: list[str]) -> int:
@@ -201,7 +258,14 @@ def main(argv: list[str]) -> int:
     if not args:
         print("fake systemctl: a command is required", file=sys.stderr)
         return 1
-    verb, rest = args[0], args[1:]
+    verb = args[0]
+    hang(verb, "before")
+    code = run(verb, args[1:], quiet="--quiet" in argv or "-q" in argv)
+    hang(verb, "after")
+    return code
+
+
+def run(verb: str, rest: list[str], quiet: bool) -> int:
     STATE.mkdir(parents=True, exist_ok=True)
     if verb == "daemon-reload":
         for spec in STATE.glob("*.json"):
@@ -225,7 +289,7 @@ def main(argv: list[str]) -> int:
         return code
     if verb == "is-active":
         active = pid_of(unit_name(rest[0])) is not None
-        if "--quiet" not in argv and "-q" not in argv:
+        if not quiet:
             print("active" if active else "inactive")
         return 0 if active else 3
     if verb == "show":

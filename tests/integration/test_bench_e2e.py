@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import signal
 import statistics
+import subprocess
 import threading
 import time
 import urllib.request
@@ -18,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from tests.integration.conftest import velodctl_command
 from tests.integration.test_tuner_e2e import (
     SPILLING,
     UNIT,
@@ -273,3 +276,121 @@ def test_exploration_converges_on_the_fastest_safe_setting(world: Any, velod_fac
              what="the restarted daemon to plan")
     time.sleep(1.0)
     assert m.restarts() == count and len(entries(d2, "explore-kept")) == 1
+
+
+# --------------------------------------------------------------------------- issue #12
+
+
+def test_an_over_long_streamed_line_is_a_clear_error_with_partial_results_kept(
+        world: Any, velod_factory: Any) -> None:
+    m = world()
+    d = velod_factory(config(m), env=m.env)
+    # After the warm-up and two repeats, Ollama's final chunks carry a ~23 MB context.
+    fake_control(m, context_tokens=3_000_000, after_requests=3)
+    rc, result, err = bench(d, "--model", MODEL, "--prompt", "chat", "--gen", "4",
+                            "--repeat", "5", check=False)
+    assert rc == 1 and "[internal]" not in err
+    assert result["error_kind"] == "bad_response" and not result["complete"]
+    assert "streamed a line longer than velod reads" in result["error"]
+    assert "partial results kept" in err
+    assert result["cases"][0]["repeats"] == 2
+    assert json.loads(d.ctl("--json", "bench", "show", result["id"]).stdout)["cases"]
+    assert d.alive()
+
+
+def test_ctrl_c_exits_130_and_the_daemon_keeps_the_partial_run_as_interrupted(
+        world: Any, velod_factory: Any) -> None:
+    m = world(FAKE_OLLAMA_TOKEN_DELAY="0.02")
+    d = velod_factory(config(m), env=m.env)
+    cmd = [*velodctl_command(), "--socket", str(d.socket), "bench", "--model", MODEL,
+           "--prompt", "code", "--gen", "10", "--repeat", "20"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=d.env)
+    assert proc.stderr is not None
+    lines = []
+    for line in proc.stderr:  # progress: one line per step, stderr not being a terminal
+        lines.append(line)
+        if sum("measure" in seen for seen in lines) >= 3:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "velodctl bench show" in err
+    assert "Traceback" not in err
+
+    def saved() -> Any:
+        results = json.loads(d.ctl("--json", "bench", "list").stdout)["results"]
+        return results and results[0]["status"] == "interrupted" and results[0]
+    summary = wait_for(saved, what="the interrupted run saved")
+    run = json.loads(d.ctl("--json", "bench", "show", summary["id"]).stdout)
+    assert run["error_kind"] == "interrupted" and not run["complete"]
+    assert 2 <= run["cases"][0]["repeats"] < 20  # what it measured before the Ctrl-C
+    assert summary["id"] in err
+    assert "interrupted" in d.ctl("bench", "list").stdout
+    # The daemon noticed at once: Ollama is not kept busy, a new run may start.
+    generations = len(fake_state(m)["generations"])
+    time.sleep(0.5)
+    assert len(fake_state(m)["generations"]) <= generations + 1
+    rc, again, _ = bench(d, "--model", MODEL, "--prompt", "chat", "--gen", "2", "--repeat", "1")
+    assert rc == 0 and again["complete"]
+
+
+def test_compare_calls_nothing_better_or_worse_without_a_measured_spread(
+        world: Any, velod_factory: Any) -> None:
+    m = world()
+    d = velod_factory(config(m), env=m.env)
+    ids = [bench(d, "--model", MODEL, "--prompt", "chat", "--gen", "8", "--repeat", "1")[1]["id"]
+           for _ in range(2)]
+    cmp = json.loads(d.ctl("--json", "bench", "compare", *ids).stdout)
+    assert cmp["rows"] and all(r["significant"] is None and r["b_better"] is None
+                               and not r["spread_known"] for r in cmp["rows"])
+    assert any("spread is unknown" in n for n in cmp["notes"])
+    table, _, notes = d.ctl("bench", "compare", *ids).stdout.partition("note:")
+    assert "spread unknown" in table and "better" not in table and "worse" not in table
+    assert "spread is unknown" in notes
+
+
+def test_progress_is_one_line_per_step_on_stderr_when_it_is_not_a_terminal(
+        world: Any, velod_factory: Any) -> None:
+    m = world(SPILLING)
+    d = velod_factory(config(m, "observe"), env=m.env)
+    run = d.ctl("--json", "bench", "--model", MODEL, "--prompt", "chat", "--gen", "2",
+                "--repeat", "2", "--concurrency", "1,2")
+    steps = [line for line in run.stderr.splitlines() if line.startswith("bench: ")]
+    assert steps == ["bench: 0/7 requests, warm-up chat", "bench: 1/7 requests, measure chat x1",
+                     "bench: 2/7 requests, measure chat x1",
+                     "bench: 3/7 requests, measure chat x2",
+                     "bench: 5/7 requests, measure chat x2", "bench: 7/7 requests, done"]
+    assert "\r" not in run.stderr and json.loads(run.stdout)["complete"]  # stdout: JSON only
+    wait_for(lambda: d.call("tuner.show")["changes"], what="a plan")
+    apply = d.ctl("tune", "apply", "--now")
+    assert apply.stdout.startswith("applied")
+    assert apply.stderr.splitlines() == [
+        f"tune apply: writing {m.velod_dropin}", "tune apply: systemctl daemon-reload",
+        f"tune apply: restarting {UNIT}", "tune apply: waiting for Ollama to answer",
+        "tune apply: checking what Ollama runs"]
+
+
+def test_an_endless_ollama_reply_does_not_grow_velod(world: Any, velod_factory: Any) -> None:
+    m = world()
+    d = velod_factory(config(m), env=m.env)
+    # Measured once velod has planned (its modules loaded, its first plan made).
+    wait_for(lambda: d.call("tuner.show")["changes"], what="a first plan")
+    time.sleep(0.5)
+    before = rss(d.proc.pid)
+    fake_control(m, mode="huge")  # every answer: a 400 MB JSON string
+    status = wait_for(lambda: (t := d.call("system.status")["components"]["tuner"])
+                      ["ollama"]["failures"] >= 3 and t, timeout=30, what="three polls")
+    assert "longer than velod reads" in status["ollama"]["error"]
+    assert rss(d.proc.pid) - before < 30 * 2**20
+    fake_control(m, mode="ok")
+    wait_for(lambda: d.call("ollama.status")["reachable"], timeout=30, what="recovery")
+
+
+def rss(pid: int) -> int:
+    """Resident memory of a process in bytes, from /proc/PID/status."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+

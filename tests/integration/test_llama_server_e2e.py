@@ -15,6 +15,7 @@ import os
 import re
 import statistics
 import sys
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -160,10 +161,10 @@ def test_apply_mode_restarts_llama_server_with_the_planned_slots_then_verifies(
     assert "rolled-back" in d.ctl("tune", "history").stdout
 
 
-def test_a_restart_that_does_not_run_the_plan_is_rolled_back(
+def test_a_restart_onto_other_values_is_rolled_back(
         machine_for: Any, tiny_llama_gguf: Path, velod_factory: Any) -> None:
-    # A drop-in that sorts after velod's pins the slots to 2: the restarted server does not
-    # run the plan's 4, which /props shows, so velod rolls its change back.
+    # A drop-in that sorts after velod's sets the slots to 2: the restarted process does not
+    # get the plan's 4 (its /proc environ shows it), so velod rolls its change back.
     m = machine_for(tiny_llama_gguf, user_dropin=ONE_SMALL_SLOT)
     (m.dropin_dir / "90-late.conf").write_text(
         '[Service]\nEnvironment="LLAMA_ARG_N_PARALLEL=2"\n')
@@ -172,13 +173,40 @@ def test_a_restart_that_does_not_run_the_plan_is_rolled_back(
     wait_for(lambda: "rolled-back" in decisions(d), timeout=60, what="a rollback")
     entry = next(e for e in d.call("tuner.history", {"limit": 100})["entries"]
                  if e["decision"] == "rolled-back")
-    assert "runs 2 slots, not 4" in entry["message"], entry["message"]
+    assert "does not run the new settings: LLAMA_ARG_N_PARALLEL=2 (not 4)" in \
+        entry["message"], entry["message"]
     wait_for(m.healthy, timeout=60, what="llama-server back on the previous settings")
     assert not m.velod_dropin.exists()
     assert m.slots() == (2, 512)  # the user's 1024 tokens over the late file's 2 slots
     conflicts = d.call("tuner.show")["conflicts"]
     assert [c["path"] for c in conflicts if c["wins"]] == []  # velod's drop-in is gone
-    assert decisions(d).count("applied") == 1  # blocked: not tried again
+    time.sleep(1.0)  # several more cycles: the rolled-back plan is not tried again
+    entries = d.call("tuner.history", {"limit": 100})["entries"]
+    assert [e.get("action") for e in entries if e["decision"] == "applying"] == [
+        "apply", "rollback"]
+
+
+def test_a_server_that_props_shows_off_plan_is_rolled_back(
+        machine_for: Any, tiny_llama_gguf: Path, velod_factory: Any, llama_bin: Path) -> None:
+    # The unit starts llama-server through a shell that adds -np 2: velod cannot read that
+    # flag, the environment is as planned, but /props after the restart shows 2 slots.
+    m = machine_for(tiny_llama_gguf, user_dropin=ONE_SMALL_SLOT)
+    unit = m.systemd_dir / UNIT
+    line = next(x for x in unit.read_text().splitlines() if x.startswith("ExecStart="))
+    unit.write_text(unit.read_text().replace(
+        line, f"ExecStart=/bin/sh -c 'exec {line.removeprefix('ExecStart=')} -np 2'"))
+    m.start()
+    d = velod_factory(m.velod_config("apply", min_restart_interval="0s"), env=m.env)
+    show = planned(d)
+    assert any("runs /bin/sh, not llama-server" in n for n in show["plan"]["notes"])
+    wait_for(lambda: "rolled-back" in decisions(d), timeout=60, what="a rollback")
+    entries = d.call("tuner.history", {"limit": 100})["entries"]
+    assert [e["decision"] for e in entries if e["decision"] != "planned"] == [
+        "applying", "applied", "applying", "rolled-back"]
+    rolled = entries[-1]
+    assert "llama-server runs 2 slots, not 4" in rolled["message"], rolled["message"]
+    wait_for(m.healthy, timeout=60, what="llama-server back")
+    assert m.slots() == (2, 512) and not m.velod_dropin.exists()
 
 
 def test_a_flag_on_execstart_is_planned_around_and_never_written(

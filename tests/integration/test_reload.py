@@ -91,8 +91,12 @@ def test_velodctl_reload_returns_once_the_new_config_is_active(velod):
     assert status["last_reload"]["ok"]
 
 
-def test_deleting_the_file_means_built_in_defaults(velod):
+def test_deleting_the_file_keeps_the_running_config_and_status_says_so(velod):
     velod.write_config(config_text(velod, tuner={"profile": "throughput"}))
     wait_for(lambda: running(velod, "tuner", "profile") == "throughput")
     velod.config_path.unlink()
-    wait_for(lambda: running(velod, "tuner", "profile") == "balanced")
+    reload = wait_for(lambda: (r := velod.call("system.status")["last_reload"])
+                      and not r["ok"] and r)
+    assert "does not exist" in reload["error"] and "keeping the running config" in reload["error"]
+    assert running(velod, "tuner", "profile") == "throughput"
+    assert "does not exist" in velod.ctl("status").stdout

@@ -23,9 +23,13 @@ class NotifyListener:
         self.sock.settimeout(10)
         self.address = address
 
-    def next(self) -> dict[str, str]:
-        data = self.sock.recv(4096).decode()
-        return dict(line.split("=", 1) for line in data.splitlines())
+    def next(self, status_updates: bool = False) -> dict[str, str]:
+        """The next datagram; one that only updates STATUS= is skipped unless asked for."""
+        while True:
+            data = self.sock.recv(4096).decode()
+            msg = dict(line.split("=", 1) for line in data.splitlines())
+            if status_updates or set(msg) != {"STATUS"}:
+                return msg
 
     def until(self, key: str, timeout: float = 10) -> list[dict[str, str]]:
         seen = []

@@ -67,10 +67,12 @@ class Machine:
                               capture_output=True, text=True, timeout=30)
 
     def calls(self) -> list[list[str]]:
+        """The systemctl calls that change something (velod's ``show`` only reads)."""
         log = Path(self.env["FAKE_SYSTEMCTL_LOG"])
         if not log.exists():
             return []
-        return [json.loads(line)["argv"] for line in log.read_text().splitlines()]
+        argvs = [json.loads(line)["argv"] for line in log.read_text().splitlines()]
+        return [argv for argv in argvs if argv[:1] != ["show"]]
 
     def restarts(self) -> int:
         return sum(1 for argv in self.calls() if argv[:1] == ["restart"])

@@ -20,8 +20,11 @@ GOOD_VALUES = {
     "control.socket": "/tmp/x.sock",
     "control.admin_group": "wheel",
     "control.max_message_size": "2MiB",
-    "control.max_connections": 8,
+    "control.max_connections": 32,
+    "control.max_connections_per_uid": 4,
+    "control.admin_reserved_connections": 2,
     "control.idle_timeout": "5s",
+    "control.message_timeout": "3s",
     "control.max_inflight": 4,
     "hardware.enabled": False,
     "hardware.interval": "1s",
@@ -77,17 +80,32 @@ GOOD_VALUES = {
 BAD_VALUES = {
     "log.level": ("loud", "must be one of"),
     "control.max_message_size": ("10", "between 1KiB and 64MiB"),
-    "control.max_connections": (0, "greater than 0"),
+    "control.max_connections": (0, "between 1 and 4096"),
+    "control.max_connections_per_uid": (0, "between 1 and 4096"),
+    "control.admin_reserved_connections": (-1, "between 0 and 4095"),
+    "control.message_timeout": ("100000d", "at most"),
+    "control.socket": ("relative.sock", "absolute path"),
+    "control.admin_group": ("no spaces", "a group name"),
     "control.idle_timeout": ("soon", "not a duration"),
     "control.max_inflight": ("4", "must be an integer"),
     "hardware.enabled": ("yes please", "true or false"),
     "hardware.interval": ("10ms", "at least 100ms"),
     "hardware.vram_change_percent": (150, "between 0 and 100"),
-    "hardware.history_size": (-1, "greater than 0"),
+    "hardware.history_size": (10**20, "between 1 and 100000"),
+    "hardware.sysfs_root": ("sys", "absolute path"),
+    "ollama.url": ("ftp://x", "http:// or https://"),
+    "ollama.service": ("ollama", "a unit name"),
+    "ollama.systemd_dir": ("/etc/../tmp", "must not contain '..'"),
+    "ollama.dropin": ("../evil.conf", "plain file name ending in .conf"),
+    "ollama.systemctl": ("bin/systemctl", "absolute path"),
+    "ollama.request_timeout": (float("inf"), "at most"),
+    "tuner.interval": (float("inf"), "at most 366d"),
+    "tuner.reserve_vram": (2**60, "at most 1024TiB"),
+    "tuner.verify_tolerance": (float("-inf"), "finite"),
     "tuner.mode": ("aply", "did you mean 'apply'"),
     "tuner.pin": (["OLLAMA_KEEP_ALIVE"], "must be a map"),
     "tuner.models": ("llama3", "must be a list"),
-    "tuner.variant_suffix": ("", "must not be empty"),
+    "tuner.variant_suffix": ("", "not empty"),
     "engine.kv_cache": ("1.5", "fraction of free memory"),
     "engine.block_size": (12, "8, 16 or 32"),
     "engine.geometry": ("big", "must be a map"),
@@ -103,11 +121,15 @@ def test_llama_servers_are_a_list_of_maps_with_unique_plain_names():
     assert [s.unit for s in config.llama_server] == ["llama-server.service"] * 3
     with pytest.raises(ConfigError, match=r"llama_server\[0\].nmae: unknown key; did you mean "
                        "'name'"):
-        parse_config({"llama_server": [{"url": "c", "nmae": "x"}]})
+        parse_config({"llama_server": [{"url": "http://c", "nmae": "x"}]})
+    with pytest.raises(ConfigError, match=r"llama_server\[0\].url: must be an http:// or "
+                       "https:// address"):
+        parse_config({"llama_server": [{"url": "127.0.0.1:8080"}]})
     with pytest.raises(ConfigError) as err:
-        parse_config({"llama_server": [{"url": "a", "name": "big"}, {"url": "b", "name": "big"},
-                                       {"url": "c"}, {"url": "d", "name": "ollama"},
-                                       {"url": "e", "pin": {"n_ctx": "1"}}]})
+        parse_config({"llama_server": [{"url": "http://a", "name": "big"},
+                                       {"url": "http://b", "name": "big"}, {"url": "http://c"},
+                                       {"url": "http://d", "name": "ollama"},
+                                       {"url": "http://e", "pin": {"n_ctx": "1"}}]})
     text = str(err.value)
     assert "llama_server[1].name: another llama_server has this name" in text
     assert "llama_server[3].name" in text and "not 'ollama'" in text

@@ -1,6 +1,8 @@
 """velodctl: the command-line client of velod's control socket.
 
-Exit codes: 0 ok, 1 the daemon answered with an error, 2 usage, 3 cannot reach the daemon.
+Exit codes: 0 only when the daemon answered success; 1 the daemon answered with an error
+(or a reply velodctl cannot take); 2 usage; 3 the daemon could not be reached or dropped
+the connection; 130 interrupted. With --json an error is also printed as JSON on stdout.
 Capabilities add commands in their own ``cli`` modules (``register(sub)``), named in
 ``velod.capabilities``; only the module of the command being run is imported. The commands
 scripts call most often (``status``, ``ping``) bypass argparse entirely, which costs more
@@ -12,7 +14,7 @@ import time
 from types import SimpleNamespace  # already loaded by the interpreter: free
 
 from velod import __version__, paths
-from velod.control.client import Client, DaemonUnreachable, RemoteError
+from velod.control.client import Client, DaemonUnreachable, RemoteError, ReplyTooLarge
 from velod.control.output import ago, human_duration, print_json, print_json_line, table
 
 TYPE_CHECKING = False  # like typing.TYPE_CHECKING, without importing typing
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 EXIT_OK, EXIT_REMOTE, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_INTERRUPTED, EXIT_PIPE = 130, 141  # as a shell reports SIGINT and SIGPIPE
 
 LOCAL_COMMANDS = {"config"}  # commands that can work without the daemon
 
@@ -106,15 +109,40 @@ def main(argv: list[str] | None = None) -> int:
         with Client.connect(args.socket) as client:
             return args.func(args, client)
     except DaemonUnreachable as exc:
-        print(f"velodctl: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
+        return fail(args, EXIT_UNREACHABLE, exc.code, str(exc))
     except RemoteError as exc:
-        print(f"velodctl: error: {exc.message} [{exc.code}]", file=sys.stderr)
-        return EXIT_REMOTE
+        return fail(args, EXIT_REMOTE, exc.code, f"error: {exc.message} [{exc.code}]",
+                    exc.data)
+    except ReplyTooLarge as exc:
+        return fail(args, EXIT_REMOTE, "reply_too_large", str(exc))
     except KeyboardInterrupt:
-        return EXIT_OK
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
-        return EXIT_OK
+        # Our stdout was closed by its reader (`velodctl ... | head`): socket errors never
+        # get here, the client turns them into DaemonUnreachable.
+        _silence_stdout()
+        return EXIT_PIPE
+
+
+def fail(args: "Any", code: int, reason: str, message: str, data: "Any" = None) -> int:
+    """Report an error on stderr, and as JSON on stdout with --json; return ``code``."""
+    print(f"velodctl: {message}", file=sys.stderr)
+    if getattr(args, "json", False):
+        try:
+            print_json({"ok": False, "exit_code": code,
+                        "error": {"code": reason, "message": message, "data": data}})
+        except BrokenPipeError:
+            _silence_stdout()
+    return code
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail again."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 # ---------------------------------------------------------------------------- commands
@@ -143,14 +171,19 @@ def cmd_status(args: "argparse.Namespace", client: "Client") -> int:
 def render_status(s: "dict[str, Any]") -> str:
     lines = [f"velod {s['version']}: running, pid {s['pid']}, up {human_duration(s['uptime'])}"]
     reload = s.get("last_reload") or {}
+    source = s.get("config_source", "loaded")
+    where = (s["config_path"] if source == "loaded" else
+             f"built-in defaults ({s['config_path']} "
+             f"{'does not exist' if source == 'missing' else 'is empty'})")
     if reload.get("time"):
-        verdict = "ok" if reload.get("ok") else "FAILED, running config kept"
-        lines.append(f"config: {s['config_path']} (last reload {ago(reload['time'])} by "
+        verdict = "ok" if reload.get("ok") else "refused, running config kept"
+        lines.append(f"config: {where} (last reload {ago(reload['time'])} by "
                      f"{reload.get('trigger')}: {verdict})")
     else:
-        lines.append(f"config: {s['config_path']} (loaded at start)")
+        lines.append(f"config: {where}" + (" (loaded at start)" if source == "loaded" else ""))
     if reload and not reload.get("ok"):
         lines.extend(f"  {e}" for e in (reload.get("errors") or [reload.get("error")]))
+    lines.extend(f"  note: {n}" for n in reload.get("notes") or [])
     for name, reason in (reload.get("refused") or {}).items():
         lines.append(f"  {name} kept its previous config: {reason}")
     control = s.get("control") or {}
@@ -184,16 +217,46 @@ def cmd_reload(args: "argparse.Namespace", client: "Client") -> int:
 
 
 def cmd_watch(args: "argparse.Namespace", client: "Client") -> int:
-    for event in client.subscribe(args.topics):
-        if args.json:
-            print_json_line(event)
-            continue
-        stamp = time.strftime("%H:%M:%S", time.localtime(event.get("time", 0)))
-        data = event.get("data") or {}
-        brief = data.get("message") or " ".join(
-            f"{k}={v}" for k, v in data.items() if not isinstance(v, dict | list))
-        print(f"{stamp} {event.get('topic')} {brief}".rstrip(), flush=True)
+    events = client.subscribe(args.topics)
+    reply = client.last_result or {}
+    unmatched = reply.get("unmatched") or []
+    for pattern in unmatched:
+        print(f"velodctl: no event topic matches {pattern!r}; velod publishes: "
+              f"{', '.join(reply.get('known') or [])}", file=sys.stderr)
+    if unmatched and len(unmatched) == len(args.topics):
+        return fail(args, EXIT_USAGE, "invalid_params", "nothing to watch")
+    try:
+        for event in events:
+            if args.json:
+                print_json_line(event)
+                continue
+            stamp = time.strftime("%H:%M:%S", time.localtime(event.get("time", 0)))
+            print(f"{stamp} {event.get('topic')} {event_brief(event.get('data') or {})}"
+                  .rstrip(), flush=True)
+    except KeyboardInterrupt:  # the way to stop watching: not an error
+        return EXIT_OK
     return EXIT_OK
+
+
+def event_brief(data: "dict[str, Any]") -> str:
+    """One line for an event's data: its message(s), else its plain values, numbers rounded."""
+    if data.get("message"):
+        return str(data["message"])
+    parts = []
+    for key, value in data.items():
+        if isinstance(value, list) and value and all(
+                isinstance(v, dict) and v.get("message") for v in value):
+            parts.append("; ".join(str(v["message"]) for v in value))
+        elif not isinstance(value, dict | list):
+            parts.append(f"{key}={rounded(value)}")
+    return " ".join(parts)
+
+
+def rounded(value: "Any") -> str:
+    """Numbers the way people read them: 3.142, 0.000123, 12346; other values unchanged."""
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
 
 
 def cmd_config_show(args: "argparse.Namespace", client: "Client") -> int:
@@ -226,6 +289,8 @@ def cmd_config_validate(args: "argparse.Namespace", client: "Client | None") -> 
         print_json(result)
     elif result["valid"]:
         print(f"{args.file}: valid")
+        for note in result.get("notes") or []:
+            print(f"  note: {note}", file=sys.stderr)
     else:
         print(f"{args.file}: invalid", file=sys.stderr)
         for line in result["errors"]:

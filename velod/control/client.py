@@ -17,7 +17,16 @@ if TYPE_CHECKING:
 
 
 class DaemonUnreachable(Exception):
-    """No daemon answers at the socket path; the message says what to check."""
+    """No daemon answers at the socket path, or the connection to it was lost; the message
+    says what to check. ``code`` is velod's reason when it gave one (``busy``, ...)."""
+
+    def __init__(self, message: str, code: str = "unreachable") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ReplyTooLarge(Exception):
+    """velod answered with more bytes than this client accepts (``Client.max_reply_size``)."""
 
 
 class RemoteError(Exception):
@@ -31,10 +40,14 @@ class RemoteError(Exception):
 
 
 class Client:
-    def __init__(self, sock: "socket.socket", max_message_size: int = 64 * 1024**2) -> None:
+    max_reply_size = 64 * 1024**2
+
+    def __init__(self, sock: "socket.socket", max_message_size: "int | None" = None) -> None:
         self.sock = sock
-        self._unpacker = minipack.Unpacker(max_buffer_size=max_message_size)
+        self._unpacker = minipack.Unpacker(
+            max_buffer_size=max_message_size or self.max_reply_size)
         self._last_id = 0
+        self.last_result: Any = None  # the reply to events.subscribe, kept by subscribe()
         self._pending: list[Any] = []  # notifications that arrived during a call
 
     @classmethod
@@ -82,8 +95,31 @@ class Client:
             except OSError as exc:
                 raise DaemonUnreachable(f"connection to velod failed: {exc}") from None
             if not data:
-                raise DaemonUnreachable("velod closed the connection")
-            self._unpacker.feed(data)
+                raise DaemonUnreachable("velod closed the connection without answering")
+            try:
+                self._unpacker.feed(data)
+            except minipack.FormatError:
+                raise ReplyTooLarge(
+                    f"velod's reply is larger than the {self._unpacker.max_buffer_size} bytes "
+                    "this client accepts; ask for less (a smaller range or count)") from None
+
+    def _send(self, data: bytes) -> None:
+        """Send a whole request; a connection velod already dropped says why it did."""
+        try:
+            self.sock.sendall(data)
+        except TimeoutError:
+            raise DaemonUnreachable("velod did not take the request in time") from None
+        except OSError as exc:
+            # velod may have refused us (busy) and hung up: its last words are still queued.
+            self.sock.settimeout(0.5)
+            while True:
+                try:
+                    msg = self._next_message()
+                except DaemonUnreachable:
+                    raise DaemonUnreachable("velod closed the connection "
+                                            f"({exc.strerror or exc})") from None
+                if isinstance(msg, list) and len(msg) == 3 and msg[0] == wire.NOTIFICATION:
+                    self._raise_if_error(msg)
 
     def call(self, method: str, params: "dict[str, Any] | None" = None,
              timeout: float | None = None) -> "Any":
@@ -91,7 +127,7 @@ class Client:
         self._last_id = msgid = self._last_id % wire.MAX_MSGID + 1
         if timeout is not None:
             self.sock.settimeout(timeout)
-        self.sock.sendall(minipack.packb(wire.request(msgid, method, params)))
+        self._send(minipack.packb(wire.request(msgid, method, params)))
         while True:
             msg = self._next_message()
             if not isinstance(msg, list) or not msg:
@@ -108,10 +144,13 @@ class Client:
 
     @staticmethod
     def _raise_if_error(msg: "list[Any]") -> None:
+        """An ``error`` notification is velod dropping or refusing this connection."""
         if msg[1] == "error":
             err = msg[2][0] if isinstance(msg[2], list) and msg[2] else {}
-            raise RemoteError(str(err.get("code", "invalid_request")),
-                              str(err.get("message", "connection closed by velod")))
+            err = err if isinstance(err, dict) else {}
+            code = str(err.get("code", "invalid_request"))
+            raise DaemonUnreachable(f"velod dropped the connection: "
+                                    f"{err.get('message', 'no reason given')} [{code}]", code)
 
     def notifications(self) -> "Iterator[tuple[str, Any]]":
         """Yield (method, params) of notifications until the connection ends."""
@@ -125,7 +164,7 @@ class Client:
     def subscribe(self, topics: list[str]) -> "Iterator[dict[str, Any]]":
         """Subscribe now to event topics; iterate the result for event maps
         {topic, seq, time, data}."""
-        self.call("events.subscribe", {"topics": topics})
+        self.last_result = self.call("events.subscribe", {"topics": topics})
         return self._events()
 
     def _events(self) -> "Iterator[dict[str, Any]]":

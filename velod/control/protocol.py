@@ -61,11 +61,13 @@ def _no_ext(code: int, data: bytes) -> Any:
 
 
 class Decoder:
-    """Incremental decoder: ``feed(bytes)`` returns the complete messages so far.
+    """Incremental decoder: ``push(bytes)``, then ``next_message()`` until it gives None.
 
     ``max_message_size`` bounds the buffered bytes of one incomplete message (msgpack's
-    own default would allow 100 MiB). Once a FramingError is raised the stream is out of
-    sync and the connection must be closed.
+    own default would allow 100 MiB); ``room`` says how many bytes may be pushed now.
+    Messages are decoded one at a time, when the caller is ready for them, so a chunk
+    of thousands of tiny pipelined requests never sits decoded in memory. Once a
+    FramingError is raised the stream is out of sync and the connection must be closed.
     """
 
     def __init__(self, max_message_size: int) -> None:
@@ -76,30 +78,50 @@ class Decoder:
         self.max_message_size = max_message_size
         self._fed = 0  # bytes fed so far; minus tell() = bytes still buffered
 
-    def feed(self, data: bytes) -> list[Message]:
-        out: list[Message] = []
-        view = memoryview(data)
-        while view:
-            # Feed no more than the free space, draining complete messages in between, so
-            # many small pipelined messages never count as one big one.
-            space = self.max_message_size - (self._fed - self._unpacker.tell())
-            if space <= 0:
-                raise FramingError(f"message larger than {self.max_message_size} bytes")
-            chunk, view = view[:space], view[space:]
-            self._unpacker.feed(chunk)
-            self._fed += len(chunk)
-            out.extend(self._drain())
-        return out
+    @property
+    def buffered(self) -> int:
+        """Bytes pushed and not yet taken out as messages."""
+        return self._fed - self._unpacker.tell()
 
-    def _drain(self) -> list[Message]:
-        out: list[Message] = []
+    @property
+    def room(self) -> int:
+        """Bytes that may be pushed now without passing the message size limit."""
+        return self.max_message_size - self.buffered
+
+    def push(self, data: bytes | memoryview) -> None:
+        """Buffer ``data``, at most ``room`` bytes of it."""
+        if len(data) > self.room:
+            raise ValueError(f"pushed {len(data)} bytes with room for {self.room}")
+        self._unpacker.feed(data)
+        self._fed += len(data)
+
+    def next_message(self) -> Message | None:
+        """The next complete message, or None until more bytes are pushed."""
         try:
-            for obj in self._unpacker:
-                out.append(classify(obj))
+            obj = next(self._unpacker)
+        except StopIteration:
+            if self.room <= 0:
+                raise FramingError(f"message larger than {self.max_message_size} bytes"
+                                   ) from None
+            return None
         except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError,
                 UnicodeDecodeError, TypeError) as exc:
             raise FramingError(f"undecodable bytes ({type(exc).__name__}: {exc})") from exc
-        return out
+        return classify(obj)
+
+    def feed(self, data: bytes) -> list[Message]:
+        """Push all of ``data`` and return every message it completes."""
+        out: list[Message] = []
+        view = memoryview(data)
+        while True:
+            while (message := self.next_message()) is not None:
+                out.append(message)
+            if not view:
+                return out
+            # No more than the free space at a time, with messages taken out in between,
+            # so many small pipelined messages never count as one big one.
+            chunk, view = view[:self.room], view[self.room:]
+            self.push(chunk)
 
 
 def _is_msgid(value: Any) -> bool:
@@ -118,16 +140,29 @@ def classify(obj: Any) -> Message:
         if msgid is None:
             return BadMessage("msgid must be an unsigned 32-bit integer")
         params = _params(obj[3])
-        if not isinstance(obj[2], str):
-            return BadMessage("method must be a string", msgid)
+        method = _method_name(obj[2])
+        if method is None:
+            return BadMessage("method must be a UTF-8 string", msgid)
         if isinstance(params, str):
             return BadMessage(params, msgid)
-        return Request(msgid, obj[2], params)
+        return Request(msgid, method, params)
     if kind == RESPONSE and type(kind) is int and len(obj) == 4 and _is_msgid(obj[1]):
         return Response(obj[1], obj[2], obj[3])
-    if kind == NOTIFICATION and type(kind) is int and len(obj) == 3 and isinstance(obj[1], str):
-        return Notification(obj[1], obj[2])
+    if kind == NOTIFICATION and type(kind) is int and len(obj) == 3:
+        method = _method_name(obj[1])
+        if method is not None:
+            return Notification(method, obj[2])
     return BadMessage("unknown message type or shape")
+
+
+def _method_name(value: Any) -> str | None:
+    """A method name from msgpack str or bin (as pynvim and older packers send), or None."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return value if isinstance(value, str) else None
 
 
 def _params(params: Any) -> dict[str, Any] | str:

@@ -15,12 +15,15 @@ from typing import Any
 from velod.config import ControlConfig
 from velod.control import protocol
 from velod.control.peer import identify
+from velod.control.quota import ConnectionQuota
 from velod.control.registry import Peer, Registry, RpcError
 from velod.errors import ServiceError
 
 log = logging.getLogger("velod.control")
 
-READ_CHUNK = 65536
+# Read in small chunks: the stream buffers up to twice this per peer before pausing the
+# socket, and a peer held back by backpressure keeps no more than that in memory.
+READ_CHUNK = 16 * 1024
 
 
 class SocketInUse(Exception):
@@ -73,7 +76,12 @@ def bind_socket(path: Path) -> socket.socket:
 
 
 class Connection:
-    """One client: reads framed messages, dispatches requests, writes replies and events."""
+    """One client: reads framed messages, dispatches requests, writes replies and events.
+
+    Reading stops while the peer has ``max_inflight`` requests in flight or while its
+    replies are not being read (backpressure): accepted requests are always answered,
+    and what one peer costs in memory stays bounded.
+    """
 
     def __init__(self, server: ControlServer, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter, peer: Peer) -> None:
@@ -87,25 +95,36 @@ class Connection:
         self.streaming = False  # an events subscriber: exempt from the idle timeout
         self.closed = False
         self._on_close: list[Callable[[], None]] = []
+        self._slot_free = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        self._idle_since = loop.time()  # last complete request or last reply
+        self._partial_since: float | None = None  # first byte of an incomplete request
 
     # -- CallContext -------------------------------------------------------------------
     def notify(self, method: str, params: Any) -> bool:
+        """Queue an event; a subscriber whose events pile up unread is dropped."""
         self.streaming = True
-        return self._write(protocol.encode_notification(method, params))
+        if self.closed or self.writer.is_closing():
+            return False
+        if self._buffered() > self.server.output_per_connection:  # a burst is fine
+            log.warning("pid %s (uid %s) does not read its replies; disconnecting",
+                        self.peer.pid, self.peer.uid)
+            self.close(abort=True)
+            return False
+        self.writer.write(protocol.encode_notification(method, params))
+        return True
 
     def on_close(self, callback: Callable[[], None]) -> None:
         self._on_close.append(callback)
 
     # -- internals ---------------------------------------------------------------------
-    def _write(self, data: bytes) -> bool:
-        if self.closed or self.writer.is_closing():
-            return False
-        if self.writer.transport.get_write_buffer_size() > self.server.max_write_buffer:
-            log.warning("pid %s does not read its replies; disconnecting", self.peer.pid)
-            self.close(abort=True)
-            return False
-        self.writer.write(data)
-        return True
+    def _buffered(self) -> int:
+        return self.writer.transport.get_write_buffer_size()
+
+    def _write(self, data: bytes) -> None:
+        """Queue a reply: never dropped while the connection lives (reading stops instead)."""
+        if not self.closed and not self.writer.is_closing():
+            self.writer.write(data)
 
     def _fail(self, code: str, message: str) -> None:
         """Tell the peer why it is being dropped (no msgid to answer), then drop it."""
@@ -121,6 +140,7 @@ class Connection:
         if self.closed:
             return
         self.closed = True
+        self._slot_free.set()
         for task in self.inflight:
             task.cancel()
         for callback in self._on_close:
@@ -132,41 +152,111 @@ class Connection:
             self.writer.close()
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while not self.closed:
-                idle = None if self.streaming or self.inflight else self.limits.idle_timeout
-                try:
-                    data = await asyncio.wait_for(self.reader.read(READ_CHUNK), idle)
-                except TimeoutError:
-                    self._fail("invalid_request", f"idle for {idle:g}s; closing")
-                    return
-                if not data:
-                    return
-                try:
-                    messages = self.decoder.feed(data)
-                except protocol.FramingError as exc:
-                    self.server.counters["rejected"] += 1
-                    self._fail("invalid_request", str(exc))
-                    return
-                for message in messages:
+                took = False
+                while (message := self.decoder.next_message()) is not None:
+                    took = True
+                    self._idle_since = loop.time()
+                    paused = loop.time()
+                    if not await self._room_for_request():
+                        return
+                    self._resume(paused)
                     self._handle(message)
                     if self.closed:
                         return
+                    # One request per peer per loop turn: a peer with a deep pipeline gets
+                    # no more of the loop than one that sends a single ping.
+                    await asyncio.sleep(0)
+                # What is left is the start of a request that arrived in the last read.
+                if not self.decoder.buffered:
+                    self._partial_since = None
+                elif took or self._partial_since is None:
+                    self._partial_since = loop.time()
+                paused = loop.time()
+                if not await self._room_to_write():
+                    return
+                self._resume(paused)
+                timeout, why = self._read_deadline(loop.time())
+                try:
+                    data = await asyncio.wait_for(
+                        self.reader.read(min(READ_CHUNK, self.decoder.room)), timeout)
+                except TimeoutError:
+                    self._fail("invalid_request", why)
+                    return
+                if not data:
+                    return
+                self.decoder.push(data)
+        except protocol.FramingError as exc:
+            self.server.counters["rejected"] += 1
+            self._fail("invalid_request", str(exc))
         except (ConnectionError, OSError):
             pass
         finally:
             self.close()
 
+    def _resume(self, since: float) -> None:
+        """Time velod itself spent not reading does not count against a half-sent request."""
+        if self._partial_since is not None:
+            self._partial_since += asyncio.get_running_loop().time() - since
+
+    def _read_deadline(self, now: float) -> tuple[float | None, str]:
+        """How long the next read may wait, and what to tell the peer when it runs out.
+
+        A request must arrive whole within ``message_timeout`` of its first byte (a peer
+        sending a byte a second is dropped); a peer with nothing in flight and nothing
+        half-sent is dropped after ``idle_timeout``, unless it subscribed to events.
+        """
+        deadlines = []
+        if self._partial_since is not None:
+            deadlines.append((self._partial_since + self.limits.message_timeout,
+                              f"a request did not arrive whole within "
+                              f"{self.limits.message_timeout:g}s; closing"))
+        if not (self.streaming or self.inflight):
+            deadlines.append((self._idle_since + self.limits.idle_timeout,
+                              f"idle for {self.limits.idle_timeout:g}s; closing"))
+        if not deadlines:
+            return None, ""
+        at, why = min(deadlines)
+        return max(0.0, at - now), why
+
+    async def _room_for_request(self) -> bool:
+        """Wait until fewer than ``max_inflight`` requests are in flight and the replies
+        fit (see _room_to_write); False once closed."""
+        while len(self.inflight) >= self.limits.max_inflight and not self.closed:
+            self._slot_free.clear()
+            await self._slot_free.wait()
+        return not self.closed and await self._room_to_write()
+
+    async def _room_to_write(self) -> bool:
+        """Wait until this peer's unsent replies are within its share of the output bound.
+
+        A peer that reads nothing for ``idle_timeout`` while its replies wait is dropped;
+        False then.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.limits.idle_timeout
+        while not self.closed:
+            share = self.server.output_share()
+            if self._buffered() <= share:
+                return True
+            if loop.time() >= deadline:
+                log.warning("pid %s (uid %s) does not read its replies; disconnecting",
+                            self.peer.pid, self.peer.uid)
+                self.close(abort=True)
+                return False
+            # The transport wakes drain() once its buffer is down to a quarter of this.
+            self.writer.transport.set_write_buffer_limits(high=share)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.writer.drain(), deadline - loop.time())
+        return False
+
     def _handle(self, message: protocol.Message) -> None:
         if isinstance(message, protocol.Request):
-            if len(self.inflight) >= self.limits.max_inflight:
-                self._write(protocol.encode_response(message.msgid, protocol.error_map(
-                    "busy", f"more than {self.limits.max_inflight} requests in flight"), None))
-                self.close()
-                return
             task = asyncio.get_running_loop().create_task(self._call(message))
             self.inflight.add(task)
-            task.add_done_callback(self.inflight.discard)
+            task.add_done_callback(self._finished)
         elif isinstance(message, protocol.BadMessage):
             self.server.counters["rejected"] += 1
             if message.msgid is None:
@@ -174,7 +264,18 @@ class Connection:
             else:
                 self._write(protocol.encode_response(
                     message.msgid, protocol.error_map("invalid_request", message.reason), None))
-        # Responses and notifications from a client are not part of velod's API: ignored.
+        elif isinstance(message, protocol.Notification):
+            # msgpack-rpc servers ignore notifications they do not know (pynvim, for one,
+            # starts every session with nvim_set_client_info).
+            log.debug("ignoring notification %r from pid %s", message.method[:100],
+                      self.peer.pid)
+        # Responses from a client are not part of velod's API: ignored.
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self.inflight.discard(task)
+        if not self.inflight:
+            self._idle_since = asyncio.get_running_loop().time()
+        self._slot_free.set()
 
     async def _call(self, request: protocol.Request) -> None:
         try:
@@ -201,16 +302,28 @@ class ControlServer:
         self.registry = registry
         self.limits = limits
         self.connections: set[Connection] = set()
+        self.quota = ConnectionQuota()
         self._conn_tasks: set[asyncio.Task[object]] = set()
         self.path: Path | None = None
         self.counters = {"requests": 0, "rejected": 0, "refused_connections": 0}
         self._server: asyncio.AbstractServer | None = None
         self._inode: int | None = None
 
-    @property
-    def max_write_buffer(self) -> int:
-        # Unsent bytes we hold for one peer before calling it a slow consumer.
-        return max(4 * self.limits.max_message_size, 64 * 1024)
+    # Unsent bytes held for one peer before velod stops reading its requests (or drops it,
+    # for an events subscriber), and for all peers together: each peer gets an equal share
+    # of the overall bound, at most output_per_connection. A share can be passed only by
+    # the replies already in flight, at most max_inflight of them per peer.
+    output_per_connection = 256 * 1024
+    output_overall = 4 * 1024**2
+
+    def output_share(self) -> int:
+        """Unsent bytes one peer may have before velod stops reading from it."""
+        share = self.output_overall // max(1, len(self.connections))
+        return max(16 * 1024, min(self.output_per_connection, share))
+
+    def output_total(self) -> int:
+        """Unsent bytes held for all peers together."""
+        return sum(c._buffered() for c in self.connections)
 
     async def start(self, path: Path | None, sock: socket.socket | None = None) -> None:
         """Listen on ``sock`` (socket activation) or on a new socket bound at ``path``."""
@@ -246,11 +359,14 @@ class ControlServer:
             writer.close()
             return
         conn = Connection(self, reader, writer, peer)
-        if len(self.connections) >= self.limits.max_connections:
+        refusal = self.quota.refusal(peer, self.limits)
+        if refusal is not None:
             self.counters["refused_connections"] += 1
-            conn._fail("busy", f"too many connections (max {self.limits.max_connections})")
+            log.debug("refusing pid %s (uid %s): %s", peer.pid, peer.uid, refusal)
+            conn._fail("busy", refusal)
             return
         self.connections.add(conn)
+        self.quota.add(peer)
         task = asyncio.current_task()
         if task is not None:
             self._conn_tasks.add(task)
@@ -260,6 +376,7 @@ class ControlServer:
             pass  # shutting down: the connection is already closed
         finally:
             self.connections.discard(conn)
+            self.quota.remove(peer)
             self._conn_tasks.discard(task)  # type: ignore[arg-type]
 
     async def dispatch(self, request: protocol.Request, conn: Connection) -> Any:
@@ -276,4 +393,5 @@ class ControlServer:
 
     def status(self) -> dict[str, Any]:
         return {"socket": str(self.path) if self.path else None,
-                "connections": len(self.connections), **self.counters}
+                "connections": len(self.connections), "users": len(self.quota.by_uid),
+                "unsent_bytes": self.output_total(), **self.counters}

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
-import threading
-import time
 from typing import Any
 
 from velod.control.output import emit, print_json, table
+from velod.control.progress import EventProgress, stderr_view
 
-BAR_WIDTH = 30
-PLAIN_INTERVAL = 1.0
+PLAIN_INTERVAL = 1.0  # engine progress comes 4 times a second: a plain line a second at most
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -108,71 +105,23 @@ def cmd_bench(args: argparse.Namespace, client: Any) -> int:
     params = {"requests": args.requests, "prompt": args.prompt, "gen": args.gen,
               "shared_prefix": args.shared_prefix, "priority": args.priority,
               "verify": args.verify, "seed": args.seed}
-    watcher = None if args.json else _ProgressWatcher(args.socket, sys.stderr)
+    progress = EventProgress(args.socket, ["engine.bench.progress"], render_progress,
+                             stderr_view("bench", min_interval=PLAIN_INTERVAL))
     try:
         result = client.call("engine.bench", params, timeout=24 * 3600)
     finally:
-        if watcher is not None:
-            watcher.close()
+        progress.close()
     emit(args, result, render_bench)
     return 0
 
 
-class ProgressView:
-    """Draws bench progress: a ``\\r``-redrawn bar on a terminal, else a line per second."""
-
-    def __init__(self, stream: Any) -> None:
-        self.stream = stream
-        self.tty = bool(getattr(stream, "isatty", lambda: False)())
-        self._last_plain = 0.0
-        self.drawn = False
-
-    def draw(self, p: dict[str, Any]) -> None:
-        fraction = min(max(float(p.get("fraction", 0.0)), 0.0), 1.0)
-        text = (f"{fraction:4.0%} {p.get('generated', 0)}/{p.get('target', 0)} tokens, "
-                f"{p.get('finished', 0)}/{p.get('requests', 0)} requests, "
-                f"{p.get('tokens_per_s', 0.0):.0f} tokens/s, {p.get('elapsed_s', 0.0):.1f}s")
-        if self.tty:
-            filled = int(fraction * BAR_WIDTH)
-            bar = "#" * filled + "." * (BAR_WIDTH - filled)
-            self.stream.write(f"\r[{bar}] {text}\033[K")
-            self.drawn = True
-        else:
-            now = time.monotonic()
-            if now - self._last_plain < PLAIN_INTERVAL and fraction < 1.0:
-                return
-            self._last_plain = now
-            self.stream.write(f"bench: {text}\n")
-        self.stream.flush()
-
-    def finish(self) -> None:
-        if self.drawn:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-class _ProgressWatcher:
-    """Follows engine.bench.progress on a second connection and draws it."""
-
-    def __init__(self, socket_path: str, stream: Any) -> None:
-        from velod.control.client import Client
-
-        self.view = ProgressView(stream)
-        self.client = Client.connect(socket_path)
-        events = self.client.subscribe(["engine.bench.progress"])
-        self.thread = threading.Thread(target=self._run, args=(events,), daemon=True)
-        self.thread.start()
-
-    def _run(self, events: Any) -> None:
-        with contextlib.suppress(Exception):  # the connection closes when the bench ends
-            for event in events:
-                self.view.draw(event.get("data") or {})
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.client.close()
-        self.thread.join(timeout=1.0)
-        self.view.finish()
+def render_progress(p: dict[str, Any]) -> tuple[str, float]:
+    """One ``engine.bench.progress`` event as the progress view's (text, fraction)."""
+    fraction = min(max(float(p.get("fraction", 0.0)), 0.0), 1.0)
+    return (f"{fraction:4.0%} {p.get('generated', 0)}/{p.get('target', 0)} tokens, "
+            f"{p.get('finished', 0)}/{p.get('requests', 0)} requests, "
+            f"{p.get('tokens_per_s', 0.0):.0f} tokens/s, {p.get('elapsed_s', 0.0):.1f}s",
+            fraction)
 
 
 def render_bench(r: dict[str, Any]) -> str:

@@ -58,7 +58,8 @@ class EngineService(Component):
 
     async def start(self) -> None:
         self._adopt(self.config)
-        self.state = "running" if self.config.engine.enabled else "stopped"
+        if self.settings_error is None:  # else _adopt left it degraded, with the error
+            self.state = "running" if self.config.engine.enabled else "stopped"
 
     async def stop(self) -> None:
         self.state = "stopping"

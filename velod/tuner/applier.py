@@ -1,22 +1,29 @@
 """Apply a plan to a server safely: drop-in, daemon-reload, restart when idle, verify, roll back.
 
+Everything server-specific goes through the server's backend (``velod.tuner.backends.base``).
 The order of one apply is: the tuner asks :meth:`Applier.gate` (idle long enough? restart
-allowed yet?); :meth:`Applier.apply` writes velod's drop-in atomically (keeping the old one),
-runs ``systemctl daemon-reload`` and ``systemctl restart <unit>``, then waits (bounded) for
-the backend's readiness probe (Ollama: ``/api/version``; llama-server: ``/health``). When the
-restart fails or the server does not come back, the previous drop-in is restored, systemd
-reloaded and the server restarted again. Afterwards :meth:`Applier.verify` asks the backend
-whether the server runs what was planned (Ollama, at the next model load: no spill to the
-CPU; llama-server: the planned slots and context in ``/props``) and rolls the change back
-when not. Ollama's model parameters become derived models (``<name><suffix>`` through
-``/api/create``); the user's models are never edited.
+allowed yet?); :meth:`Applier.apply` records an ``applying`` entry (so that a crash from
+here on is finished or undone at the next start: ``velod.tuner.recovery``), writes velod's
+drop-in atomically (keeping the old one), runs ``systemctl daemon-reload`` and
+``systemctl restart <unit>``, waits (bounded) for the backend's readiness probe (Ollama:
+``/api/version``; llama-server: ``/health``) and checks that the service runs the new
+environment (``velod.tuner.running``). When the restart fails, the server does not come back
+or runs other values, the previous drop-in is restored, systemd reloaded and the server
+restarted again. Afterwards :meth:`Applier.verify` asks the backend whether the server runs
+what was planned (Ollama, at the next model load: no spill to the CPU; llama-server: the
+planned slots and context in ``/props``) and rolls the change back when not. Ollama's model
+parameters become derived models (``<name><suffix>`` through ``/api/create``); the user's
+models are never edited.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +33,7 @@ from velod.tuner.backends.base import Backend, ServerError
 from velod.tuner.backends.ollama import variant_name
 from velod.tuner.dropin import DropinError
 from velod.tuner.history import History
+from velod.tuner.running import Running, read_running
 
 if TYPE_CHECKING:
     from velod.config import TunerConfig
@@ -38,6 +46,10 @@ SYSTEMCTL_TIMEOUT = 90.0  # systemd's own default start timeout is 90 s
 
 class ApplyError(Exception):
     """A step of applying failed; the message says which and why."""
+
+
+class SystemctlMissing(ApplyError):
+    """The configured systemctl cannot be run at all (not found, not executable)."""
 
 
 @dataclass
@@ -126,6 +138,7 @@ class Applier:
         self.log = log or logging.getLogger("velod.tuner.applier")
         self.idle = IdleTracker()
         self.pending_verification: dict[str, Any] | None = None
+        self.on_step: Callable[[str, str], None] = lambda action, step: None
         try:
             recent = history.last(1000)
         except OSError as exc:
@@ -136,8 +149,10 @@ class Applier:
         self.last_restart: float | None = restarts[-1] if restarts else None
         self.variants: dict[str, dict[str, Any]] = {}
         for entry in recent:
-            if entry["decision"] == "applied" and entry.get("target") == "variant":
-                self.variants[entry["variant"]] = entry.get("parameters", {})
+            if (entry["decision"] == "applied" and entry.get("target") == "variant"
+                    and isinstance(entry.get("variant"), str)
+                    and isinstance(entry.get("parameters"), dict)):
+                self.variants[entry["variant"]] = entry["parameters"]
 
     def reconfigure(self, tuner: TunerConfig) -> None:
         self.tuner = tuner
@@ -176,17 +191,32 @@ class Applier:
         return None
 
     # ------------------------------------------------------------------ systemctl
+    def systemctl_problem(self) -> str | None:
+        """Why the server's ``systemctl`` cannot be run (not found on PATH, not executable),
+        or None. Checked before anything is written, so a machine without systemd changes
+        nothing."""
+        if shutil.which(self.backend.systemctl) is None:
+            return (f"systemctl not found: {self.backend.systemctl!r} is not an executable "
+                    f"file nor on PATH (velod restarts {self.backend.label} through systemd; "
+                    f"set the systemctl of {self.backend.name} in the config, or use "
+                    "tuner.mode: observe)")
+        return None
+
     async def systemctl(self, *args: str) -> str:
-        """Run ``systemctl args``; raise ApplyError with its stderr on failure or timeout."""
+        """Run ``systemctl args``; raise ApplyError with its stderr on failure or timeout
+        (SystemctlMissing when it cannot be run at all)."""
         argv = [self.backend.systemctl, *args]
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE)
+        except (FileNotFoundError, PermissionError) as exc:
+            raise SystemctlMissing(f"systemctl not found: cannot run {self.backend.systemctl}: "
+                                   f"{exc} (set the systemctl of {self.backend.name})"
+                                   ) from None
         except OSError as exc:
             raise ApplyError(f"cannot run {self.backend.systemctl}: {exc} "
-                             f"(set the systemctl of {self.backend.name} in the config)"
-                             ) from None
+                             f"(set the systemctl of {self.backend.name})") from None
         try:
             out, err = await asyncio.wait_for(proc.communicate(), SYSTEMCTL_TIMEOUT)
         except TimeoutError:
@@ -199,11 +229,25 @@ class Applier:
             raise ApplyError(f"`{' '.join(argv)}` failed (exit {proc.returncode}): {detail}")
         return out.decode("utf-8", "replace")
 
-    async def _restart_and_wait(self) -> None:
+    async def running(self) -> Running:
+        """What the server's unit runs now; unknown (``environment`` None, with the reason
+        in ``note``) when systemctl cannot tell."""
+        try:
+            return await read_running(self.systemctl, self.backend.unit)
+        except ApplyError as exc:
+            return Running(None, note=str(exc))
+
+    async def daemon_reload(self, action: str) -> None:
+        self.on_step(action, "systemctl daemon-reload")
         await self.systemctl("daemon-reload")
+
+    async def _restart_and_wait(self, action: str) -> None:
+        await self.daemon_reload(action)
         self.last_restart = time.time()
+        self.on_step(action, f"restarting {self.backend.unit}")
         await self.systemctl("restart", self.backend.unit)
         self.idle.mark_active()  # a fresh start is not idle time
+        self.on_step(action, f"waiting for {self.backend.label} to answer")
         await self.wait_ready()
 
     async def wait_ready(self) -> str:
@@ -217,43 +261,84 @@ class Applier:
                 last = str(exc)
             if time.monotonic() + delay > deadline:
                 raise ApplyError(f"{self.backend.label} did not answer within "
-                                 f"{self.ready_timeout:g}s of the restart: {last}")
+                                 f"{self.ready_timeout:g}s of "
+                                 f"the restart: {last}")
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.25)
 
     # ------------------------------------------------------------------ apply
     async def apply(self, plan: Plan, reason: str, changes: dict[str, Any]) -> Outcome:
-        """Write the drop-in for ``plan``, reload, restart and wait; roll back on failure.
+        """Write the drop-in for ``plan``, reload, restart, wait and check what the server
+        runs; roll back on failure.
 
-        The caller has checked ``gate``. Records ``applied`` or ``rolled-back``.
+        The caller has checked ``gate``. Records ``applying``, then ``applied``,
+        ``rolled-back`` or ``error``. When the drop-in already says ``plan`` but the server
+        runs other values (it was not restarted since), only the restart is done.
         """
         env = server_environment(plan)
-        comment = f"Profile {plan.profile}; {reason}"
+        problem = self.systemctl_problem()
+        if problem:
+            return self.record(Outcome("error", f"{problem}; nothing was changed",
+                                        {"stage": "systemctl"}))
         try:
-            written = await run_blocking(self.dropins.write, env, comment, timeout=10)
-        except PermissionError as exc:
-            return self._record(Outcome("error", f"cannot write the drop-in: {exc} (apply "
-                                        "mode needs write access to the unit's drop-in "
-                                        "directory: run velod as root or set the "
-                                        f"systemd_dir of {self.backend.name})",
-                                        {"stage": "write"}))
+            unchanged = await run_blocking(self.dropins.says, env, timeout=10)
         except (DropinError, OSError, TimeoutError) as exc:
-            return self._record(Outcome("error", f"cannot write the drop-in: {exc}",
+            return self.record(Outcome("error", f"cannot read the drop-in: {exc}",
                                         {"stage": "write"}))
-        if not written:
+        if unchanged and (await self.running()).runs(env) is not False:
             return Outcome("skipped", "velod's drop-in already sets these values")
+        expect = self.backend.expectations(plan)
+        self._record_applying("apply", env, reason=reason, expect=expect)
+        if not unchanged:
+            self.on_step("apply", f"writing {self.dropins.path}")
+            comment = f"Profile {plan.profile}; {reason}"
+            try:
+                await run_blocking(self.dropins.write, env, comment, timeout=10)
+            except PermissionError as exc:
+                return self.record(Outcome(
+                    "error", f"cannot write the drop-in: {exc} (apply mode needs write access "
+                    "to the unit's drop-in directory: run velod as root or set the "
+                    f"systemd_dir of {self.backend.name})", {"stage": "write"}))
+            except (DropinError, OSError, TimeoutError) as exc:
+                return self.record(Outcome("error", f"cannot write the drop-in: {exc}",
+                                            {"stage": "write"}))
         details = {"environment": env, "changes": changes, "reason": reason,
                    "dropin": str(self.dropins.path)}
         try:
-            await self._restart_and_wait()
+            await self._restart_and_wait("apply")
         except ApplyError as exc:
             self.log.warning("applying failed, rolling back: %s", exc)
             return await self._roll_back(f"apply failed: {exc}", failed=env)
+        return await self.confirm(env, expect, details,
+                                  f"{self.backend.label} restarted with {len(changes)} "
+                                  "changed setting(s)")
+
+    async def confirm(self, env: dict[str, str], expect: dict[str, Any],
+                      details: dict[str, Any], message: str) -> Outcome:
+        """After a restart onto ``env``: ``applied`` (with ``message``) when the service runs
+        it, or when that cannot be told; else roll back. ``expect`` is what the backend
+        checks at :meth:`verify`."""
+        self.on_step("apply", f"checking what {self.backend.label} runs")
+        running = await self.running()
+        wrong = running.differences(env)
+        if wrong:
+            listing = ", ".join(f"{k}={v[0] if v[0] is not None else '(unset)'} (not {v[1]})"
+                                for k, v in sorted(wrong.items()))
+            return await self._roll_back(f"after the restart {self.backend.label} does not run "
+                                         f"the new settings: {listing}", failed=env)
+        checked = {"running": running.source or f"not checked: {running.note}"}
         self.pending_verification = {"environment": env, "since": time.time(),
-                                     "expect": self.backend.expectations(plan)}
-        return self._record(Outcome("applied", f"{self.backend.label} restarted with "
-                                    f"{len(changes)} changed setting(s)",
-                                    {**details, "restarted": True}))
+                                     "expect": expect}
+        return self.record(Outcome("applied", message,
+                                   {**details, **checked, "restarted": True}))
+
+    def _record_applying(self, action: str, env: dict[str, str], **details: Any) -> None:
+        """Say what is about to change before touching anything (see velod.tuner.recovery).
+        ``monotonic`` and ``boot_id`` let the next start tell whether the server restarted
+        after this moment."""
+        self.record(Outcome("applying", f"{action}: {len(env)} setting(s)", {
+            "action": action, "environment": env, "monotonic": time.monotonic(),
+            "boot_id": boot_id(), **details}))
 
     async def verify(self, state: Any) -> Outcome | None:
         """After an apply, ask the backend whether ``state`` runs the plan (None while there
@@ -268,12 +353,12 @@ class Applier:
         if not verdict.ok:
             return await self._roll_back(verdict.message, failed=pending["environment"],
                                          loaded=verdict.observed)
-        return self._record(Outcome("verified", verdict.message, {"loaded": verdict.observed}))
+        return self.record(Outcome("verified", verdict.message, {"loaded": verdict.observed}))
 
     async def rollback(self, reason: str, undone: dict[str, str] | None = None,
                        **extra: Any) -> Outcome:
         """Restore the previous drop-in (admin request, or a change measured slower) and
-        restart Ollama.
+        restart the server.
 
         ``undone`` (the settings rolled away from) is recorded as ``failed`` so that the
         tuner does not apply them again by itself, also after a daemon restart; ``extra``
@@ -284,20 +369,30 @@ class Applier:
     async def _roll_back(self, reason: str, failed: dict[str, str] | None,
                          **extra: Any) -> Outcome:
         self.pending_verification = None
+        self._record_applying("rollback", failed or {}, reason=reason, failed=failed)
+        self.on_step("rollback", "restoring the previous drop-in")
         try:
             restored = await run_blocking(self.dropins.rollback, timeout=10)
         except (DropinError, OSError, TimeoutError) as exc:
-            return self._record(Outcome("error", f"{reason}; and the rollback failed: {exc}",
+            return self.record(Outcome("error", f"{reason}; and the rollback failed: {exc}",
                                         {"stage": "rollback", "failed": failed, **extra}))
-        details = {"reason": reason, "restored": restored, "failed": failed, **extra}
+        return await self.restart_restored(reason, {"reason": reason, "restored": restored,
+                                                    "failed": failed, **extra})
+
+    async def restart_restored(self, reason: str, details: dict[str, Any]) -> Outcome:
+        """Restart the server onto the drop-in a rollback restored; record how it went."""
         try:
-            await self._restart_and_wait()
+            await self._restart_and_wait("rollback")
+        except SystemctlMissing as exc:
+            return self.record(Outcome("error", f"{reason}; previous drop-in restored, but "
+                                        f"{self.backend.label} was not restarted: {exc}",
+                                        {"stage": "rollback-restart", **details}))
         except ApplyError as exc:
-            return self._record(Outcome("error", f"{reason}; previous drop-in restored but "
+            return self.record(Outcome("error", f"{reason}; previous drop-in restored but "
                                         f"{self.backend.label} did not come back: {exc}",
                                         {"stage": "rollback-restart", **details,
                                          "restarted": True}))
-        return self._record(Outcome("rolled-back", f"{reason}; previous settings restored",
+        return self.record(Outcome("rolled-back", f"{reason}; previous settings restored",
                                     {**details, "restarted": True}))
 
     # ------------------------------------------------------------------ variants
@@ -318,20 +413,31 @@ class Applier:
             try:
                 await self.backend.create_variant(variant, model, params)
             except ServerError as exc:
-                outcomes.append(self._record(Outcome(
+                outcomes.append(self.record(Outcome(
                     "error", f"cannot create {variant}: {exc}",
                     {"target": "variant", "variant": variant, "model": model})))
                 continue
             self.variants[variant] = params
-            outcomes.append(self._record(Outcome(
+            outcomes.append(self.record(Outcome(
                 "applied", f"{variant} created from {model}",
                 {"target": "variant", "variant": variant, "model": model,
                  "parameters": params})))
         return outcomes
 
-    def _record(self, outcome: Outcome) -> Outcome:
+    def record(self, outcome: Outcome) -> Outcome:
         try:
             self.history.append(outcome.decision, message=outcome.message, **outcome.details)
         except OSError as exc:
             self.log.error("cannot write the tuner history: %s", exc)
         return outcome
+
+
+@functools.cache
+def boot_id() -> str:
+    """This boot's ID (``/proc/sys/kernel/random/boot_id``); "" where there is none.
+    CLOCK_MONOTONIC times compare only within one boot."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return ""

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from velod.control.output import ago, emit, print_json, table
+from velod.control.progress import EventProgress, stderr_view
 from velod.tuner.bench.cli import register as register_bench
 from velod.units import format_size, parse_size
 
@@ -136,7 +137,8 @@ def cmd_plan(args: argparse.Namespace, client: Any) -> int:
 
 
 def cmd_apply(args: argparse.Namespace, client: Any) -> int:
-    result = client.call("tuner.apply", _with_server(args, {"now": args.now}), timeout=600)
+    result = _with_progress(args, "tune apply", lambda: client.call(
+        "tuner.apply", _with_server(args, {"now": args.now}), timeout=600))
     if args.json:
         print_json(result)
     else:
@@ -144,8 +146,29 @@ def cmd_apply(args: argparse.Namespace, client: Any) -> int:
     return EXIT_OK if result["decision"] in ("applied", "nothing") else 1
 
 
+def _with_progress(args: argparse.Namespace, prefix: str, call: Any) -> Any:
+    """``call()`` while its steps (restart, wait, verification benchmarks) go to stderr."""
+    progress = EventProgress(args.socket, ["tuner.progress", "bench.progress"],
+                             render_step, stderr_view(prefix))
+    try:
+        return call()
+    finally:
+        progress.close()
+
+
+def render_step(data: dict[str, Any]) -> tuple[str, float | None] | None:
+    """A ``tuner.progress`` step, or a verification benchmark's ``bench.progress``."""
+    if "step" in data:
+        return str(data["step"]), None
+    if data.get("phase") in ("warm-up", "measure"):
+        return (f"measuring {data.get('prompt') or ''}: {data.get('done', 0)}/"
+                f"{data.get('total', 0)} requests"), None
+    return None
+
+
 def cmd_rollback(args: argparse.Namespace, client: Any) -> int:
-    result = client.call("tuner.rollback", _with_server(args, {}), timeout=600)
+    result = _with_progress(args, "tune rollback", lambda: client.call(
+        "tuner.rollback", _with_server(args, {}), timeout=600))
     if args.json:
         print_json(result)
     else:
@@ -159,6 +182,8 @@ def cmd_history(args: argparse.Namespace, client: Any) -> int:
         print_json(result)
     else:
         print(render_history(result["entries"]))
+        if result.get("warning"):
+            print(f"warning: {result['warning']}")
     return EXIT_OK
 
 
@@ -249,9 +274,20 @@ def render_show(r: dict[str, Any]) -> str:
 
 
 def _verdict(r: dict[str, Any], label: str) -> str:
+    running = r.get("running") or {}
     if r["up_to_date"]:
+        if not running.get("known", True):
+            return (f"The drop-ins set the recommended settings; what {label} runs cannot be "
+                    f"checked ({running.get('note')}).")
         return f"{label} runs the recommended settings; nothing to change."
     count = len(r["changes"])
+    if running.get("not_running"):
+        names = ", ".join(f"{k}={v[0] if v[0] is not None else '(unset)'}"
+                          for k, v in sorted(running["not_running"].items()))
+        return (f"The drop-ins set the recommended settings, but {label} was not restarted "
+                f"since: it runs {names}. "
+                + ("Observe mode: `velodctl tune apply` restarts it." if r["mode"] == "observe"
+                   else f"velod restarts it when {label} is idle."))
     if r.get("blocked"):
         return (f"{count} setting(s) differ, but this plan failed before "
                 f"({r['blocked']['decision']}: {r['blocked']['message']}); velod will not "

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from velod.errors import ServiceError
 from velod.tuner import explore, planner
 from velod.tuner.applier import Outcome, server_environment
 from velod.tuner.bench.spec import BenchSpec, judge
+from velod.tuner.history import str_map
 
 if TYPE_CHECKING:
     from velod.config import TunerConfig
@@ -45,18 +46,21 @@ class ClosedLoop:
 
     It gets its collaborators, not the tuner: the applier (restart, roll back, idle
     tracking), the benchmarks, the journal of decisions, the current tuner settings, a way
-    to plan with extra pins and a way to wake the tuner.
+    to plan with extra pins, a way to wake the tuner and one to have it look at the drop-ins
+    and at what Ollama runs again (after each restart, so that its status is current).
     """
 
     def __init__(self, applier: Applier, bench: Benchmarks, journal: Journal,
                  settings: Callable[[], TunerConfig], replan: Replan,
-                 trigger: Callable[[str], None], log: logging.Logger) -> None:
+                 trigger: Callable[[str], None], log: logging.Logger,
+                 look: Callable[[], Awaitable[None]] | None = None) -> None:
         self.applier = applier
         self.bench = bench
         self.journal = journal
         self._settings = settings
         self._replan = replan
         self._trigger = trigger
+        self._look = look
         self.log = log
         self._base: Plan | None = None  # the plan without overrides, as of the last step
         self.session: dict[str, Any] | None = None  # an exploration in progress
@@ -68,10 +72,10 @@ class ClosedLoop:
             entry = self.journal.history.latest("explore-kept", scan=1000)
         except OSError:
             return None
-        if entry and isinstance(entry.get("base"), dict) and isinstance(entry.get("pins"), dict):
-            return {"base": env_key(entry["base"]), "pins": entry["pins"],
-                    "message": entry.get("message", "")}
-        return None
+        base, pins = str_map((entry or {}).get("base")), str_map((entry or {}).get("pins"))
+        if entry is None or base is None or pins is None:
+            return None  # none, or damaged: explore again
+        return {"base": env_key(base), "pins": pins, "message": str(entry.get("message", ""))}
 
     # ------------------------------------------------------------------ measuring
     async def measure(self, purpose: str) -> dict[str, Any] | None:
@@ -187,6 +191,7 @@ class ClosedLoop:
         changes = plan.changes(self.session["running"])
         outcome = await self.applier.apply(plan, f"exploring {_describe(pins)}", changes)
         self.applier.pending_verification = None  # the trial's measurement checks it
+        await self._looked()
         self.journal.announce(outcome)
         if outcome.decision != "applied":
             self.journal.record(Outcome("explore-aborted",
@@ -225,6 +230,7 @@ class ClosedLoop:
             outcome = await self.applier.apply(queue_plan, f"exploration kept "
                                                  f"{_describe(best['pins'])}",
                                                  queue_plan.changes(self.session["running"]))
+            await self._looked()
             self.journal.announce(outcome)
             if outcome.decision != "applied":
                 self.journal.record(Outcome("explore-aborted", "exploration could not apply its "
@@ -234,6 +240,10 @@ class ClosedLoop:
         self._keep(self.session["base_env"], best["pins"], summary, message)
         self.session = None
         self._trigger("exploration finished")
+
+    async def _looked(self) -> None:
+        if self._look is not None:
+            await self._look()
 
     def _plan_for(self, pins: dict[str, str]) -> Plan:
         policy = planner.Policy.from_config(self._settings())

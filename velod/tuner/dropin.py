@@ -308,6 +308,10 @@ class DropinDir:
             argv = []
         return Effective(env, sources, dict(velod), conflicts, errors, argv)
 
+    def says(self, environment: dict[str, str]) -> bool:
+        """True when velod's drop-in exists and sets exactly ``environment``."""
+        return self.path.exists() and self.read_velod() == environment
+
     def write(self, environment: dict[str, str], comment: str = "") -> bool:
         """Make velod's drop-in set exactly ``environment``; keep the old file as backup.
 

@@ -89,6 +89,7 @@ class Policy:
     # Settings the server's command line fixes: name -> (value, why the environment cannot
     # change it). The plan sizes around them and never writes them.
     locked: dict[str, tuple[str, str]] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()  # what the backend found while building the policy
 
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:

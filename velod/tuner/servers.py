@@ -134,13 +134,18 @@ class TunerService(Component):
         """The last ``limit`` decisions of one server, or of all merged by time."""
         chosen = [self.tuner(server)] if server is not None else list(self.tuners.values())
         entries: list[dict[str, Any]] = []
+        skipped, warnings = 0, []
         for tuner in chosen:
             got = await tuner.decisions(limit)
             entries += [{**e, "server": tuner.backend.name} for e in got["entries"]]
-        entries.sort(key=lambda e: e.get("time", 0))
+            skipped += got.get("skipped") or 0
+            if got.get("warning"):
+                warnings.append(got["warning"])
+        entries.sort(key=lambda e: e["time"] if isinstance(e.get("time"), int | float) else 0)
         return {"entries": entries[-limit:],
                 "path": str(chosen[0].history.path) if chosen else None,
-                "paths": {t.backend.name: str(t.history.path) for t in chosen}}
+                "paths": {t.backend.name: str(t.history.path) for t in chosen},
+                "skipped": skipped, "warning": "; ".join(warnings) or None}
 
     async def bench_run(self, model: str | None, server: str | None = None,
                         backend: str | None = None, **spec: Any) -> dict[str, Any]:

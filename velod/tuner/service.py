@@ -10,6 +10,9 @@ reload, a model with CPU spill in ``/api/ps``, a newly pulled or served model. A
 stay the same for ``tuner.settle`` before it is applied (hysteresis); a plan that was rolled
 back is not retried by itself until the plan changes. ``observe`` mode never writes or
 restarts anything. Every decision goes to the history and out as event ``tuner.decision``.
+Before its first cycle the loop settles an apply that velod was stopped in the middle of
+(``velod.tuner.recovery``); "runs the recommended settings" is said only of what the server's
+service runs (``velod.tuner.running``), not of what its drop-ins say.
 
 Manual apply (``tuner.apply``, admin) works in both modes: it skips the settle wait, but is
 refused (error ``busy``, nothing changed) while the server is busy or within
@@ -42,7 +45,7 @@ from velod.component import Component, Context
 from velod.errors import Busy, InvalidParams, NotFound, Unavailable
 from velod.hardware.snapshot import Snapshot
 from velod.model.names import normalize_name
-from velod.tuner import planner
+from velod.tuner import planner, recovery
 from velod.tuner.applier import Applier, Outcome, server_environment
 from velod.tuner.backends.base import Backend, ServerError
 from velod.tuner.backends.ollama_backend import OllamaBackend
@@ -51,14 +54,17 @@ from velod.tuner.bench.spec import BenchSpec, compare
 from velod.tuner.bench.store import BenchNotFound, BenchStore, server_of, summary
 from velod.tuner.closedloop import ClosedLoop
 from velod.tuner.dropin import DropinError, Effective
-from velod.tuner.history import History
+from velod.tuner.history import History, str_map
 from velod.tuner.journal import Journal, plain
+from velod.tuner.running import Running
 
 if TYPE_CHECKING:
     from velod.bus import Event
     from velod.config import Config
 
 MAX_BACKOFF_S = 300.0
+RUNNING_MAX_AGE_S = 60.0  # what the server runs is asked again after this, or when files change
+PROGRESS = "tuner.progress"
 
 
 def backoff(interval: float, failures: int) -> float:
@@ -85,6 +91,8 @@ class Tuner(Component):
         self.history = History(ctx.state_dir, self.backend.history_file)
         self.journal = Journal(self.history, self._publish, self.log)
         self.applier = Applier(self.backend, ctx.config.tuner, self.history, self.log)
+        self.applier.on_step = lambda action, step: self._publish(
+            PROGRESS, {"action": action, "step": step})
         self.snapshot: Snapshot | None = None
         self.ollama: Any = None  # the server's last good poll (its backend's state type)
         self.last_poll: float | None = None
@@ -95,6 +103,8 @@ class Tuner(Component):
         self.plan: planner.Plan | None = None  # with an explored override, if one was kept
         self.base_plan: planner.Plan | None = None  # the planner's own
         self.effective: Effective | None = None
+        self.running: Running | None = None  # what the server's service runs, as last asked
+        self._running_asked: tuple[Any, float] | None = None  # (drop-ins then, monotonic)
         self.pending: dict[str, Any] | None = None  # changed plan waiting to settle
         # A plan velod will not apply again by itself (rolled back, or failed to write),
         # until the plan changes, the config is reloaded or an admin runs tuner.apply.
@@ -115,7 +125,12 @@ class Tuner(Component):
                                 ctx.bus.publish, self._server_settings, self.most_used_model,
                                 self.log)
         self.loop = ClosedLoop(self.applier, self.bench, self.journal, lambda: self.config.tuner,
-                               self._plan_with, self.trigger, self.log)
+                               self._plan_with, self.trigger, self.log,
+                               lambda: self.look(force=True))
+        skipped = self.history.skipped  # as the readers above found it
+        self.history_warning = skipped.describe(self.history.path) if skipped.count else None
+        if self.history_warning:
+            self.log.warning("%s", self.history_warning)
 
     def _publish(self, topic: str, data: dict[str, Any]) -> Any:
         """Publish on the bus with the server's name, so subscribers can tell servers apart."""
@@ -129,9 +144,10 @@ class Tuner(Component):
         server = [e for e in entries if e["decision"] in ("applied", "rolled-back")
                   and e.get("target") != "variant"]
         last = server[-1] if server else None
-        if last and last["decision"] == "rolled-back" and isinstance(last.get("failed"), dict):
-            return {"key": env_key(last["failed"]), "decision": "rolled-back",
-                    "message": last.get("message", "rolled back")}
+        failed = str_map(last.get("failed")) if last else None
+        if last and last["decision"] == "rolled-back" and failed is not None:
+            return {"key": env_key(failed), "decision": "rolled-back",
+                    "message": str(last.get("message", "rolled back"))}
         return None
 
     def block(self, key: tuple[tuple[str, str], ...], outcome: Outcome) -> None:
@@ -158,8 +174,14 @@ class Tuner(Component):
         self.state = "stopped"
 
     async def reconfigure(self, config: Config) -> None:
+        old_url = self.backend.url
         self.config = config
         await self.backend.reconfigure(config)
+        if self.backend.url != old_url:
+            # Another server: the failures of the old address say nothing about it.
+            self.failures, self.ollama_error, self.next_poll_at = 0, None, None
+            self.ollama, self._digests, self._expiry_seen = None, None, {}
+            self.state, self.error = "running", None
         self.applier.reconfigure(config.tuner)
         self.pending = None
         self.blocked = None
@@ -188,6 +210,8 @@ class Tuner(Component):
     # ------------------------------------------------------------------ the loop
     async def _run(self) -> None:
         assert self._wake is not None and self.lock is not None
+        async with self.lock:  # before any verb: this task takes the lock first
+            await self._recover()
         while True:
             self._wake.clear()
             try:
@@ -199,6 +223,29 @@ class Tuner(Component):
                 self.log.exception("tuner cycle failed")
                 self.state, self.error = "degraded", f"tuner cycle failed: {exc}"
             await self._sleep(self._next_delay())
+
+    async def _recover(self) -> None:
+        """Settle an apply or rollback that velod was stopped in (velod.tuner.recovery)."""
+        try:
+            entries = await run_blocking(self.history.last, 1000, timeout=10)
+        except (OSError, TimeoutError) as exc:
+            self.log.error("cannot read the tuner history %s: %s", self.history.path, exc)
+            return
+        entry = recovery.interrupted(entries)
+        if entry is None:
+            return
+        self.log.warning("%s an %s; settling it", recovery.STOPPED, entry.get("action"))
+        try:
+            outcome = await recovery.settle(self.applier, entry)
+        except Exception as exc:  # the tuner must never take the daemon down
+            self.log.exception("settling an interrupted apply failed")
+            self.state, self.error = "degraded", f"settling an interrupted apply failed: {exc}"
+            return
+        failed = outcome.details.get("failed")
+        if outcome.decision in ("rolled-back", "error") and isinstance(failed, dict):
+            self.block(env_key(failed), outcome)
+        await self.look(force=True)
+        self.journal.announce(outcome)
 
     async def _sleep(self, delay: float) -> None:
         """Wait ``delay`` s or until triggered; while the server is failing only an urgent
@@ -272,14 +319,29 @@ class Tuner(Component):
         """A fresh plan for this machine from the latest snapshot and server state."""
         if self.snapshot is None or not self.config.tuner.enabled:
             return None
-        try:
-            self.effective = await run_blocking(self.applier.dropins.effective, timeout=10)
-        except (OSError, TimeoutError) as exc:
-            self.effective = Effective({}, {}, {}, errors=[f"cannot read drop-ins: {exc}"])
+        await self.look()  # first: the unit's command line may fix settings (policy.locked)
         policy = self.policy()
-        self.base_plan = self.backend.plan(self.snapshot, self.planning_state(), policy)
-        self.plan = self.loop.with_kept(self.base_plan, policy)
-        return self.plan
+        base = self.backend.plan(self.snapshot, self.planning_state(), policy)
+        plan = self.loop.with_kept(base, policy)
+        self.base_plan, self.plan = base, plan  # with the view it was compared against
+        return plan
+
+    async def look(self, force: bool = False) -> None:
+        """Read the drop-ins, and what the server's service runs when they changed since the
+        last time, that was a while ago (a restart by someone else shows within
+        RUNNING_MAX_AGE_S) or ``force``; both change together, so that a status never
+        pairs new files with an old process."""
+        try:
+            effective = await run_blocking(self.applier.dropins.effective, timeout=10)
+        except (OSError, TimeoutError) as exc:
+            effective = Effective({}, {}, {}, errors=[f"cannot read drop-ins: {exc}"])
+        files = env_key(effective.environment)
+        asked = self._running_asked
+        if force or asked is None or asked[0] != files \
+                or time.monotonic() - asked[1] >= RUNNING_MAX_AGE_S:
+            self.running = await self.applier.running()
+            self._running_asked = (files, time.monotonic())
+        self.effective = effective
 
     async def _cycle(self) -> None:
         # Triggers that arrive during this cycle (a reload, say) belong to the next one.
@@ -291,6 +353,9 @@ class Tuner(Component):
         if self.applier.pending_verification is not None:
             outcome = await self.applier.verify(state)
             if outcome is not None:
+                failed = outcome.details.get("failed")
+                if outcome.decision in ("rolled-back", "error") and isinstance(failed, dict):
+                    self.block(env_key(failed), outcome)  # not retried by itself
                 self.journal.announce(outcome)
         plan = await self.replan()
         reasons += self.observed
@@ -319,12 +384,21 @@ class Tuner(Component):
     def _delta(self, plan: planner.Plan) -> dict[str, Any] | None:
         """What applying ``plan`` would change, or None when there is nothing to do: the server
         runs it already, or velod's file already says it and another file overrides it (a
-        conflict shown by tuner.show; restarting would not help)."""
+        conflict shown by tuner.show; restarting would not help). When the drop-ins say the
+        plan but the server runs other values (not restarted since), those are the changes."""
         assert self.effective is not None
         changes = plan.changes(self.effective.environment)
-        if not changes or self.effective.velod == server_environment(plan):
-            return None
-        return changes
+        if changes:
+            return None if self.effective.velod == server_environment(plan) else changes
+        return self._not_running(plan) or None
+
+    def _not_running(self, plan: planner.Plan) -> dict[str, Any]:
+        """Planned settings the drop-ins say but the server does not run ({}: runs them all,
+        or unknown)."""
+        running = self.running
+        if running is None or running.environment is None:
+            return {}
+        return plan.changes(running.environment)
 
     async def _decide(self, plan: planner.Plan, reason: str) -> None:
         assert self.effective is not None
@@ -379,6 +453,8 @@ class Tuner(Component):
         self.pending = None
         if outcome.decision in ("rolled-back", "error"):
             self.block(env_key(server_environment(plan)), outcome)
+        if outcome.decision != "skipped":
+            await self.look(force=True)  # the status shows the new state at once
         self.journal.announce(outcome)
         return outcome
 
@@ -400,8 +476,9 @@ class Tuner(Component):
         tuner = self.config.tuner
         retry = (max(0.0, self.next_poll_at - time.monotonic())
                  if self.failures and self.next_poll_at else None)
-        changes = (len(self.plan.changes(self.effective.environment))
-                   if self.plan and self.effective else None)
+        changes = (len(self.plan.changes(self.effective.environment)
+                       or self._not_running(self.plan)) if self.plan and self.effective
+                   else None)
         return {"state": self.state, "error": self.error, "mode": tuner.mode,
                 "summary": self._summary(changes, retry),
                 "enabled": tuner.enabled, "profile": tuner.profile,
@@ -413,13 +490,21 @@ class Tuner(Component):
                 "pending": self.pending_dict(),
                 "changes": changes, "last_decision": self.journal.last,
                 "verify": tuner.verify, "explore": self.loop.status() if tuner.explore else None,
-                "bench": self.bench.running}
+                "bench": self.bench.running,
+                "running": self.running.to_dict() if self.running else None,
+                "history": {"path": str(self.history.path), "warning": self.history_warning}}
 
     def _summary(self, changes: int | None, retry: float | None) -> str:
+        text = self._state_summary(changes, retry)
+        if self.history_warning:
+            text += f" (history: {self.history.skipped.count} damaged line(s) skipped)"
+        return text
+
+    def _state_summary(self, changes: int | None, retry: float | None) -> str:
         mode = self.config.tuner.mode
+        label = self.backend.label
         if not self.config.tuner.enabled:
             return "disabled (tuner.enabled: false)"
-        label = self.backend.label
         if self.failures:
             when = f", retrying in {retry:.0f}s" if retry is not None else ""
             return f"{mode}; {label} not reachable{when}"
@@ -429,7 +514,13 @@ class Tuner(Component):
         if changes is None:
             return f"{mode}; {label} {version}; waiting for a hardware snapshot"
         if not changes:
+            if self.running is not None and self.running.environment is None:
+                return (f"{mode}; {label} {version}: its drop-ins set the recommended settings "
+                        f"(what it runs cannot be checked: {self.running.note})")
             return f"{mode}; {label} {version} runs the recommended settings"
+        if self.plan and self.effective and not self.plan.changes(self.effective.environment):
+            return (f"{mode}; {label} {version} was not restarted since its drop-ins changed: "
+                    f"{changes} recommended setting(s) not running yet")
         if self.blocked:
             return (f"{mode}; {changes} change(s) recommended, not retried after "
                     f"{self.blocked['decision']}")
@@ -500,6 +591,8 @@ class Tuner(Component):
         plan = self.plan or await self._locked(self.replan)
         eff = self.effective or Effective({}, {}, {})
         changes = plan.changes(eff.environment)
+        not_running = {} if changes else self._not_running(plan)
+        running = self.running.to_dict() if self.running else {"active": None, "note": None}
         rows = []
         for name, rec in plan.server.items():
             # A setting the unit's command line fixes runs with the flag's value.
@@ -516,7 +609,11 @@ class Tuner(Component):
                            "error": self.ollama_error,
                            "observed": self.backend.describe(self.ollama) if self.ollama
                            else None},
-                "settings": rows, "changes": plain(changes), "up_to_date": not changes,
+                "settings": rows, "changes": plain(changes or not_running),
+                "up_to_date": not changes and not not_running,
+                "running": {**running, "known": bool(self.running and
+                                                     self.running.environment is not None),
+                            "not_running": plain(not_running)},
                 "conflicts": [c.to_dict() | {"message": c.describe()} for c in eff.conflicts],
                 "dropin": str(self.applier.dropins.path), "dropin_errors": eff.errors,
                 "unit_found": self._unit_found(), "service": self.backend.unit,
@@ -598,17 +695,24 @@ class Tuner(Component):
                 raise NotFound(f"nothing to roll back to: no {self.applier.dropins.backup.name} "
                                f"(velod has not changed {self.backend.label}'s settings since "
                                "the last rollback)")
+            problem = self.applier.systemctl_problem()
+            if problem:  # restoring the file without a restart would leave them apart
+                raise Unavailable(f"{problem}; nothing was changed")
             outcome = await self.applier.rollback("requested by admin", undone=current)
             self.pending = None
             if outcome.decision == "rolled-back":
                 self.block(env_key(current), outcome)  # do not re-apply it by ourselves
+            await self.look(force=True)
             self.journal.announce(outcome)
         return plain(outcome.to_dict())
 
     async def decisions(self, limit: int) -> dict[str, Any]:
         """The last ``limit`` decisions of the history, oldest first."""
         entries = await run_blocking(self.history.last, limit, timeout=10)
-        return {"entries": entries, "path": str(self.history.path)}
+        skipped = self.history.skipped
+        return {"entries": entries, "path": str(self.history.path),
+                "skipped": skipped.count,
+                "warning": skipped.describe(self.history.path) if skipped.count else None}
 
     async def bench_run(self, model: str | None, **spec: Any) -> dict[str, Any]:
         """Benchmark ``model`` (default: the most used) through the server; save the result."""
@@ -623,9 +727,9 @@ class Tuner(Component):
 
     async def bench_list(self, limit: int) -> dict[str, Any]:
         """Saved benchmark results, newest first, and the run under way."""
-        results = await run_blocking(self.bench.store.summaries, limit, timeout=30)
-        return {"results": results, "directory": str(self.bench.store.directory),
-                "running": self.bench.running}
+        results, damaged = await run_blocking(self.bench.store.summaries, limit, timeout=30)
+        return {"results": results, "damaged": damaged,
+                "directory": str(self.bench.store.directory), "running": self.bench.running}
 
     async def bench_show(self, ref: str) -> dict[str, Any]:
         """One saved result (an id, ``last`` or ``last~N``)."""
@@ -637,7 +741,7 @@ class Tuner(Component):
     async def bench_compare(self, a_ref: str, b_ref: str) -> dict[str, Any]:
         """Two results per metric, and what differed between the runs."""
         a, b = await self.bench_show(a_ref), await self.bench_show(b_ref)
-        sa, sb = a.get("server_settings", {}), b.get("server_settings", {})
+        sa, sb = a.get("server_settings") or {}, b.get("server_settings") or {}
         changed = {k: [sa.get(k), sb.get(k)] for k in sorted(set(sa) | set(sb))
                    if sa.get(k) != sb.get(k)}
         notes = []
@@ -651,5 +755,10 @@ class Tuner(Component):
             notes.append("the two runs measured different kinds of server")
         elif sa_server.get("version") != sb_server.get("version"):
             notes.append("the two runs measured different server versions")
-        return {"a": summary(a), "b": summary(b), "rows": compare(a, b),
+        rows = compare(a, b)
+        if any(not row["spread_known"] for row in rows):
+            notes.append("a run measured a case only once (--repeat 1): its spread is "
+                         "unknown, so no difference is called better or worse (run with "
+                         "--repeat 3 or more)")
+        return {"a": summary(a), "b": summary(b), "rows": rows,
                 "settings_changed": changed, "notes": notes}

@@ -34,7 +34,7 @@ def test_params_are_one_map(params, expected):
 
 
 @pytest.mark.parametrize(("obj", "msgid", "reason"), [
-    ([0, 1, 2, []], 1, "method must be a string"),
+    ([0, 1, 2, []], 1, "method must be a UTF-8 string"),
     ([0, 1, "m", [1, 2]], 1, "params must be"),
     ([0, 1, "m", [[1]]], 1, "params must be"),
     ([0, 1, "m", [{1: 2}]], 1, "string keys"),

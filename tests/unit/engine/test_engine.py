@@ -364,20 +364,22 @@ class Terminal(io.StringIO):
 
 
 def test_velodctl_bench_progress_is_a_redrawn_bar_on_a_terminal_and_lines_elsewhere():
-    from velod.engine.cli import ProgressView
+    from velod.control.progress import ProgressView
+    from velod.engine.cli import PLAIN_INTERVAL, render_progress
 
     tty = Terminal()
-    view = ProgressView(tty)
+    view = ProgressView(tty, "bench", PLAIN_INTERVAL)
     for done in (0, 32, 64):
-        view.draw({"fraction": done / 64, "generated": done, "target": 64, "finished": 0,
-                   "requests": 4, "tokens_per_s": 10.0, "elapsed_s": 1.0})
+        view.draw(*render_progress({"fraction": done / 64, "generated": done, "target": 64,
+                                    "finished": 0, "requests": 4, "tokens_per_s": 10.0,
+                                    "elapsed_s": 1.0}))
     view.finish()
     text = tty.getvalue()
     assert text.count("\r[") == 3 and "[" + "#" * 15 + "." * 15 + "]" in text
     assert text.endswith("\n") and "100%" in text
 
     pipe = io.StringIO()
-    plain = ProgressView(pipe)
+    plain = ProgressView(pipe, "bench", PLAIN_INTERVAL)
     for done in (0, 1, 64):  # the middle one comes within a second: not repeated
-        plain.draw({"fraction": done / 64, "generated": done, "target": 64})
+        plain.draw(*render_progress({"fraction": done / 64, "generated": done, "target": 64}))
     assert pipe.getvalue().count("bench: ") == 2 and "\r" not in pipe.getvalue()

@@ -15,7 +15,7 @@ import pytest_asyncio
 from tests.fakes.fake_ollama import free_port
 from velod.config import OllamaConfig, TunerConfig
 from velod.hardware.snapshot import Cpu, Gpu, Memory, OsInfo, Snapshot
-from velod.tuner.applier import Applier, IdleTracker, model_parameters
+from velod.tuner.applier import Applier, IdleTracker, model_parameters, server_environment
 from velod.tuner.backends.ollama_backend import OllamaBackend
 from velod.tuner.history import History
 from velod.tuner.planner import ModelPlan, Plan, Recommendation
@@ -66,9 +66,15 @@ class Rig:
         self.applier = Applier(self.backend, self.tuner, self.history)
 
     def calls(self) -> list[list[str]]:
+        """The systemctl calls that change something (``show`` only reads)."""
         if not self.log.exists():
             return []
-        return [json.loads(line)["argv"] for line in self.log.read_text().splitlines()]
+        argvs = [json.loads(line)["argv"] for line in self.log.read_text().splitlines()]
+        return [argv for argv in argvs if argv[:1] != ["show"]]
+
+    def shows(self) -> int:
+        text = self.log.read_text() if self.log.exists() else ""
+        return sum(1 for line in text.splitlines() if json.loads(line)["argv"][:1] == ["show"])
 
     async def ollama_env(self) -> dict[str, str]:
         state = await self.client.request("GET", "/_fake/state")
@@ -104,8 +110,12 @@ async def test_apply_writes_reloads_restarts_and_ollama_reads_the_new_environmen
     assert rig.calls() == [["daemon-reload"], ["restart", UNIT]]
     env = await rig.ollama_env()
     assert env["OLLAMA_NUM_PARALLEL"] == "2" and env["OLLAMA_CONTEXT_LENGTH"] == "8192"
-    (entry,) = rig.history.last(5)
+    applying, entry = rig.history.last(5)
+    assert applying["decision"] == "applying" and applying["action"] == "apply"
+    assert applying["environment"] == server_environment(plan)
     assert entry["decision"] == "applied" and entry["restarted"] is True
+    assert entry["running"] == "process"  # checked in /proc/<pid>/environ, not assumed
+    assert rig.shows() == 1
     assert rig.applier.pending_verification is not None
 
 
@@ -127,7 +137,9 @@ async def test_failed_restart_restores_the_previous_drop_in(rig: Rig) -> None:
     assert "exit 1" in outcome.message
     assert rig.applier.dropins.read_velod() == {"OLLAMA_NUM_PARALLEL": "2"}
     assert (await rig.ollama_env())["OLLAMA_NUM_PARALLEL"] == "2"
-    assert [e["decision"] for e in rig.history.last(5)] == ["applied", "rolled-back"]
+    assert [e["decision"] for e in rig.history.last(5)] == [
+        "applying", "applied", "applying", "applying", "rolled-back"]
+    assert [e.get("action") for e in rig.history.last(5)][2:4] == ["apply", "rollback"]
 
 
 @pytest.mark.asyncio

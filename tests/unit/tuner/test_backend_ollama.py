@@ -187,3 +187,86 @@ async def test_busy_from_the_environment_holds_a_first_request() -> None:
         first = (await client.ps())[0]["expires_at"]
         await asyncio.sleep(0.02)
         assert (await client.ps())[0]["expires_at"] > first
+
+
+# --------------------------------------------------------------------------- bounded replies
+
+
+async def test_an_endless_version_reply_is_refused_after_the_limit_not_read_to_the_end(
+        ) -> None:
+    sent = 0
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        nonlocal sent
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        try:
+            for _ in range(400):  # 400 MiB if velod read it all
+                await resp.write(b"x" * 2**20)
+                sent += 2**20
+        except ConnectionError:
+            pass
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/api/version", endless)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with OllamaClient(f"http://127.0.0.1:{port}", timeout=10) as client:
+            with pytest.raises(OllamaBadResponse, match="longer than velod reads"):
+                await client.version()
+    finally:
+        await runner.cleanup()
+    assert sent < 64 * 2**20  # velod hung up long before the end
+
+
+async def test_a_declared_length_above_the_limit_is_refused_before_reading() -> None:
+    async def big(request: web.Request) -> web.Response:
+        return web.Response(body=b"[" + b"0," * (40 * 2**20) + b"0]",
+                            content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/api/tags", big)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with OllamaClient(f"http://127.0.0.1:{port}") as client:
+            with pytest.raises(OllamaBadResponse, match="more than velod reads"):
+                await client.tags()
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_huge_reply_from_the_fake_is_a_bad_response_for_every_endpoint() -> None:
+    fake = FakeOllama(env={"FAKE_OLLAMA_MODE": "huge", "FAKE_OLLAMA_HUGE_BYTES": str(2**26)})
+    async with serve(fake) as url, OllamaClient(url, timeout=10) as client:
+        for call in (client.version, client.tags, client.ps):
+            with pytest.raises(OllamaBadResponse, match="velod reads"):
+                await call()
+
+
+async def test_a_long_final_chunk_within_the_limit_streams_whole() -> None:
+    # aiohttp's own line reader gives up at 128 KiB; a long conversation's context is more.
+    fake = FakeOllama(env={"FAKE_OLLAMA_VRAM": "24GiB"})
+    fake.context_tokens = 200_000
+    async with serve(fake) as url, OllamaClient(url) as client:
+        chunks = [c async for c in client.generate_stream(
+            {"model": "llama3.2:3b", "prompt": "hi", "options": {"num_predict": 3}})]
+    assert chunks[-1]["done"] and len(chunks[-1]["context"]) == 200_000
+
+
+async def test_a_streamed_line_over_the_limit_is_a_bad_response() -> None:
+    fake = FakeOllama(env={"FAKE_OLLAMA_VRAM": "24GiB"})
+    fake.context_tokens = 3_000_000  # ~23 MB on one line
+    async with serve(fake) as url, OllamaClient(url) as client:
+        with pytest.raises(OllamaBadResponse, match="streamed a line longer"):
+            async for _ in client.generate_stream(
+                    {"model": "llama3.2:3b", "prompt": "hi", "options": {"num_predict": 3}}):
+                pass

@@ -31,7 +31,7 @@ from velod.tuner.bench.spec import (
     repeat_figures,
     stats,
 )
-from velod.tuner.bench.store import BenchNotFound, BenchStore, new_id
+from velod.tuner.bench.store import BenchDamaged, BenchNotFound, BenchStore, new_id, status_of
 
 # --------------------------------------------------------------------------- pure
 
@@ -114,10 +114,21 @@ def test_compare_gives_ratio_and_whether_it_beats_the_spread() -> None:
 
 
 def test_a_lower_time_is_better() -> None:
-    a = {"cases": [{"prompt": "chat", "concurrency": 1, "metrics": {"ttft_s": stats([0.5])}}]}
-    b = {"cases": [{"prompt": "chat", "concurrency": 1, "metrics": {"ttft_s": stats([0.2])}}]}
+    a = {"cases": [{"prompt": "chat", "concurrency": 1,
+                    "metrics": {"ttft_s": stats([0.5, 0.51])}}]}
+    b = {"cases": [{"prompt": "chat", "concurrency": 1,
+                    "metrics": {"ttft_s": stats([0.2, 0.21])}}]}
     (row,) = compare(a, b)
-    assert row["b_better"] is True
+    assert row["b_better"] is True and row["spread_known"]
+
+
+def test_one_repeat_has_no_spread_so_no_side_is_called_better_or_worse() -> None:
+    a = result(("chat", 1, [100.0]))
+    b = result(("chat", 1, [150.0, 151.0, 149.0]))
+    row = next(r for r in compare(a, b) if r["metric"] == "gen_tps")
+    assert row["ratio"] == pytest.approx(1.5)
+    assert row["significant"] is None and row["b_better"] is None
+    assert not row["spread_known"] and row["a_spread"] is None
 
 
 def test_differs_needs_both_sides() -> None:
@@ -152,7 +163,7 @@ def test_store_saves_lists_and_resolves_ids(tmp_path: Path) -> None:
         store.save({"id": run_id, "time": i, "spec": {"model": "m", "purpose": "manual"},
                     "complete": True, "cases": []})
     assert store.ids() == ids
-    assert [s["id"] for s in store.summaries()] == ids[::-1]
+    assert [s["id"] for s in store.summaries()[0]] == ids[::-1]
     assert store.resolve("last") == ids[-1] and store.resolve("last~2") == ids[0]
     assert store.load(ids[1])["time"] == 1
     with pytest.raises(BenchNotFound, match="matches 3"):
@@ -231,3 +242,26 @@ async def test_runner_keeps_what_it_measured_when_time_runs_out() -> None:
         out = await BenchRunner(backend, spec, "t").run()
     assert out["error_kind"] == "timeout" and "within 0.5s" in out["error"]
     assert 1 <= out["cases"][0]["repeats"] < 50
+
+
+@pytest.mark.parametrize("damage", [
+    "{not json", "[]", '{"id": "x", "spec": {}, "cases": [{"prompt": "chat"}]}',
+    '{"id": "x", "spec": {}, "cases": [{"prompt": "chat", "concurrency": 1, "repeats": 1, '
+    '"metrics": {"gen_tps": {"median": "fast"}}}]}',
+    '{"id": "x", "spec": [], "cases": []}', '{"id": "x", "spec": {}, "cases": [], '
+    '"warmups": [{"prompt": "chat"}]}', "[" * 100_000])
+def test_a_damaged_result_file_is_named_and_passed_over(tmp_path: Path, damage: str) -> None:
+    store = BenchStore(tmp_path)
+    good, bad = new_id(1_800_000_000), new_id(1_800_000_001)
+    store.save({"id": good, "time": 0, "spec": {"model": "m"}, "complete": True, "cases": []})
+    store.directory.joinpath(f"{bad}.json").write_text(damage)
+    results, damaged = store.summaries()
+    assert [r["id"] for r in results] == [good] and damaged == [bad]
+    with pytest.raises(BenchDamaged, match=bad):
+        store.load(bad)
+
+
+def test_a_result_says_whether_it_was_complete_interrupted_or_partial() -> None:
+    assert status_of({"complete": True}) == "complete"
+    assert status_of({"complete": False, "error_kind": "interrupted"}) == "interrupted"
+    assert status_of({"complete": False, "error_kind": "timeout"}) == "partial"

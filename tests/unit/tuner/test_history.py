@@ -63,3 +63,34 @@ def test_latest_finds_the_newest_of_several_kinds(tmp_path: Path) -> None:
 
 def test_missing_file_reads_as_empty(tmp_path: Path) -> None:
     assert History(tmp_path / "nowhere").last(5) == []
+
+
+DAMAGED = [
+    b"not json at all",
+    b'["a", "list"]',
+    b'{"decision": "applied", "restarted": true}',  # no time: once a KeyError at start
+    b'{"time": "yesterday", "decision": "applied"}',
+    b'{"time": 1e999, "decision": "applied"}',  # inf
+    b'{"time": 5, "decision": 7}',
+    b'{"time": 5, "decision": "exploded"}',
+    b"\xff\xfe binary \x00 junk",
+    b"[" * 100_000,  # nested past the JSON parser's recursion limit
+]
+
+
+def test_damaged_lines_are_skipped_and_counted_and_good_ones_kept(tmp_path: Path) -> None:
+    history = History(tmp_path)
+    history.append("planned", n=1)
+    with open(history.path, "ab") as f:
+        f.write(b"\n".join(DAMAGED) + b"\n")
+    history.append("applied", n=2, restarted=True)
+    entries = history.last(100)
+    assert [e["n"] for e in entries] == [1, 2]
+    assert all(isinstance(e["time"], float) for e in entries)
+    assert history.skipped.count == len(DAMAGED)
+    assert "not JSON" in history.skipped.example
+    assert f"{len(DAMAGED)} damaged line(s) in {history.path}" in \
+        history.skipped.describe(history.path)
+    history.path.write_text('{"time": 1, "decision": "planned"}\n')
+    history.last(10)
+    assert history.skipped.count == 0  # as of the last read

@@ -123,14 +123,24 @@ class LlamaServerBackend(UnitBackend):
     # ------------------------------------------------------------------ plan
     def policy(self, tuner: TunerConfig, effective: Effective | None) -> Policy:
         locked: dict[str, tuple[str, str]] = {}
-        if effective is not None and effective.exec_start:
-            for name, fixed in command_line_settings(effective.exec_start).items():
+        notes: list[str] = []
+        argv = effective.exec_start if effective is not None else []
+        if argv and "llama-server" not in Path(argv[0]).name:
+            # A wrapper (a shell, a script): the flags it passes cannot be read here, so
+            # only /props after a restart tells what runs.
+            notes.append(f"ExecStart= of {self.unit} runs {argv[0]}, not llama-server: "
+                         "velod cannot see which flags it passes; a flag there that "
+                         "overrides a planned setting is found after the restart (/props) "
+                         "and rolled back")
+            argv = []
+        if argv:
+            for name, fixed in command_line_settings(argv).items():
                 if name in PLANNED or name in self.config.pin or name == \
                         "LLAMA_ARG_KV_UNIFIED":
                     locked[name] = (fixed.value, f"`{fixed.written}` on the ExecStart= line "
                                     f"of {self.unit} overrides {name}")
         return Policy(profile=tuner.profile, reserve_vram=int(tuner.reserve_vram),
-                      pin=dict(self.config.pin), locked=locked)
+                      pin=dict(self.config.pin), locked=locked, notes=tuple(notes))
 
     def plan(self, snapshot: Snapshot, state: Any, policy: Policy) -> Plan:
         return plan_llama_server(snapshot, state, policy)

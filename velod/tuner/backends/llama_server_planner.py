@@ -78,7 +78,7 @@ class _Candidate:
 
 def plan(snapshot: Snapshot, state: ServerState, policy: Policy) -> Plan:
     """Plan llama-server's settings for ``snapshot``'s hardware and the model it serves."""
-    notes: list[str] = []
+    notes: list[str] = list(policy.notes)
     if not state.reachable:
         notes.append(f"llama-server is not reachable ({state.error or 'no answer'}): "
                      "planned from the last known model")

@@ -27,6 +27,13 @@ from velod.tuner.backends.base import (
 from velod.tuner.state import LoadedModel, ModelInfo, OllamaState
 
 DEFAULT_URL = "http://127.0.0.1:11434"
+# The most velod reads of one answer, so that a broken or hostile server cannot fill
+# velod's memory. /api/show of a large model (license, template, model_info) is a few
+# hundred KiB; a streamed chunk is one token, except the last, whose ``context`` lists the
+# conversation's token ids (about 7 bytes a token: ~1 MiB at 128K tokens).
+MAX_REPLY_BYTES = 16 * 2**20
+MAX_VERSION_BYTES = 64 * 2**10  # {"version": "0.12.3"}
+MAX_LINE_BYTES = 16 * 2**20
 
 
 class OllamaError(ServerError):
@@ -46,7 +53,7 @@ class OllamaHTTPError(OllamaError, ServerHTTPError):
 
 
 class OllamaBadResponse(OllamaError, ServerBadResponse):
-    """Ollama answered, but not with JSON of the documented shape."""
+    """Ollama answered, but not with JSON of the documented shape (or far too much of it)."""
 
 
 # --------------------------------------------------------------------------- addresses
@@ -140,8 +147,9 @@ class OllamaClient:
         return self._session
 
     async def request(self, method: str, path: str, body: dict[str, Any] | None = None,
-                      timeout: float | None = None) -> Any:
-        """Send one request and return its decoded JSON; raise an OllamaError on failure."""
+                      timeout: float | None = None, max_bytes: int = MAX_REPLY_BYTES) -> Any:
+        """Send one request and return its decoded JSON; raise an OllamaError on failure
+        (OllamaBadResponse for an answer longer than ``max_bytes``)."""
         import aiohttp
 
         url = f"{self.base_url}{path}"
@@ -151,7 +159,7 @@ class OllamaClient:
             async with asyncio.timeout(limit):
                 session = self._get_session()
                 async with session.request(method, url, json=body) as resp:
-                    raw = await resp.read()
+                    raw = await read_bounded(resp, max_bytes, where)
                     status = resp.status
         except TimeoutError:
             raise OllamaTimeout(f"Ollama did not answer {where} within {limit:g}s") from None
@@ -167,13 +175,13 @@ class OllamaClient:
             raise OllamaHTTPError(f"Ollama answered {where} with HTTP {status}: {detail}", status)
         try:
             return json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise OllamaBadResponse(f"Ollama answered {where} with non-JSON: "
                                     f"{_excerpt(text)}") from None
 
     # ------------------------------------------------------------------ endpoints
     async def version(self) -> str:
-        data = await self.request("GET", "/api/version")
+        data = await self.request("GET", "/api/version", max_bytes=MAX_VERSION_BYTES)
         return _field(data, "version", str, "/api/version")
 
     async def tags(self) -> list[dict[str, Any]]:
@@ -210,15 +218,16 @@ class OllamaClient:
             session = self._get_session()
             async with session.post(url, json={**body, "stream": True}) as resp:
                 if resp.status >= 400:
-                    detail = _error_detail((await resp.read()).decode("utf-8", "replace"))
+                    raw = await read_bounded(resp, MAX_REPLY_BYTES, f"POST {url}")
+                    detail = _error_detail(raw.decode("utf-8", "replace"))
                     raise OllamaHTTPError(f"Ollama answered POST {url} with HTTP "
                                           f"{resp.status}: {detail}", resp.status)
-                async for line in resp.content:
+                async for line in read_lines(resp, MAX_LINE_BYTES, f"POST {url}"):
                     if not line.strip():
                         continue
                     try:
                         chunk = json.loads(line)
-                    except ValueError:
+                    except (ValueError, RecursionError):
                         raise OllamaBadResponse(f"Ollama streamed non-JSON from {url}: "
                                                 f"{_excerpt(line.decode('utf-8', 'replace'))}"
                                                 ) from None
@@ -289,6 +298,39 @@ class OllamaClient:
                          quantization=_opt_str(details.get("quantization_level")))
 
 
+async def read_bounded(resp: Any, limit: int, where: str) -> bytes:
+    """The body of ``resp``, or OllamaBadResponse as soon as it passes ``limit`` bytes."""
+    if resp.content_length is not None and resp.content_length > limit:
+        raise OllamaBadResponse(f"Ollama's answer to {where} is {resp.content_length} bytes, "
+                                f"more than velod reads ({limit} bytes)")
+    body = bytearray()
+    async for chunk in resp.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            raise OllamaBadResponse(f"Ollama's answer to {where} is longer than velod reads "
+                                    f"({limit} bytes); stopped reading it")
+    return bytes(body)
+
+
+async def read_lines(resp: Any, limit: int, where: str) -> AsyncIterator[bytes]:
+    """The lines of a streamed body as they arrive; OllamaBadResponse for a line longer
+    than ``limit`` (aiohttp's own line reader stops at 128 KiB, which a long final chunk
+    with its ``context`` passes)."""
+    buffer = bytearray()
+    async for chunk in resp.content.iter_any():
+        buffer += chunk
+        start = 0
+        while (end := buffer.find(b"\n", start)) >= 0:
+            yield bytes(buffer[start:end])
+            start = end + 1
+        del buffer[:start]
+        if len(buffer) > limit:
+            raise OllamaBadResponse(f"Ollama streamed a line longer than velod reads "
+                                    f"({limit} bytes) in its answer to {where}")
+    if buffer:
+        yield bytes(buffer)
+
+
 def variant_name(model: str, suffix: str) -> str:
     """The derived model velod creates for ``model``: ``llama3.1:8b`` -> ``llama3.1:8b-velod``."""
     return f"{model}{suffix}"
@@ -338,10 +380,10 @@ def _dict_list(data: Any, key: str, where: str) -> list[dict[str, Any]]:
 def _error_detail(text: str) -> str:
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return _excerpt(text) or "(empty body)"
     if isinstance(data, dict) and isinstance(data.get("error"), str):
-        return data["error"]
+        return _excerpt(data["error"], 500)
     return _excerpt(text)
 
 

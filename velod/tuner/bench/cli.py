@@ -8,6 +8,10 @@ import time
 from typing import Any
 
 from velod.control.output import emit, print_json, table
+from velod.control.progress import EventProgress, stderr_view
+from velod.tuner.bench.store import status_of
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command stopped by Ctrl-C
 
 PROMPT_CHOICES = ("chat", "summary", "code")
 # (metric key, column header) in display order
@@ -88,20 +92,39 @@ def cmd_run(args: argparse.Namespace, client: Any) -> int:
               "gen": args.gen, "concurrency": args.concurrency, "repeat": args.repeat,
               "timeout": args.timeout}
     params.update({k: v for k, v in (("backend", args.backend), ("server", args.server)) if v})
-    bar = None
-    if not args.json and sys.stderr.isatty():
-        bar = ProgressBar(client)
-        bar.start()
+    progress = None
     try:
+        progress = EventProgress(args.socket, ["bench.progress"], render_progress,
+                                 stderr_view("bench"))
         result = client.call("bench.run", params, timeout=args.timeout + 120)
+    except KeyboardInterrupt:
+        # Leaving closes the connection; velod sees it, stops and saves what it measured.
+        run_id = progress.last.get("id") if progress else None
+        if progress:
+            progress.close()
+        where = f"`velodctl bench show {run_id}`" if run_id else "`velodctl bench list`"
+        print(f"velodctl: interrupted; velod keeps the partial run ({where})",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
-        if bar is not None:
-            bar.stop()
+        if progress:
+            progress.close()
     emit(args, result, render_result)
     if result.get("error"):
         print(f"velodctl: {result['error']}", file=sys.stderr)
         return 1
     return 0
+
+
+def render_progress(data: dict[str, Any]) -> tuple[str, float] | None:
+    """One ``bench.progress`` event as a progress step: (text, fraction done)."""
+    if data.get("phase") == "finished":
+        return None  # the result says how it ended
+    done, total = data.get("done", 0), max(1, data.get("total", 1))
+    what = data.get("prompt") or ""
+    if data.get("concurrency"):
+        what += f" x{data['concurrency']}"
+    return f"{done}/{total} requests, {data.get('phase', '')} {what}".rstrip(), done / total
 
 
 def cmd_list(args: argparse.Namespace, client: Any) -> int:
@@ -110,13 +133,18 @@ def cmd_list(args: argparse.Namespace, client: Any) -> int:
         print_json(result)
         return 0
     rows = [[r["id"], _when(r.get("time")), str(r.get("server") or "ollama"),
-             str(r.get("model")), str(r.get("purpose")),
-             _num(r.get("gen_tps")), "complete" if r.get("complete") else "partial"]
+             str(r.get("model")), str(r.get("purpose")), _num(r.get("gen_tps")),
+             r.get("status") or ("complete" if r.get("complete") else "partial")]
             for r in result["results"]]
-    if not rows:
+    damaged = result.get("damaged") or []
+    if not rows and not damaged:
         print(f"no saved benchmarks (in {result['directory']}); run `velodctl bench`")
         return 0
-    print(table(rows, ["ID", "TIME", "SERVER", "MODEL", "PURPOSE", "GEN TOK/S", "STATUS"]))
+    if rows:
+        print(table(rows, ["ID", "TIME", "SERVER", "MODEL", "PURPOSE", "GEN TOK/S", "STATUS"]))
+    for run_id in damaged:
+        print(f"warning: {run_id}: damaged file skipped (`velodctl bench show {run_id}` "
+              "says why)")
     return 0
 
 
@@ -156,7 +184,7 @@ def render_result(r: dict[str, Any]) -> str:
     digest = (model.get("digest") or "")[:12]
     server = r.get("server") or {"name": "ollama", "kind": "ollama", **(r.get("ollama") or {})}
     lines = [f"benchmark {r.get('id')}  {_when(r.get('time'))}  "
-             f"{'complete' if r.get('complete') else 'PARTIAL'}",
+             f"{status_of(r).upper() if not r.get('complete') else 'complete'}",
              f"model {model.get('name')}" + (f" ({digest})" if digest else "")
              + f"  {server.get('name')} ({server.get('kind')} {server.get('version')})"
              f"  gen {spec.get('gen')} tokens, {spec.get('repeat')} repeat(s) after a warm-up"]
@@ -199,7 +227,9 @@ def render_compare(c: dict[str, Any]) -> str:
     for row in c["rows"]:
         seconds = row["unit"] == "s"
         digits = 3 if seconds else 1
-        verdict = ("noise" if row["significant"] is False else "?" if row["significant"] is None
+        verdict = ("noise" if row["significant"] is False
+                   else "spread unknown" if not row.get("spread_known", True)
+                   else "?" if row["significant"] is None
                    else "better" if row["b_better"] else "worse")
         rows.append([f"{row['prompt']} x{row['concurrency']}", f"{row['label']} ({row['unit']})",
                      _num(row["a"], digits), _num(row["b"], digits),
@@ -207,46 +237,3 @@ def render_compare(c: dict[str, Any]) -> str:
     lines += ["", table(rows, ["CASE", "METRIC", "A", "B", "B/A", "B IS"])]
     lines += [f"note: {n}" for n in c.get("notes", [])]
     return "\n".join(lines)
-
-
-class ProgressBar:
-    """Draws ``bench.progress`` events on stderr from a second connection."""
-
-    def __init__(self, client: Any) -> None:
-        self.path = client.sock.getpeername()
-        self.events: Any = None
-
-    def start(self) -> None:
-        import threading
-
-        from velod.control.client import Client
-
-        try:
-            self.events = Client.connect(self.path, timeout=None)
-            stream = self.events.subscribe(["bench.progress"])
-        except Exception:  # a progress bar is a nicety; the benchmark goes on without it
-            self.events = None
-            return
-        threading.Thread(target=self._draw, args=(stream,), daemon=True).start()
-
-    def _draw(self, stream: Any) -> None:
-        try:
-            for event in stream:
-                data = event.get("data") or {}
-                done, total = data.get("done", 0), max(1, data.get("total", 1))
-                width = 30
-                filled = int(width * done / total)
-                what = data.get("prompt") or ""
-                if data.get("concurrency"):
-                    what += f" x{data['concurrency']}"
-                sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
-                                 f"{data.get('phase', '')} {what}".ljust(70))
-                sys.stderr.flush()
-        except Exception:
-            return
-
-    def stop(self) -> None:
-        if self.events is not None:
-            self.events.close()
-            sys.stderr.write("\r" + " " * 70 + "\r")
-            sys.stderr.flush()

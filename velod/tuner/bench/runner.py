@@ -3,8 +3,9 @@
 The I/O half of ``velod.tuner.bench.spec``. Each request is the backend's
 ``bench_request`` (Ollama: streaming ``/api/generate``; llama-server: streaming
 ``/completion``). A run never raises for the server's failures: it stops at the first one
-(or at the deadline) and returns what it measured so far with ``complete: false`` and the
-error, so partial results are kept.
+(or at the deadline) and returns what it measured so far with ``complete: false``, the
+error and its kind, so partial results are kept. A run that is cancelled (its client went
+away) raises, and :meth:`BenchRunner.results` still has what it measured.
 """
 
 from __future__ import annotations
@@ -14,7 +15,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from velod.tuner.backends.base import Backend, ServerError, ServerHTTPError
+from velod.tuner.backends.base import (
+    Backend,
+    ServerBadResponse,
+    ServerError,
+    ServerHTTPError,
+)
 from velod.tuner.bench.spec import BenchSpec, Case, Sample, build_prompt, repeat_figures
 
 Progress = Callable[[dict[str, Any]], None]
@@ -33,28 +39,32 @@ class BenchRunner:
         self.warmups: list[dict[str, Any]] = []
         self.done = 0
         self._sent = 0
+        self._started = time.perf_counter()
 
     async def run(self) -> dict[str, Any]:
-        """Measure every case; returns cases, warm-ups, ``complete`` and ``error``."""
-        started = time.perf_counter()
-        error: str | None = None
-        error_kind: str | None = None
+        """Measure every case; returns :meth:`results` (with the error that stopped it)."""
+        self._started = time.perf_counter()
         try:
             async with asyncio.timeout(self.spec.timeout):
                 await self._measure_all()
         except TimeoutError:
-            error_kind = "timeout"
-            error = (f"the benchmark did not finish within {self.spec.timeout:g}s; "
-                     "partial results kept")
+            return self.results("timeout", f"the benchmark did not finish within "
+                                f"{self.spec.timeout:g}s; partial results kept")
         except ServerHTTPError as exc:
-            error_kind = "not_found" if exc.status == 404 else "server"
-            error = str(exc)
+            return self.results("not_found" if exc.status == 404 else "server", str(exc))
+        except ServerBadResponse as exc:
+            return self.results("bad_response", f"{exc}; partial results kept")
         except ServerError as exc:
-            error_kind = "unreachable"
-            error = f"{exc}; partial results kept"
+            return self.results("unreachable", f"{exc}; partial results kept")
+        return self.results()
+
+    def results(self, error_kind: str | None = None, error: str | None = None
+                ) -> dict[str, Any]:
+        """What was measured so far: cases with at least one repeat, warm-ups, ``complete``
+        (no error), ``error``, ``error_kind`` and the time spent."""
         return {"cases": [c.to_dict() for c in self.cases if c.repeats],
                 "warmups": self.warmups, "complete": error is None, "error": error,
-                "error_kind": error_kind, "elapsed_s": time.perf_counter() - started}
+                "error_kind": error_kind, "elapsed_s": time.perf_counter() - self._started}
 
     async def _measure_all(self) -> None:
         spec = self.spec

@@ -10,7 +10,7 @@ happens while a benchmark runs.
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -25,6 +25,8 @@ from velod.tuner.bench.spec import BenchSpec
 from velod.tuner.bench.store import BenchStore, new_id
 
 EVENT = "bench.progress"
+INTERRUPTED = ("interrupted before the end (the client went away, e.g. Ctrl-C, or velod "
+               "stopped); partial results kept")
 
 
 class Benchmarks:
@@ -95,23 +97,44 @@ class Benchmarks:
             self._publish(EVENT, data)
 
         runner = BenchRunner(backend, spec, run_id, progress)
-        measured = await runner.run()
-        loaded = None
-        # The server may have died mid-run: the measured part and its error are what matter.
-        with contextlib.suppress(ServerError):
-            loaded = await backend.loaded_info(spec.model)
-        result = {"id": run_id, "time": started, "spec": spec.to_dict(),
+        record = {"id": run_id, "time": started, "spec": spec.to_dict(),
                   "server": {"name": backend.name, "kind": backend.kind, "url": backend.url,
                              "version": version},
                   "model": {"name": spec.model, "digest": digest},
-                  "server_settings": settings, "loaded": loaded, **measured}
+                  "server_settings": settings, "loaded": None}
+        try:
+            measured = await runner.run()
+        except asyncio.CancelledError:
+            # The caller went away (Ctrl-C in velodctl closes its connection, which cancels
+            # the call) or velod is stopping: keep what was measured, then stop.
+            result = {**record, **runner.results("interrupted", INTERRUPTED)}
+            await self._save(result, runner, progress)
+            raise
+        result = {**record, "loaded": await self._loaded(backend, spec.model), **measured}
+        await self._save(result, runner, progress)
+        return result
+
+    @staticmethod
+    async def _loaded(backend: Backend, model: str) -> dict[str, Any] | None:
+        """How ``model`` sits in memory now (the backend's view); None when unknown."""
+        try:
+            return await backend.loaded_info(model)
+        except ServerError:
+            return None  # it died mid-run: the measured part and its error are what matter
+
+    async def _save(self, result: dict[str, Any], runner: BenchRunner,
+                    progress: Callable[[dict[str, Any]], None]) -> None:
+        """Save ``result`` (adding its path or the save error), then announce the end."""
         try:
             path = await run_blocking(self.store.save, result, timeout=10)
             result["path"] = str(path)
         except (OSError, TimeoutError) as exc:
-            self.log.error("cannot save benchmark %s: %s", run_id, exc)
+            self.log.error("cannot save benchmark %s: %s", result["id"], exc)
             result["save_error"] = str(exc)
-        progress({"id": run_id, "phase": "finished", "done": runner.done,
-                  "total": spec.requests, "complete": result["complete"],
-                  "error": result["error"]})
-        return result
+        total = runner.spec.requests
+        if result["error_kind"] == "interrupted":
+            self.log.info("benchmark %s interrupted after %d of %d requests; what was "
+                          "measured is saved", result["id"], runner.done, total)
+        progress({"id": result["id"], "phase": "finished", "done": runner.done,
+                  "total": total, "complete": result["complete"], "error": result["error"],
+                  "error_kind": result["error_kind"]})

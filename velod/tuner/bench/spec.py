@@ -196,15 +196,22 @@ def case_key(case: dict[str, Any]) -> tuple[str, int]:
     return (case["prompt"], case["concurrency"])
 
 
+def spread_known(s: dict[str, Any] | None) -> bool:
+    """A spread means something only over two repeats or more (one run has no spread)."""
+    return s is not None and isinstance(s.get("n"), int) and s["n"] >= 2
+
+
 def differs(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool | None:
-    """True when two medians differ by more than the two spreads together (None: unknown)."""
-    if a is None or b is None:
+    """True when two medians differ by more than the two spreads together; None when that
+    cannot be told (a figure is missing, or one side was measured once)."""
+    if a is None or b is None or not spread_known(a) or not spread_known(b):
         return None
     return abs(b["median"] - a["median"]) > a["spread"] + b["spread"]
 
 
 def compare(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per case and metric: A's and B's medians, B/A, and whether it beats the noise."""
+    """Per case and metric: A's and B's medians, B/A, and whether it beats the noise
+    (``significant`` None: the spread is unknown, so no side is called better)."""
     rows = []
     b_cases = {case_key(c): c for c in b.get("cases", [])}
     for case in a.get("cases", []):
@@ -223,8 +230,9 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
             rows.append({"prompt": case["prompt"], "concurrency": case["concurrency"],
                          "metric": key, "label": label, "unit": unit,
                          "a": sa["median"] if sa else None, "b": sb["median"] if sb else None,
-                         "a_spread": sa["spread"] if sa else None,
-                         "b_spread": sb["spread"] if sb else None,
+                         "a_spread": sa["spread"] if spread_known(sa) else None,
+                         "b_spread": sb["spread"] if spread_known(sb) else None,
+                         "spread_known": spread_known(sa) and spread_known(sb),
                          "ratio": ratio, "significant": significant, "b_better": better})
     return rows
 
