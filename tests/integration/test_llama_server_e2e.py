@@ -14,7 +14,6 @@ import json
 import os
 import re
 import statistics
-import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -329,7 +328,3 @@ def test_status_and_tune_commands_show_ollama_and_llama_server(
         assert refused.returncode != 0 and "--server" in refused.stderr
     finally:
         ollama.systemctl("stop", OLLAMA_UNIT)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(pytest.main([__file__, "-q"]))

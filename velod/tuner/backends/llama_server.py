@@ -11,7 +11,6 @@ wrong; replies are bounded in size.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -23,13 +22,15 @@ from velod.tuner.backends.base import (
     ServerBadResponse,
     ServerError,
     ServerHTTPError,
-    ServerTimeout,
     ServerUnreachable,
 )
+from velod.tuner.backends.http import Errors, SessionClient, fetch, read_bounded, read_lines
 from velod.tuner.state import LoadedModel, ModelInfo
 
 MAX_REPLY = 8 * 1024**2  # /props carries the chat template; nothing sane is larger
 MAX_EVENT = 1024**2  # one streamed event
+ERRORS = Errors("llama-server", hint="is it running? (see the url of this server in "
+                "velod's llama_server config)")
 
 
 @dataclass(frozen=True)
@@ -88,56 +89,16 @@ class LlamaServerState:
         return (tasks, counters)
 
 
-class LlamaServerClient:
+class LlamaServerClient(SessionClient):
     """One aiohttp session to one llama-server; ``close()`` when done."""
-
-    def __init__(self, base_url: str, timeout: float = 10.0) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.timeout = timeout
-        self._session: Any = None
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    def _get_session(self) -> Any:
-        import aiohttp
-
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession()
-        return self._session
-
-    def _unreachable(self, exc: Exception, where: str) -> ServerUnreachable:
-        import aiohttp
-
-        if isinstance(exc, aiohttp.ClientConnectorError):
-            return ServerUnreachable(f"cannot connect to llama-server at {self.base_url}: "
-                                     f"{exc.os_error or exc} — is it running? (see the url "
-                                     "of this server in velod's llama_server config)")
-        return ServerUnreachable(f"{where} failed: {exc or type(exc).__name__}")
 
     async def get(self, path: str, *, as_text: bool = False,
                   timeout: float | None = None) -> Any:
         """GET ``path``; the decoded JSON (or text); a ServerError on failure."""
-        import aiohttp
-
         url = f"{self.base_url}{path}"
-        limit = self.timeout if timeout is None else timeout
-        try:
-            async with asyncio.timeout(limit):
-                async with self._get_session().get(url) as resp:
-                    raw = await resp.content.read(MAX_REPLY + 1)
-                    status = resp.status
-        except TimeoutError:
-            raise ServerTimeout(f"llama-server did not answer GET {url} within {limit:g}s"
-                                ) from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise self._unreachable(exc, f"GET {url}") from None
-        if len(raw) > MAX_REPLY:
-            raise ServerBadResponse(f"llama-server answered GET {url} with more than "
-                                    f"{MAX_REPLY // 1024**2} MiB")
-        text = raw.decode("utf-8", "replace")
+        status, text = await fetch(self._get_session(), "GET", url, self.base_url, ERRORS,
+                                   max_bytes=MAX_REPLY,
+                                   timeout=self.timeout if timeout is None else timeout)
         if status >= 400:
             raise ServerHTTPError(f"llama-server answered GET {url} with HTTP {status}: "
                                   f"{error_detail(text)}", status)
@@ -145,7 +106,7 @@ class LlamaServerClient:
             return text
         try:
             return json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise ServerBadResponse(f"llama-server answered GET {url} with non-JSON: "
                                     f"{excerpt(text)}") from None
 
@@ -209,56 +170,51 @@ class LlamaServerClient:
 
         The caller bounds the time; the last event has ``stop: true`` and ``timings``. A
         connection that ends before it is a ServerUnreachable, an error status or error
-        event a ServerHTTPError.
+        event a ServerHTTPError, an event over 1 MiB a ServerBadResponse.
         """
         import aiohttp
 
         url = f"{self.base_url}/completion"
+        where = f"POST {url}"
         try:
             async with self._get_session().post(url, json={**body, "stream": True}) as resp:
                 if resp.status >= 400:
-                    text = (await resp.content.read(MAX_EVENT)).decode("utf-8", "replace")
-                    raise ServerHTTPError(f"llama-server answered POST {url} with HTTP "
-                                          f"{resp.status}: {error_detail(text)}", resp.status)
-                async for event in _sse_events(resp.content, url):
+                    raw = await read_bounded(resp, MAX_REPLY, where, ERRORS)
+                    raise ServerHTTPError(f"llama-server answered {where} with HTTP "
+                                          f"{resp.status}: {error_detail(raw.decode())}",
+                                          resp.status)
+                async for line in read_lines(resp, MAX_EVENT, where, ERRORS):
+                    event = _sse_data(line, url)
+                    if event is None:
+                        continue
                     if isinstance(event.get("error"), dict | str):
                         raise ServerHTTPError(f"llama-server stopped generating: "
                                               f"{error_detail(json.dumps(event))}", resp.status)
                     yield event
                     if event.get("stop") is True:
                         return
-            raise ServerUnreachable(f"llama-server ended the answer to POST {url} before "
-                                    "it was done")
+            raise ServerUnreachable(f"llama-server ended the answer to {where} before it "
+                                    "was done")
         except (aiohttp.ClientError, OSError) as exc:
-            raise self._unreachable(exc, f"POST {url}") from None
+            raise ERRORS.connection(exc, self.base_url, where, streaming=True) from None
 
 
-async def _sse_events(content: Any, url: str) -> AsyncIterator[dict[str, Any]]:
-    """The JSON objects of a Server-Sent Events stream's ``data:`` lines."""
-    while True:
-        try:
-            line = await content.readuntil(b"\n")
-        except asyncio.IncompleteReadError as exc:
-            line = exc.partial
-            if not line.strip():
-                return
-        except ValueError:  # a line longer than the reader's limit
-            raise ServerBadResponse(f"llama-server streamed an over-long event from {url}"
-                                    ) from None
-        text = line.decode("utf-8", "replace").strip()
-        if not text.startswith("data:"):
-            continue  # blank separators, comments, other fields
-        payload = text[5:].strip()
-        if payload == "[DONE]":
-            return
-        try:
-            event = json.loads(payload)
-        except ValueError:
-            raise ServerBadResponse(f"llama-server streamed non-JSON from {url}: "
-                                    f"{excerpt(payload)}") from None
-        if not isinstance(event, dict):
-            raise ServerBadResponse(f"llama-server streamed a non-object from {url}")
-        yield event
+def _sse_data(line: bytes, url: str) -> dict[str, Any] | None:
+    """The JSON object of a Server-Sent Events ``data:`` line; None for other lines."""
+    text = line.decode("utf-8", "replace").strip()
+    if not text.startswith("data:"):
+        return None  # blank separators, comments, other fields
+    payload = text[5:].strip()
+    if payload == "[DONE]":
+        return None
+    try:
+        event = json.loads(payload)
+    except (ValueError, RecursionError):
+        raise ServerBadResponse(f"llama-server streamed non-JSON from {url}: "
+                                f"{excerpt(payload)}") from None
+    if not isinstance(event, dict):
+        raise ServerBadResponse(f"llama-server streamed a non-object from {url}")
+    return event
 
 
 def parse_slot(entry: dict[str, Any]) -> Slot:
