@@ -10,10 +10,12 @@ and measures with velod's own benchmark (``bench.run``: streamed ``/completion``
 server's own timings, aggregate tokens/s over the wall time of each concurrency level).
 
 Side by side: each round measures the server as the user started it, under the balanced plan
-(velod's default profile) and under the throughput profile's plan, one after the other, so
-machine noise hits all three alike; medians over the rounds, and ratios to "before".
+(velod's default profile) and under the throughput profile's plan, one after the other (the
+order rotates from round to round), so machine noise hits all three alike; medians over the
+rounds, their spread (half the range), the 1-minute load average when each measurement began,
+and ratios to "before".
 
-    .venv/bin/python bench/llama_server_plan.py [--rounds 3] [--gen 64]
+    .venv/bin/python bench/llama_server_plan.py [--rounds 5] [--gen 64]
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ def summarise(runs: list[dict[int, dict[str, float]]]) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--gen", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -122,7 +124,8 @@ def main() -> None:
     plans: dict[str, Any] = {}
     runs: dict[str, list[dict[int, dict[str, float]]]] = {"before": []}
     runs.update({p: [] for p in profiles})
-    shapes: dict[str, Any] = {"before": props(url)}
+    shapes: dict[str, Any] = {}
+    loads: dict[str, list[float]] = {name: [] for name in runs}
     try:
         with BenchDaemon(config) as daemon, daemon.client() as client:
             for _ in range(100):  # the first poll and plan
@@ -132,22 +135,26 @@ def main() -> None:
                 except Exception:  # no hardware snapshot yet
                     pass
                 time.sleep(0.2)
-            for _ in range(args.rounds):
-                runs["before"].append(measure(client, args.gen))
-                for profile in profiles:
-                    raw = yaml.safe_load(daemon.config_path.read_text())
-                    raw["tuner"]["profile"] = profile
-                    daemon.config_path.write_text(yaml.safe_dump(raw))
-                    client.call("config.reload", timeout=60)
-                    show = client.call("tuner.show", {"server": "llama-server"})
-                    plans[profile] = {r["name"]: r["recommended"] for r in show["settings"]}
-                    client.call("tuner.apply", {"server": "llama-server", "now": True},
-                                timeout=300)
-                    wait_healthy(url)
-                    shapes[profile] = props(url)
-                    runs[profile].append(measure(client, args.gen))
-                    client.call("tuner.rollback", {"server": "llama-server"}, timeout=300)
-                    wait_healthy(url)
+            order = ["before", *profiles]
+            for round_no in range(args.rounds):
+                # Rotate the order each round, so that no setting always runs first or last.
+                for name in order[round_no % 3:] + order[:round_no % 3]:
+                    if name != "before":
+                        raw = yaml.safe_load(daemon.config_path.read_text())
+                        raw["tuner"]["profile"] = name
+                        daemon.config_path.write_text(yaml.safe_dump(raw))
+                        client.call("config.reload", timeout=60)
+                        fresh = client.call("tuner.plan", {"server": "llama-server"})
+                        plans[name] = {n: r["value"] for n, r in fresh["plan"]["server"].items()}
+                        client.call("tuner.apply", {"server": "llama-server", "now": True},
+                                    timeout=300)
+                        wait_healthy(url)
+                    shapes[name] = props(url)
+                    loads[name].append(os.getloadavg()[0])
+                    runs[name].append(measure(client, args.gen))
+                    if name != "before":
+                        client.call("tuner.rollback", {"server": "llama-server"}, timeout=300)
+                        wait_healthy(url)
     finally:
         os.system(f"{FAKE_BIN / 'systemctl'} stop {UNIT}")
     summary = {name: summarise(r) for name, r in runs.items()}
@@ -159,6 +166,8 @@ def main() -> None:
                       f"{args.threads}, started as `llama-server -m MODEL -t "
                       f"{args.threads}`", "rounds": args.rounds, "gen": args.gen,
                       "plans": plans, "running": shapes,
+                      "load_average_at_start": {k: [round(x, 1) for x in v]
+                                                for k, v in loads.items()},
                       "aggregate_tps": summary, "aggregate_ratio_to_before": ratios},
                      indent=1))
 
