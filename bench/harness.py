@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,18 @@ sys.path.insert(0, str(ROOT))
 from velod.control.client import Client, DaemonUnreachable  # noqa: E402
 
 BIN = Path(sys.executable).parent
+
+
+def timed_ms(fn: Callable[[], Any], repeat: int, digits: int = 2) -> dict[str, float]:
+    """Best and median wall time of ``fn`` over ``repeat`` runs after one warm-up, in ms."""
+    fn()
+    runs = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        runs.append((time.perf_counter() - start) * 1000)
+    return {"best_ms": round(min(runs), digits),
+            "median_ms": round(statistics.median(runs), digits)}
 
 
 def machine() -> dict[str, Any]:

@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.harness import machine
+from bench.harness import machine, timed_ms
 from velod.engine.models.sampling import SamplerState, SamplingParams, sample
 
 CHAINS: dict[str, dict[str, Any]] = {
@@ -41,16 +38,6 @@ CHAINS: dict[str, dict[str, Any]] = {
     "whole distribution (t=1)": {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "temperature": 1.0},
     "defaults + logprobs (top 5)": {"logprobs": True, "top_logprobs": 5},
 }
-
-
-def timed(fn: Callable[[], Any], repeat: int) -> dict[str, float]:
-    fn()
-    runs = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        runs.append((time.perf_counter() - start) * 1000)
-    return {"best_ms": round(min(runs), 2), "median_ms": round(statistics.median(runs), 2)}
 
 
 def main() -> None:
@@ -73,7 +60,7 @@ def main() -> None:
         for name, options in CHAINS.items():
             states = [SamplerState(SamplingParams(**options, seed=i), prompt=history)
                       for i in range(args.rows)]
-            results[f"{name} [{shape}]"] = timed(lambda s=states, x=logits: sample(x, s),
+            results[f"{name} [{shape}]"] = timed_ms(lambda s=states, x=logits: sample(x, s),
                                                  args.repeat)
     logits = noise
 
@@ -85,7 +72,7 @@ def main() -> None:
             np.log(np.exp(r - r.max()).sum(dtype=np.float64)) for r in logits],
     }
     for name, fn in baselines.items():
-        results[name] = timed(fn, max(3, args.repeat // 2))
+        results[name] = timed_ms(fn, max(3, args.repeat // 2))
 
     sort_ms = results["argsort per row (full sort)"]["best_ms"]
     for name in results:

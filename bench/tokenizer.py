@@ -14,30 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.harness import machine
+from bench.harness import machine, timed_ms
 from tests import assets
 from tests.tokenizer_corpus import base_strings
 from velod.engine.models.chat import ChatTemplate
 from velod.engine.models.tokenizer import Tokenizer
-
-
-def timed_ms(fn: Callable[[], Any], repeat: int) -> dict[str, float]:
-    fn()
-    runs = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        runs.append((time.perf_counter() - start) * 1000)
-    return {"best_ms": round(min(runs), 3), "median_ms": round(statistics.median(runs), 3)}
 
 
 def main() -> None:
@@ -65,8 +53,8 @@ def main() -> None:
         for name, text in texts.items():
             ids = tokenizer.encode(text)
             assert ids == server.tokenize(text), f"{name}: ids differ from llama.cpp"
-            ours = timed_ms(lambda t=text: tokenizer.encode(t), args.repeat)
-            theirs = timed_ms(lambda t=text: server.tokenize(t), args.repeat)
+            ours = timed_ms(lambda t=text: tokenizer.encode(t), args.repeat, digits=3)
+            theirs = timed_ms(lambda t=text: server.tokenize(t), args.repeat, digits=3)
             results[name] = {"chars": len(text), "tokens": len(ids), "velod": ours,
                              "llama_server_http": theirs,
                              "velod_us_per_token": round(ours["best_ms"] * 1000 / len(ids), 3),
@@ -81,7 +69,7 @@ def main() -> None:
             detokenizer.feed(token)
         detokenizer.flush()
 
-    decode = timed_ms(stream, max(3, args.repeat // 4))
+    decode = timed_ms(stream, max(3, args.repeat // 4), digits=3)
     results["streaming decode"] = {"tokens": len(ids), **decode,
                                    "us_per_token": round(decode["best_ms"] * 1000 / len(ids), 3)}
     print(json.dumps({"machine": machine(), "vocab": tokenizer.vocab_size,

@@ -47,5 +47,5 @@ def cuda_backend(tmp_path_factory):
     backend = get_backend("cuda", cache_dir=Path(cache) if cache
                           else tmp_path_factory.mktemp("cubin"))
     print(f"\nCUDA device: {backend.device_name} ({backend.arch}, {backend.num_sms} SMs)")
-    backend.precompile()  # the three dtype modules compile in parallel
+    backend.precompile()  # every kernel module of the three dtypes, nvcc runs in parallel
     return backend

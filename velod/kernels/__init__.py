@@ -5,6 +5,8 @@
     backend = get_backend()
     out = backend.paged_attention(query, key_cache, value_cache, block_tables, context_lens,
                                   scale)
+    rows = backend.paged_prefill_attention(query_rows, key_cache, value_cache, block_tables,
+                                           query_start_loc, context_lens, scale)
     backend.write_cache(key, value, key_cache, value_cache, slot_mapping)
     backend.copy_blocks(key_cache, value_cache, block_pairs)
 
@@ -67,8 +69,13 @@ class AttentionBackend(Protocol):
 
     def paged_attention(self, query: Any, key_cache: Any, value_cache: Any, block_tables: Any,
                         context_lens: Any, scale: float, *, partition_size: int | None = None,
-                        out: Any = None, stream: Any = None,
-                        max_context: int | None = None) -> Any: ...
+                        out: Any = None, stream: Any = None, max_context: int | None = None,
+                        window: int | None = None, workspace: Any = None) -> Any: ...
+
+    def paged_prefill_attention(self, query: Any, key_cache: Any, value_cache: Any,
+                                block_tables: Any, query_start_loc: Any, context_lens: Any,
+                                scale: float, *, window: int | None = None, out: Any = None,
+                                stream: Any = None, max_query_len: int | None = None) -> Any: ...
 
     def write_cache(self, key: Any, value: Any, key_cache: Any, value_cache: Any,
                     slot_mapping: Any, *, stream: Any = None) -> None: ...
@@ -120,13 +127,20 @@ class NumpyBackend:
     device_name = None
 
     def paged_attention(self, query, key_cache, value_cache, block_tables, context_lens, scale,
-                        *, partition_size=None, out=None, stream=None, max_context=None):
+                        *, partition_size=None, out=None, stream=None, max_context=None,
+                        window=None, workspace=None):
         result = reference.paged_attention(query, key_cache, value_cache, block_tables,
-                                           context_lens, scale, partition_size=partition_size)
-        if out is None:
-            return result
-        out[...] = result
-        return out
+                                           context_lens, scale, partition_size=partition_size,
+                                           window=window)
+        return _into(out, result)
+
+    def paged_prefill_attention(self, query, key_cache, value_cache, block_tables,
+                                query_start_loc, context_lens, scale, *, window=None, out=None,
+                                stream=None, max_query_len=None):
+        result = reference.paged_prefill_attention(query, key_cache, value_cache, block_tables,
+                                                   query_start_loc, context_lens, scale,
+                                                   window=window)
+        return _into(out, result)
 
     def write_cache(self, key, value, key_cache, value_cache, slot_mapping, *, stream=None):
         reference.write_cache(key, value, key_cache, value_cache, slot_mapping)
@@ -162,6 +176,14 @@ class NumpyBackend:
 
     def trim(self) -> None:
         return None
+
+
+def _into(out: np.ndarray | None, result: np.ndarray) -> np.ndarray:
+    """``result``, or ``out`` holding it when the caller gave an output buffer."""
+    if out is None:
+        return result
+    out[...] = result
+    return out
 
 
 def cuda_unavailable_reason(device: int = 0) -> str | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -37,11 +38,15 @@ from velod.kernels.layout import (
     check_block_pairs,
     check_cache_write_args,
     check_context_lens,
+    check_prefill_args,
     check_slots,
     plan_attention_launch,
+    plan_prefill_launch,
 )
 
 SOURCE = Path(__file__).with_name("paged_attention.cu")
+PREFILL_SOURCE = Path(__file__).with_name("prefill_attention.cu")
+MODEL_OPS_SOURCE = Path(__file__).with_name("model_ops.cu")
 NVCC_OPTIONS = ("-O3", "-std=c++17")
 COMPILE_TIMEOUT_S = 600.0
 
@@ -87,6 +92,29 @@ def nvcc_command(nvcc: str, arch: str, source: Path, output: Path,
             str(source)]
 
 
+_LOCAL_INCLUDE = re.compile(rb'^[ \t]*#[ \t]*include[ \t]+"([^"]+)"', re.M)
+
+
+def source_bytes(source: Path) -> bytes:
+    """``source`` and every header it includes with quotes (recursively, each once): what a
+    cubin is built from, so that editing a shared header changes the cache key."""
+    seen: list[Path] = []
+    parts: list[bytes] = []
+
+    def visit(path: Path) -> None:
+        path = path.resolve()
+        if path in seen:
+            return
+        seen.append(path)
+        text = path.read_bytes()
+        parts.append(text)
+        for name in _LOCAL_INCLUDE.findall(text):
+            visit(path.parent / name.decode())
+
+    visit(source)
+    return b"\0".join(parts)
+
+
 def cache_key(source: bytes, arch: str, options: Sequence[str], compiler: str) -> str:
     """Hex digest naming a cubin: source, architecture, options and compiler version."""
     digest = hashlib.sha256(source)
@@ -102,8 +130,7 @@ def compile_cubin(arch: str, options: Sequence[str] = (), *, cache_dir: Path | N
     if nvcc is None:
         raise KernelCompileError(
             "nvcc not found: install the CUDA toolkit or set CUDA_HOME to its directory")
-    text = source.read_bytes()
-    key = cache_key(text, arch, options, nvcc_version(nvcc))
+    key = cache_key(source_bytes(source), arch, options, nvcc_version(nvcc))
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = directory / f"{source.stem}-{arch}-{key}.cubin"
     if target.exists():
@@ -126,6 +153,10 @@ def compile_cubin(arch: str, options: Sequence[str] = (), *, cache_dir: Path | N
 
 def attention_kernel_name(dtype: np.dtype, head_dim: int, block_size: int) -> str:
     return f"velod_paged_attention_{DTYPE_NAMES[np.dtype(dtype).name]}_d{head_dim}_b{block_size}"
+
+
+def prefill_kernel_name(dtype: np.dtype, head_dim: int) -> str:
+    return f"velod_prefill_attention_{DTYPE_NAMES[np.dtype(dtype).name]}_d{head_dim}"
 
 
 def _index_name(dtype: np.dtype) -> str:
@@ -265,16 +296,21 @@ class CudaBackend:
 
     # ---- modules ---------------------------------------------------------------------------
 
-    def precompile(self, dtypes: Sequence[str] = ("f32", "f16", "bf16")) -> list[Path]:
-        """Builds (or finds cached) the cubins for these cache dtypes, nvcc runs in parallel."""
+    def precompile(self, dtypes: Sequence[str] = ("f32", "f16", "bf16"), *,
+                   sources: Sequence[Path] = (SOURCE, PREFILL_SOURCE, MODEL_OPS_SOURCE)
+                   ) -> list[Path]:
+        """Builds (or finds cached) the cubins of these sources for these cache dtypes (one
+        module per source and dtype, as the kernels load them), nvcc runs in parallel."""
         from concurrent.futures import ThreadPoolExecutor
 
-        def build(name: str) -> Path:
+        def build(job: tuple[Path, str]) -> Path:
+            source, name = job
             return compile_cubin(self.arch, (f"-DVELOD_ONLY_{name.upper()}",),
-                                 cache_dir=self._cache_dir)
+                                 cache_dir=self._cache_dir, source=source)
 
-        with ThreadPoolExecutor(len(dtypes) or 1) as pool:
-            return list(pool.map(build, dtypes))
+        jobs = [(source, name) for source in sources for name in dtypes]
+        with ThreadPoolExecutor(max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+            return list(pool.map(build, jobs))
 
     def function(self, source: Path, name: str, options: Sequence[str] = ()):
         """Kernel ``name`` of the CUDA C file ``source``, compiled for this device with
@@ -315,7 +351,8 @@ class CudaBackend:
 
     def paged_attention(self, query, key_cache, value_cache, block_tables, context_lens,
                         scale: float, *, partition_size: int | None = None, out=None,
-                        stream=None, max_context: int | None = None):
+                        stream=None, max_context: int | None = None,
+                        window: int | None = None, workspace=None):
         """Decode attention output ``[num_seqs, num_heads, head_dim]`` as a device array.
 
         ``partition_size`` overrides the automatic choice (tests use it to hit partition
@@ -323,14 +360,20 @@ class CudaBackend:
         context sizes the grid: it is read from ``context_lens`` (a NumPy array is uploaded)
         unless ``max_context`` (which must be >= every length) is given with device-resident
         ``context_lens``, which keeps the call free of host-device copies and synchronization.
+        ``window``: a sliding window of that many tokens (blocks before it are never read).
+        ``workspace``: a float32 device array for the partitions' partial results (at least
+        ``attention_workspace_size`` elements) instead of the backend's own, which grows and
+        moves; a captured CUDA graph needs addresses that stay put.
         """
+        if window is not None and window < 1:
+            raise AttentionArgumentError(f"window must be >= 1 token, got {window}")
         with self.active():
             return self._paged_attention(query, key_cache, value_cache, block_tables,
                                          context_lens, scale, partition_size, out, stream,
-                                         max_context)
+                                         max_context, window or 0, workspace)
 
     def _paged_attention(self, query, key_cache, value_cache, block_tables, context_lens,
-                         scale, partition_size, out, stream, max_context):
+                         scale, partition_size, out, stream, max_context, window, workspace):
         on_device = not isinstance(context_lens, np.ndarray)
         lens_host = None
         if not (on_device and max_context is not None):
@@ -373,21 +416,35 @@ class CudaBackend:
         part_out = part_max = part_sum = 0
         if plan.max_parts > 1:
             rows = shape.num_seqs * shape.num_heads * plan.max_parts
-            part_out = int(self._scratch("part_out", rows * shape.head_dim).gpudata)
-            part_max = int(self._scratch("part_max", rows).gpudata)
-            part_sum = int(self._scratch("part_sum", rows).gpudata)
+            if workspace is None:
+                part_out = int(self._scratch("part_out", rows * shape.head_dim).gpudata)
+                part_max = int(self._scratch("part_max", rows).gpudata)
+                part_sum = int(self._scratch("part_sum", rows).gpudata)
+            else:
+                if workspace.dtype != np.float32 or workspace.size < rows * (shape.head_dim + 2):
+                    raise AttentionArgumentError(
+                        f"workspace must hold {rows * (shape.head_dim + 2)} float32 values")
+                part_out = int(workspace.gpudata)
+                part_max = part_out + 4 * rows * shape.head_dim
+                part_sum = part_max + 4 * rows
         kernel.prepared_async_call(
             plan.grid, (plan.threads, 1, 1), stream, pointers[3], part_out, part_max, part_sum,
             pointers[0], pointers[1], pointers[2], int(tables.gpudata), int(lens.gpudata),
             np.float32(scale * math.log2(math.e)), shape.num_heads, shape.num_kv_heads,
             plan.heads_per_block, shape.max_blocks_per_seq, plan.partition_size,
-            plan.max_parts, shared_size=plan.smem_bytes)
+            plan.max_parts, window, shared_size=plan.smem_bytes)
         if plan.max_parts > 1:
             merge.prepared_async_call(
                 (shape.num_heads, shape.num_seqs), (plan.threads, 1, 1), stream, pointers[3],
                 part_out, part_max, part_sum, int(lens.gpudata), shape.num_heads,
-                shape.head_dim, plan.partition_size, plan.max_parts)
+                shape.head_dim, plan.partition_size, plan.max_parts, window)
         return out
+
+    def attention_workspace_size(self, num_seqs: int, num_heads: int, head_dim: int,
+                                 max_parts: int) -> int:
+        """float32 elements a ``workspace`` needs for a call with these sizes and at most
+        ``max_parts`` partitions (see ``plan_attention_launch``)."""
+        return num_seqs * num_heads * max_parts * (head_dim + 2)
 
     def _plan_attention(self, query, key_cache, value_cache, block_tables, context_lens,
                         partition_size, max_context):
@@ -416,11 +473,72 @@ class CudaBackend:
         kernel = self._function(
             attention_kernel_name(dtype, shape.head_dim, shape.block_size), dtype_option)
         if not hasattr(kernel, "arg_format"):
-            kernel.prepare([np.uintp] * 9 + [np.float32] + [np.int32] * 6)
+            kernel.prepare([np.uintp] * 9 + [np.float32] + [np.int32] * 7)
         merge = self._function(f"velod_merge_partitions_{dtype_option}", dtype_option)
         if not hasattr(merge, "arg_format"):
-            merge.prepare([np.uintp] * 5 + [np.int32] * 4)
+            merge.prepare([np.uintp] * 5 + [np.int32] * 5)
         return shape, dtype, plan, kernel, merge
+
+    def paged_prefill_attention(self, query, key_cache, value_cache, block_tables,
+                                query_start_loc, context_lens, scale: float, *,
+                                window: int | None = None, out=None, stream=None,
+                                max_query_len: int | None = None):
+        """Causal attention of packed prompt chunks, ``[num_tokens, num_heads, head_dim]``,
+        as a device array (arguments as ``reference.paged_prefill_attention``).
+
+        NumPy ``query_start_loc`` and ``context_lens`` are validated and uploaded. Device
+        arrays are used as they are, with ``max_query_len`` (>= every sequence's row count)
+        sizing the grid: the engine validates a step's indices once on the host.
+        """
+        if window is not None and window < 1:
+            raise AttentionArgumentError(f"window must be >= 1 token, got {window}")
+        with self.active():
+            return self._prefill(query, key_cache, value_cache, block_tables, query_start_loc,
+                                 context_lens, scale, window or 0, out, stream, max_query_len)
+
+    def _prefill(self, query, key_cache, value_cache, block_tables, query_start_loc,
+                 context_lens, scale, window, out, stream, max_query_len):
+        host = isinstance(query_start_loc, np.ndarray) or max_query_len is None
+        if host:
+            starts, lens = _host(query_start_loc), _host(context_lens)
+            shape = check_prefill_args(query, key_cache, value_cache, block_tables, starts,
+                                       lens)
+            max_query_len = int(np.diff(starts).max()) if len(starts) > 1 else 0
+        else:
+            stand_in = np.empty((len(context_lens), *query.shape[1:]), query.dtype)
+            shape = check_attention_args(stand_in, key_cache, value_cache, block_tables,
+                                         context_lens)
+        dtype = np.dtype(key_cache.dtype)
+        if shape.head_dim not in SUPPORTED_HEAD_DIMS:
+            raise AttentionArgumentError(
+                f"head_dim {shape.head_dim} has no CUDA kernel; supported: {SUPPORTED_HEAD_DIMS}")
+        if out is None:
+            out = self._gpuarray.empty(tuple(query.shape), dtype)
+        elif tuple(out.shape) != tuple(query.shape) or out.dtype != dtype:
+            raise AttentionArgumentError(
+                f"out must be {tuple(query.shape)} {dtype.name}, got {tuple(out.shape)} "
+                f"{np.dtype(out.dtype).name}")
+        if shape.num_seqs == 0 or max_query_len == 0:
+            return out
+        plan = plan_prefill_launch(shape, dtype.itemsize, max_query_len,
+                                   tensor_cores=self.tensor_cores)
+        name = DTYPE_NAMES[dtype.name]
+        kernel = self.function(PREFILL_SOURCE, prefill_kernel_name(dtype, shape.head_dim),
+                               (f"-DVELOD_ONLY_{name.upper()}",))
+        if not hasattr(kernel, "arg_format"):
+            kernel.prepare([np.uintp] * 7 + [np.float32] + [np.int32] * 5)
+        q, k, v = self._device(query), self._device(key_cache), self._device(value_cache)
+        tables = self._device(block_tables)
+        starts_dev = self._device(starts if host else query_start_loc)
+        lens_dev = self._device(lens if host else context_lens)
+        self._keepalive = (q, tables, starts_dev, lens_dev)
+        kernel.prepared_async_call(
+            plan.grid, (plan.threads, 1, 1), stream, int(out.gpudata), int(q.gpudata),
+            int(k.gpudata), int(v.gpudata), int(tables.gpudata), int(starts_dev.gpudata),
+            int(lens_dev.gpudata), np.float32(scale * math.log2(math.e)), shape.num_heads,
+            shape.num_kv_heads, shape.max_blocks_per_seq, shape.block_size, window,
+            shared_size=plan.smem_bytes)
+        return out
 
     def write_cache(self, key, value, key_cache, value_cache, slot_mapping, *, stream=None):
         """Scatters K and V rows into their cache slots (negative slots are skipped).

@@ -148,6 +148,42 @@ def plan_attention_launch(shape: AttentionShape, itemsize: int, max_context: int
                            heads_per_block, partition_size, max_parts, smem_bytes, threads)
 
 
+PREFILL_THREADS = 128  # both prefill paths
+
+
+@dataclass(frozen=True)
+class PrefillLaunch:
+    """How the CUDA backend launches one prefill call (``PrefillGeometry`` /
+    ``PrefillMmaGeometry`` in prefill_attention.cu)."""
+
+    grid: tuple[int, int, int]  # (row tiles, kv heads, sequences)
+    rows_per_block: int         # (token, query head) rows of one kv head per block
+    smem_bytes: int
+    threads: int = PREFILL_THREADS
+
+
+def prefill_geometry(itemsize: int, head_dim: int, *, tensor_cores: bool) -> tuple[int, int]:
+    """Rows per block and shared memory of the prefill kernel for (element size, head_dim)."""
+    if tensor_cores and itemsize == 2:
+        stride = head_dim + 8
+        tile = max(16, min(64, _pow2_floor(49152 // (2 * 2 * stride * 2))))
+        return 4 * 16, 2 * 2 * tile * stride * 2
+    geometry = kernel_geometry(itemsize, head_dim)
+    vecs_per_lane = -(-(head_dim * itemsize // 16) // geometry.lanes)
+    return geometry.groups * max(1, 4 // vecs_per_lane), geometry.smem_bytes
+
+
+def plan_prefill_launch(shape: AttentionShape, itemsize: int, max_query_len: int, *,
+                        tensor_cores: bool) -> PrefillLaunch:
+    """Grid and shared memory of a prefill call (pure; mirrors the kernel): one block per
+    ``rows_per_block`` of a sequence's (token, query head) rows for one kv head."""
+    rows, smem_bytes = prefill_geometry(itemsize, shape.head_dim, tensor_cores=tensor_cores)
+    tiles = max(1, -(-max_query_len * shape.group_size // rows))
+    if shape.num_seqs > 65535 or shape.num_kv_heads > 65535:
+        raise AttentionArgumentError("at most 65535 sequences and kv heads per prefill call")
+    return PrefillLaunch((tiles, shape.num_kv_heads, shape.num_seqs), rows, smem_bytes)
+
+
 def choose_partition_size(
     max_context: int, blocks_per_partition: int, num_sms: int
 ) -> int:
@@ -299,3 +335,28 @@ def check_block_pairs(block_pairs: np.ndarray, num_blocks: int) -> None:
         raise AttentionArgumentError("a destination block appears twice in block_pairs")
     if np.intersect1d(sources, destinations).size:
         raise AttentionArgumentError("a block is both a source and a destination")
+
+
+def check_prefill_args(query, key_cache, value_cache, block_tables, query_start_loc,
+                       context_lens) -> AttentionShape:
+    """The sizes of a prefill call (``num_seqs`` = sequences, not query rows), or
+    AttentionArgumentError; query rows are ``[num_tokens, num_heads, head_dim]``."""
+    if query.ndim != 3:
+        raise AttentionArgumentError(
+            f"query must be [num_tokens, num_heads, head_dim], got shape {tuple(query.shape)}")
+    if query_start_loc.ndim != 1 or len(query_start_loc) < 1:
+        raise AttentionArgumentError("query_start_loc must be [num_seqs + 1]")
+    if np.dtype(query_start_loc.dtype) != np.int32:
+        raise AttentionArgumentError(
+            f"query_start_loc must be int32, got {np.dtype(query_start_loc.dtype).name}")
+    starts = query_start_loc.astype(np.int64)
+    if starts[0] != 0 or starts[-1] != query.shape[0] or (np.diff(starts) < 0).any():
+        raise AttentionArgumentError(
+            f"query_start_loc must rise from 0 to num_tokens={query.shape[0]}")
+    # The per-sequence checks, with one query row standing in for each sequence's chunk.
+    stand_in = np.empty((len(starts) - 1, *query.shape[1:]), query.dtype)
+    shape = check_attention_args(stand_in, key_cache, value_cache, block_tables, context_lens)
+    check_context_lens(context_lens, shape)
+    if (np.diff(starts) > context_lens).any():
+        raise AttentionArgumentError("a sequence has more query rows than context tokens")
+    return shape

@@ -9,6 +9,8 @@
 //   part_max/sum   [num_seqs, num_heads, max_parts]                    float32 (split mode)
 //
 // Design (flash-decoding), shared by both attention paths:
+// - A sliding window (window > 0) limits each query to its last `window` tokens: partitions
+//   start at the window's first token, and blocks before it are never read.
 // - One thread block per (sequence, kv head, partition of the context). The block serves all
 //   query heads that share the kv head (up to a path-dependent number of them; larger groups
 //   are split into head chunks along grid.y), so each K/V byte leaves device memory once.
@@ -28,126 +30,41 @@
 //   subset of the tile's tokens.
 // No atomics anywhere; every output element is written by exactly one thread.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
-
-#include <type_traits>
+#include "common.cuh"
 
 namespace velod {
 
-constexpr int kThreads = 128;        // threads per attention block
-constexpr int kStageBytes = 16384;   // K + V bytes per pipeline stage
 [[maybe_unused]] constexpr int kUnroll = 4;  // tokens per online-softmax step in one group
-
-__host__ __device__ constexpr int pow2_ceil(int x) { return x <= 1 ? 1 : 2 * pow2_ceil((x + 1) / 2); }
-__host__ __device__ constexpr int pow2_floor(int x) { return x < 2 ? 1 : 2 * pow2_floor(x / 2); }
-__host__ __device__ constexpr int cmin(int a, int b) { return a < b ? a : b; }
-__host__ __device__ constexpr int cmax(int a, int b) { return a > b ? a : b; }
-__device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
-
-// Compile-time geometry of one instantiation. velod/kernels/layout.py mirrors it.
-template <typename T, int HEAD_DIM>
-struct Geometry {
-    static constexpr int kVec = 16 / static_cast<int>(sizeof(T));      // elements / 16 bytes
-    static constexpr int kRowVecs = HEAD_DIM / kVec;                    // vectors per row
-    static constexpr int kLanes = cmin(32, pow2_ceil(kRowVecs));        // lanes per row
-    static constexpr int kVecsPerLane = (kRowVecs + kLanes - 1) / kLanes;
-    static constexpr int kGroups = kThreads / kLanes;                   // max heads per block
-    static constexpr int kRowBytes = HEAD_DIM * static_cast<int>(sizeof(T));
-    static constexpr int kTileTokens = cmin(64, pow2_floor(kStageBytes / (2 * kRowBytes)));
-    static constexpr int kSmemBytes = 2 * 2 * kTileTokens * kRowBytes;  // 2 stages of K + V
-    static_assert(HEAD_DIM % kVec == 0, "head_dim must be a multiple of 16 bytes");
-    static_assert(kGroups * (HEAD_DIM + 2) * 4 <= kSmemBytes, "merge buffer must fit");
-};
-
-template <typename T>
-__device__ __forceinline__ void load_vec(const T* p, float (&f)[16 / sizeof(T)]);
-
-template <>
-__device__ __forceinline__ void load_vec<float>(const float* p, float (&f)[4]) {
-    const float4 v = *reinterpret_cast<const float4*>(p);
-    f[0] = v.x; f[1] = v.y; f[2] = v.z; f[3] = v.w;
-}
-
-template <>
-__device__ __forceinline__ void load_vec<__half>(const __half* p, float (&f)[8]) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(p);
-    const __half2* h = reinterpret_cast<const __half2*>(&raw);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const float2 t = __half22float2(h[i]);
-        f[2 * i] = t.x; f[2 * i + 1] = t.y;
-    }
-}
-
-template <>
-__device__ __forceinline__ void load_vec<__nv_bfloat16>(const __nv_bfloat16* p, float (&f)[8]) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(p);
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const float2 t = __bfloat1622float2(h[i]);
-        f[2 * i] = t.x; f[2 * i + 1] = t.y;
-    }
-}
-
-template <typename T> __device__ __forceinline__ T from_float(float x);
-template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_float<__half>(float x) {
-    return __float2half_rn(x);
-}
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-    return __float2bfloat16_rn(x);
-}
-
-// 16-byte global -> shared copy; valid == false writes zeros and reads nothing.
-__device__ __forceinline__ void copy16_async(void* smem, const void* gmem, bool valid) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-    const int src_bytes = valid ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
-                 :: "r"(dst), "l"(gmem), "r"(src_bytes) : "memory");
-#elif defined(VELOD_HOST_EMULATION)  // tests: deferred copies, as cp.async behaves
-    velod_emulated_copy16(smem, gmem, valid);
-#else
-    *reinterpret_cast<uint4*>(smem) =
-        valid ? *reinterpret_cast<const uint4*>(gmem) : make_uint4(0u, 0u, 0u, 0u);
-#endif
-}
-
-__device__ __forceinline__ void copy_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-#elif defined(VELOD_HOST_EMULATION)
-    velod_emulated_commit();
-#endif
-}
-
-template <int N>
-__device__ __forceinline__ void copy_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory");
-#elif defined(VELOD_HOST_EMULATION)
-    velod_emulated_wait(N);
-#endif
-}
 
 // Which sequence, partition of its context and query heads one thread block serves.
 struct BlockWork {
     int seq, part, num_parts, start, end, kv_head, head0, heads_here;
 };
 
+// The first position a sequence's query sees: 0, or ctx - window with a sliding window
+// (window > 0: the token itself and the window - 1 before it). Blocks before it are never
+// read, so the engine may already have freed them.
+__device__ __forceinline__ int window_start(const int ctx, const int window) {
+    return window > 0 ? max(ctx - window, 0) : 0;
+}
+
+// Partitions of the visible context (at least one, also for an empty context).
+__device__ __forceinline__ int count_parts(const int ctx, const int lo, const int partition_size) {
+    return ctx <= lo ? 1 : ceil_div(ctx - lo, partition_size);
+}
+
 // Fills w from the block index; false when the partition is past the sequence's context.
 __device__ __forceinline__ bool block_work(BlockWork& w, const int* __restrict__ context_lens,
                                            const int num_heads, const int num_kv_heads,
-                                           const int heads_per_block, const int partition_size) {
+                                           const int heads_per_block, const int partition_size,
+                                           const int window) {
     w.seq = blockIdx.z;
     w.part = blockIdx.x;
     const int ctx = context_lens[w.seq];
-    w.num_parts = ctx <= 0 ? 1 : ceil_div(ctx, partition_size);
+    const int lo = window_start(ctx, window);
+    w.num_parts = count_parts(ctx, lo, partition_size);
     if (w.part >= w.num_parts) return false;
-    w.start = w.part * partition_size;
+    w.start = lo + w.part * partition_size;
     w.end = min(ctx, w.start + partition_size);
     const int group_size = num_heads / num_kv_heads;
     const int chunks = ceil_div(group_size, heads_per_block);
@@ -214,7 +131,7 @@ __device__ __forceinline__ void paged_attention(
     const int* __restrict__ block_tables, const int* __restrict__ context_lens,
     const float scale_log2, const int num_heads, const int num_kv_heads,
     const int heads_per_block, const int max_blocks_per_seq, const int partition_size,
-    const int max_parts) {
+    const int max_parts, const int window) {
     using G = Geometry<T, HEAD_DIM>;
     constexpr int kVec = G::kVec;
     constexpr int kLanes = G::kLanes;
@@ -229,7 +146,8 @@ __device__ __forceinline__ void paged_attention(
 
     BlockWork w;
     // Uniform for the block, before any barrier.
-    if (!block_work(w, context_lens, num_heads, num_kv_heads, heads_per_block, partition_size))
+    if (!block_work(w, context_lens, num_heads, num_kv_heads, heads_per_block, partition_size,
+                    window))
         return;
     const int seq = w.seq, start = w.start, end = w.end;
     const int kv_head = w.kv_head, head0 = w.head0, heads_here = w.heads_here;
@@ -394,10 +312,6 @@ __device__ __forceinline__ void paged_attention(
 //   O += P·V: A = P (the S accumulators rounded to T: FlashAttention-2's register reuse),
 //             B = V (ldmatrix.trans of V rows).
 // Rows of the staged tiles are padded by 16 bytes so that ldmatrix reads are conflict-free.
-#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(VELOD_HOST_EMULATION)
-#define VELOD_TENSOR_CORES 1
-#endif
-
 template <int HEAD_DIM>
 struct MmaGeometry {
     static constexpr int kStride = HEAD_DIM + 8;                  // elements per staged row
@@ -410,69 +324,6 @@ struct MmaGeometry {
     static_assert(kWarps * (16 * HEAD_DIM + 32) * 4 <= kSmemBytes, "merge buffer must fit");
 };
 
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-    const __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&h);
-}
-template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&h);
-}
-
-// Four 8x8 b16 matrices from shared memory; lane l gives the row address l % 8 of matrix l / 8.
-template <bool TRANS>
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
-#if defined(VELOD_HOST_EMULATION)
-    velod_emulated_ldmatrix_x4(r, row, TRANS);
-#else
-    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(row));
-    if constexpr (TRANS) {
-        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
-    } else {
-        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
-    }
-#endif
-}
-
-// d += a (16x16, row) * b (16x8, col), fp32 accumulators.
-template <typename T>
-__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                         uint32_t b1) {
-#if defined(VELOD_HOST_EMULATION)
-    velod_emulated_mma16816(d, a, b0, b1, std::is_same_v<T, __nv_bfloat16>);
-#else
-    if constexpr (std::is_same_v<T, __half>) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-            "{%8,%9}, {%0,%1,%2,%3};\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    } else {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-            "{%8,%9}, {%0,%1,%2,%3};\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-#endif
-}
-
-__device__ __forceinline__ float quad_max(float v) {
-    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
-    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
-}
-
-__device__ __forceinline__ float quad_sum(float v) {
-    v += __shfl_xor_sync(0xffffffffu, v, 1);
-    return v + __shfl_xor_sync(0xffffffffu, v, 2);
-}
-
 template <typename T, int HEAD_DIM, int BLOCK_SIZE>
 __device__ __forceinline__ void paged_attention_mma(
     T* __restrict__ out, float* __restrict__ part_out, float* __restrict__ part_max,
@@ -481,7 +332,7 @@ __device__ __forceinline__ void paged_attention_mma(
     const int* __restrict__ block_tables, const int* __restrict__ context_lens,
     const float scale_log2, const int num_heads, const int num_kv_heads,
     const int heads_per_block, const int max_blocks_per_seq, const int partition_size,
-    const int max_parts) {
+    const int max_parts, const int window) {
     using G = MmaGeometry<HEAD_DIM>;
     constexpr int kStride = G::kStride;
     constexpr int kWarps = G::kWarps;
@@ -494,7 +345,8 @@ __device__ __forceinline__ void paged_attention_mma(
 #endif
     BlockWork w;
     // Uniform for the block, before any barrier.
-    if (!block_work(w, context_lens, num_heads, num_kv_heads, heads_per_block, partition_size))
+    if (!block_work(w, context_lens, num_heads, num_kv_heads, heads_per_block, partition_size,
+                    window))
         return;
     const int seq = w.seq, start = w.start, end = w.end;
     const int kv_head = w.kv_head, head0 = w.head0, heads_here = w.heads_here;
@@ -640,14 +492,17 @@ __device__ __forceinline__ void paged_attention_mma(
 }
 
 // Threads per block of the attention kernel for (T, HEAD_DIM): layout.py mirrors it.
+// min_blocks: blocks per SM that ptxas must leave room for. The CUDA-core kernel needs few
+// registers, and left to itself ptxas squeezes it below 56 and spills; 8 blocks give it 64.
 template <typename T, int HEAD_DIM>
 struct AttentionThreads {
 #if defined(VELOD_TENSOR_CORES)
-    static constexpr int value =
-        sizeof(T) == 2 ? MmaGeometry<HEAD_DIM>::kThreads : kThreads;
+    static constexpr bool kMma = sizeof(T) == 2;
 #else
-    static constexpr int value = kThreads;
+    static constexpr bool kMma = false;
 #endif
+    static constexpr int value = kMma ? MmaGeometry<HEAD_DIM>::kThreads : kThreads;
+    static constexpr int min_blocks = kMma ? 1 : 8;
 };
 
 // Merges the partitions of sequences that were split; others were written directly.
@@ -655,11 +510,11 @@ template <typename T>
 __device__ __forceinline__ void merge_partitions(
     T* __restrict__ out, const float* __restrict__ part_out, const float* __restrict__ part_max,
     const float* __restrict__ part_sum, const int* __restrict__ context_lens, const int num_heads,
-    const int head_dim, const int partition_size, const int max_parts) {
+    const int head_dim, const int partition_size, const int max_parts, const int window) {
     const int head = blockIdx.x;
     const int seq = blockIdx.y;
-    const int ctx = context_lens[seq];
-    const int num_parts = ctx <= 0 ? 1 : ceil_div(ctx, partition_size);
+    const int ctx = max(context_lens[seq], 0);
+    const int num_parts = count_parts(ctx, window_start(ctx, window), partition_size);
     if (num_parts <= 1) return;
     const int64_t row = static_cast<int64_t>(seq) * num_heads + head;
     const float* const pm = part_max + row * max_parts;
@@ -732,28 +587,30 @@ __device__ __forceinline__ void copy_blocks(
         velod::paged_attention_mma<T, D, BS>(                                                 \
             out, part_out, part_max, part_sum, query, key_cache, value_cache, block_tables,   \
             context_lens, scale_log2, num_heads, num_kv_heads, heads_per_block,               \
-            max_blocks_per_seq, partition_size, max_parts);                                   \
+            max_blocks_per_seq, partition_size, max_parts, window);                           \
     } else {                                                                                  \
         velod::paged_attention<T, D, BS>(                                                     \
             out, part_out, part_max, part_sum, query, key_cache, value_cache, block_tables,   \
             context_lens, scale_log2, num_heads, num_kv_heads, heads_per_block,               \
-            max_blocks_per_seq, partition_size, max_parts);                                   \
+            max_blocks_per_seq, partition_size, max_parts, window);                           \
     }
 #else
 #define VELOD_ATTENTION_BODY(T, D, BS)                                                        \
     velod::paged_attention<T, D, BS>(out, part_out, part_max, part_sum, query, key_cache,     \
                                      value_cache, block_tables, context_lens, scale_log2,     \
                                      num_heads, num_kv_heads, heads_per_block,                \
-                                     max_blocks_per_seq, partition_size, max_parts);
+                                     max_blocks_per_seq, partition_size, max_parts, window);
 #endif
 
 #define VELOD_ATTENTION(TNAME, T, D, BS)                                                      \
-    extern "C" __global__ void __launch_bounds__(velod::AttentionThreads<T, D>::value)        \
+    extern "C" __global__ void __launch_bounds__(velod::AttentionThreads<T, D>::value,       \
+                                                    velod::AttentionThreads<T, D>::min_blocks) \
         velod_paged_attention_##TNAME##_d##D##_b##BS(                                         \
             T* out, float* part_out, float* part_max, float* part_sum, const T* query,        \
             const T* key_cache, const T* value_cache, const int* block_tables,                \
             const int* context_lens, float scale_log2, int num_heads, int num_kv_heads,       \
-            int heads_per_block, int max_blocks_per_seq, int partition_size, int max_parts) { \
+            int heads_per_block, int max_blocks_per_seq, int partition_size, int max_parts,   \
+            int window) {                                                                     \
         VELOD_ATTENTION_BODY(T, D, BS)                                                        \
     }
 
@@ -772,9 +629,9 @@ __device__ __forceinline__ void copy_blocks(
     extern "C" __global__ void velod_merge_partitions_##TNAME(                                \
         T* out, const float* part_out, const float* part_max, const float* part_sum,          \
         const int* context_lens, int num_heads, int head_dim, int partition_size,             \
-        int max_parts) {                                                                      \
+        int max_parts, int window) {                                                          \
         velod::merge_partitions<T>(out, part_out, part_max, part_sum, context_lens, num_heads, \
-                                   head_dim, partition_size, max_parts);                      \
+                                   head_dim, partition_size, max_parts, window);              \
     }
 
 // -DVELOD_ONLY_F32 / _F16 / _BF16 narrow a build to one cache dtype (faster first compile).

@@ -5,6 +5,9 @@
 // available: buffers are exactly sized, so any out-of-bounds access aborts).
 //   emulator attention KERNEL DIR   reads DIR/{params.txt,query,key_cache,value_cache,
 //                                   block_tables,context_lens}.bin, writes DIR/out.bin
+//   emulator prefill KERNEL DIR     the same plus query_start_loc.bin
+//   emulator ops KERNEL DIR         a model_ops.cu kernel: every NAME.bin in DIR is an argument
+//                                   (outputs come poisoned), outputs are written as NAME.out
 //   emulator write_cache KERNEL DIR / emulator copy_blocks KERNEL DIR   (see main)
 // Emulated: threadIdx/blockIdx, __syncthreads (block barrier), __shfl_xor_sync (barrier per
 // lane group of the mask), __syncwarp, dynamic shared memory, cp.async groups (copies happen
@@ -75,6 +78,11 @@ inline unsigned char* velod_emulated_smem() { return g_smem; }
 
 inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
 
+// Static locals are shared by every OS thread, as a block's __shared__ arrays by its threads
+// (blocks run one after another).
+#undef __shared__
+#define __shared__ static
+
 inline float __shfl_xor_sync(unsigned mask, float value, int offset) {
     const int width = __builtin_popcount(mask);
     const int lane = threadIdx.x % 32;
@@ -87,6 +95,14 @@ inline float __shfl_xor_sync(unsigned mask, float value, int offset) {
     const float result = emu::shuffle_slots[partner];
     barrier.arrive_and_wait();
     return result;
+}
+
+inline int __shfl_xor_sync(unsigned mask, int value, int offset) {
+    float bits;
+    std::memcpy(&bits, &value, 4);
+    bits = __shfl_xor_sync(mask, bits, offset);
+    std::memcpy(&value, &bits, 4);
+    return value;
 }
 
 namespace emu {
@@ -183,6 +199,8 @@ inline void velod_emulated_wait(int keep) {
 
 #define VELOD_HOST_EMULATION 1
 #include "../../../velod/kernels/paged_attention.cu"
+#include "../../../velod/kernels/prefill_attention.cu"
+#include "../../../velod/kernels/model_ops.cu"
 
 // Runs kernel(args...) over the grid with one persistent OS thread per CUDA thread.
 template <typename... Params, typename... Args>
@@ -245,9 +263,11 @@ static std::map<std::string, double> read_params(const std::string& path) {
 
 using AttentionFn = void (*)(void*, float*, float*, float*, const void*, const void*,
                              const void*, const int*, const int*, float, int, int, int, int, int,
-                             int);
+                             int, int);
 using MergeFn = void (*)(void*, const float*, const float*, const float*, const int*, int, int,
-                         int, int);
+                         int, int, int);
+using PrefillFn = void (*)(void*, const void*, const void*, const void*, const int*, const int*,
+                           const int*, float, int, int, int, int, int);
 
 template <typename F>
 static F cast_fn(auto* f) { return reinterpret_cast<F>(reinterpret_cast<void*>(f)); }
@@ -269,6 +289,22 @@ static const std::map<std::string, AttentionFn> kAttention = {
 #endif
 };
 
+#define EMU_PRE(TNAME, D) \
+    {"velod_prefill_attention_" #TNAME "_d" #D, \
+     cast_fn<PrefillFn>(&velod_prefill_attention_##TNAME##_d##D)},
+#define EMU_PRE_ALL(TNAME) EMU_PRE(TNAME, 64) EMU_PRE(TNAME, 80) EMU_PRE(TNAME, 96) \
+    EMU_PRE(TNAME, 112) EMU_PRE(TNAME, 128) EMU_PRE(TNAME, 256)
+
+static const std::map<std::string, PrefillFn> kPrefill = {
+#if defined(VELOD_ONLY_F32)
+    EMU_PRE_ALL(f32)
+#elif defined(VELOD_ONLY_F16)
+    EMU_PRE_ALL(f16)
+#elif defined(VELOD_ONLY_BF16)
+    EMU_PRE_ALL(bf16)
+#endif
+};
+
 static const std::map<std::string, MergeFn> kMerge = {
 #if defined(VELOD_ONLY_F32)
     {"f32", cast_fn<MergeFn>(&velod_merge_partitions_f32)},
@@ -278,6 +314,85 @@ static const std::map<std::string, MergeFn> kMerge = {
     {"bf16", cast_fn<MergeFn>(&velod_merge_partitions_bf16)},
 #endif
 };
+
+// ---- model_ops.cu --------------------------------------------------------------------------
+
+#if defined(VELOD_ONLY_F32)
+using OpT = float;
+#define OPS(name) velod_##name##_f32
+#elif defined(VELOD_ONLY_F16)
+using OpT = __half;
+#define OPS(name) velod_##name##_f16
+#else
+using OpT = __nv_bfloat16;
+#define OPS(name) velod_##name##_bf16
+#endif
+
+// The DIR/NAME.bin arrays of one call; a missing file is a null pointer argument.
+struct Arrays {
+    std::string dir;
+    std::map<std::string, std::vector<unsigned char>> data;
+    template <typename P>
+    P* get(const std::string& name) {
+        auto found = data.find(name);
+        if (found == data.end()) {
+            std::ifstream probe(dir + name + ".bin", std::ios::binary);
+            if (!probe) return nullptr;
+            found = data.emplace(name, read_file(dir + name + ".bin")).first;
+        }
+        return reinterpret_cast<P*>(found->second.data());
+    }
+    void put(const std::string& name) { write_file(dir + name + ".out", data.at(name)); }
+};
+
+static void run_op(const std::string& kernel, Arrays& a, std::map<std::string, double>& p) {
+    auto i = [&](const char* k) { return static_cast<int>(p.at(k)); };
+    const dim3 rows(static_cast<unsigned>(i("rows")), 1, 1);
+    const unsigned threads = velod::kOpsThreads;
+    if (kernel == "embed") {
+        launch(&OPS(embed), rows, threads, 0, a.get<float>("hidden"), a.get<const OpT>("table"),
+               a.get<const int>("tokens"), i("width"), i("vocab"),
+               static_cast<float>(p.at("scale")));
+        a.put("hidden");
+    } else if (kernel == "rms_norm") {
+        launch(&OPS(rms_norm), rows, threads, 0, a.get<OpT>("out"), a.get<const float>("x"),
+               a.get<const float>("weight"), a.get<const int>("index"), i("n"),
+               static_cast<long long>(p.at("in_stride")), static_cast<float>(p.at("eps")));
+        a.put("out");
+    } else if (kernel == "qkv") {
+        launch(&OPS(qkv), rows, threads, 0, a.get<OpT>("q"), a.get<OpT>("k"), a.get<OpT>("v"),
+               a.get<const float>("qkv"), a.get<const float>("bias"),
+               a.get<const float>("q_norm"), a.get<const float>("k_norm"),
+               a.get<const int>("positions"), a.get<const double>("inv_freq"), i("heads"),
+               i("kv_heads"), i("head_dim"), i("rope_dims"), i("neox"),
+               static_cast<float>(p.at("eps")));
+        a.put("q");
+        a.put("k");
+        a.put("v");
+    } else if (kernel == "residual") {
+        launch(&velod_residual, rows, threads, 0, a.get<float>("hidden"),
+               a.get<const float>("x"), a.get<const float>("weight"), i("n"),
+               static_cast<float>(p.at("eps")));
+        a.put("hidden");
+    } else if (kernel == "silu_gate" || kernel == "gelu_gate") {
+        launch(kernel == "silu_gate" ? &OPS(silu_gate) : &OPS(gelu_gate),
+               dim3(static_cast<unsigned>(i("blocks")), 1, 1), threads, 0, a.get<OpT>("out"),
+               a.get<const float>("gate_up"), static_cast<long long>(i("rows")), i("ffn"));
+        a.put("out");
+    } else if (kernel == "argmax") {
+        launch(&velod_argmax, rows, threads, 0, a.get<int>("out"), a.get<const float>("logits"),
+               i("vocab"));
+        a.put("out");
+    } else if (kernel == "topk") {
+        launch(&velod_topk, rows, threads, 0, a.get<float>("values"), a.get<int>("indices"),
+               a.get<const float>("logits"), i("vocab"), i("k"));
+        a.put("values");
+        a.put("indices");
+    } else {
+        std::fprintf(stderr, "unknown op %s\n", kernel.c_str());
+        std::exit(2);
+    }
+}
 
 int main(int argc, char** argv) {
     if (argc != 4) { std::fprintf(stderr, "usage: emulator OP KERNEL DIR\n"); return 2; }
@@ -305,7 +420,7 @@ int main(int argc, char** argv) {
                reinterpret_cast<const int*>(tables.data()),
                reinterpret_cast<const int*>(lens.data()), static_cast<float>(p.at("scale_log2")),
                i("num_heads"), i("num_kv_heads"), i("heads_per_block"), i("max_blocks_per_seq"),
-               i("partition_size"), i("max_parts"));
+               i("partition_size"), i("max_parts"), i("window"));
         if (split) {
             launch(kMerge.at(kernel.substr(22, kernel.find("_d") - 22)),
                    dim3(i("num_heads"), i("num_seqs"), 1), velod::kThreads, 0,
@@ -313,8 +428,34 @@ int main(int argc, char** argv) {
                    static_cast<const float*>(part_max.data()),
                    static_cast<const float*>(part_sum.data()),
                    reinterpret_cast<const int*>(lens.data()), i("num_heads"), i("head_dim"),
-                   i("partition_size"), i("max_parts"));
+                   i("partition_size"), i("max_parts"), i("window"));
         }
+        write_file(dir + "out.bin", out);
+        return 0;
+    }
+    if (op == "ops") {
+        Arrays arrays{dir, {}};
+        run_op(kernel, arrays, p);
+        return 0;
+    }
+    if (op == "prefill") {
+        auto query = read_file(dir + "query.bin");
+        auto key_cache = read_file(dir + "key_cache.bin");
+        auto value_cache = read_file(dir + "value_cache.bin");
+        auto tables = read_file(dir + "block_tables.bin");
+        auto starts = read_file(dir + "query_start_loc.bin");
+        auto lens = read_file(dir + "context_lens.bin");
+        std::vector<unsigned char> out(query.size(), 0xFF);  // NaN until written
+        launch(kPrefill.at(kernel), dim3(i("grid_x"), i("num_kv_heads"), i("num_seqs")),
+               static_cast<unsigned>(i("threads")), static_cast<size_t>(i("smem_bytes")),
+               static_cast<void*>(out.data()), static_cast<const void*>(query.data()),
+               static_cast<const void*>(key_cache.data()),
+               static_cast<const void*>(value_cache.data()),
+               reinterpret_cast<const int*>(tables.data()),
+               reinterpret_cast<const int*>(starts.data()),
+               reinterpret_cast<const int*>(lens.data()), static_cast<float>(p.at("scale_log2")),
+               i("num_heads"), i("num_kv_heads"), i("max_blocks_per_seq"), i("block_size"),
+               i("window"));
         write_file(dir + "out.bin", out);
         return 0;
     }

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-import shutil
 import subprocess
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from tests.unit.kernels.attention_cases import (
     make_case,
     relative_error,
 )
+from tests.unit.kernels.conftest import NEEDS_EMULATOR, run_emulator
 from velod.kernels import reference
 from velod.kernels.cuda import attention_kernel_name
 from velod.kernels.layout import (
@@ -36,46 +35,12 @@ from velod.kernels.layout import (
     to_float32,
 )
 
-HERE = Path(__file__).parent
-EMULATOR_SOURCE = HERE / "kernel_emulator.cpp"
-KERNEL_SOURCE = HERE.parents[2] / "velod" / "kernels" / "paged_attention.cu"
-CUDA_INCLUDE = Path("/usr/local/cuda/include")
-CXX = shutil.which("g++")
-
-pytestmark = pytest.mark.skipif(
-    CXX is None or not (CUDA_INCLUDE / "cuda_fp16.h").exists(),
-    reason="needs g++ and the CUDA headers (cuda_fp16.h) in /usr/local/cuda/include")
-
 DTYPE_OF = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+pytestmark = NEEDS_EMULATOR
 
 
-def _sanitizer_flags() -> list[str]:
-    probe = subprocess.run([CXX, "-fsanitize=address", "-x", "c++", "-", "-o", "/dev/null"],
-                           input="int main(){}", capture_output=True, text=True)
-    return ["-fsanitize=address"] if probe.returncode == 0 else []
-
-
-@pytest.fixture(scope="session")
-def emulators(tmp_path_factory) -> dict[str, Path]:
-    """One emulator binary per cache dtype, built in parallel (-O0: builds in seconds)."""
-    out = tmp_path_factory.mktemp("emulator")
-    flags = _sanitizer_flags()
-    digest = hashlib.sha256(EMULATOR_SOURCE.read_bytes() + KERNEL_SOURCE.read_bytes())
-
-    def build(name: str) -> Path:
-        binary = out / f"emulator-{name}-{digest.hexdigest()[:12]}"
-        command = [CXX, "-std=c++20", "-O0", *flags, f"-DVELOD_ONLY_{name.upper()}",
-                   f"-I{CUDA_INCLUDE}", "-o", str(binary), str(EMULATOR_SOURCE), "-lpthread"]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-4000:]
-        return binary
-
-    names = sorted(DTYPE_NAMES.values())
-    with ThreadPoolExecutor(2) as pool:
-        return dict(zip(names, pool.map(build, names), strict=True))
-
-
-def run_attention(binary: Path, workdir: Path, case, partition_size: int | None) -> np.ndarray:
+def run_attention(binary: Path, workdir: Path, case, partition_size: int | None,
+                  window: int | None = None) -> np.ndarray:
     """The kernels' output for a case, with the launch the CUDA backend would make."""
     query = case.query
     shape = check_attention_args(query, case.key_cache, case.value_cache, case.block_tables,
@@ -92,16 +57,12 @@ def run_attention(binary: Path, workdir: Path, case, partition_size: int | None)
         "heads_per_block": plan.heads_per_block, "grid_y": plan.grid[1],
         "max_blocks_per_seq": shape.max_blocks_per_seq, "partition_size": plan.partition_size,
         "max_parts": plan.max_parts, "smem_bytes": plan.smem_bytes, "threads": plan.threads,
-        "scale_log2": case.scale * math.log2(math.e),
+        "scale_log2": case.scale * math.log2(math.e), "window": window or 0,
     }
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "params.txt").write_text("".join(f"{k} {v!r}\n" for k, v in params.items()))
-    for name in ("query", "key_cache", "value_cache", "block_tables", "context_lens"):
-        np.ascontiguousarray(getattr(case, name)).tofile(workdir / f"{name}.bin")
     kernel = attention_kernel_name(query.dtype, shape.head_dim, shape.block_size)
-    result = subprocess.run([str(binary), "attention", kernel, str(workdir)],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_emulator(binary, "attention", kernel, workdir, params,
+                 {name: getattr(case, name) for name in ("query", "key_cache", "value_cache",
+                                                        "block_tables", "context_lens")})
     return np.fromfile(workdir / "out.bin", dtype=query.dtype).reshape(query.shape)
 
 
@@ -138,6 +99,47 @@ def test_emulated_kernel_matches_numpy(emulators, tmp_path, dtype, case_args):
 
 def reference_as_float64(x: np.ndarray) -> np.ndarray:
     return to_float32(x).astype(np.float64)
+
+
+def forget_blocks_before_windows(case, window: int) -> None:
+    """Poisons what a windowed decode query never sees, as an engine that freed those blocks
+    would leave it: whole blocks before each sequence's window get NaN and an invalid table
+    entry (a read of either shows up as NaN in the output, or as an ASan abort)."""
+    nan = from_float32(np.full((), np.nan, np.float32), case.key_cache.dtype)
+    block_size = case.key_cache.shape[1]
+    for seq, length in enumerate(case.context_lens.tolist()):
+        for b in range(max(length - window, 0) // block_size):
+            case.key_cache[case.block_tables[seq, b]] = nan
+            case.value_cache[case.block_tables[seq, b]] = nan
+            case.block_tables[seq, b] = 2**31 - 1
+
+
+# (lengths, kv heads, group, head_dim, block_size, partition_size, window): the window inside
+# one partition, across partitions, longer than some contexts, and of one token.
+WINDOW_CASES = [
+    ([1, 20, 70, 150], 2, 4, 128, 16, 64, 37),
+    ([200, 33], 1, 8, 64, 8, 32, 100),
+    ([90, 5], 2, 2, 256, 32, None, 64),
+    ([17, 40], 1, 4, 80, 16, None, 1),
+]
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPE_OF))
+@pytest.mark.parametrize("case_args", WINDOW_CASES,
+                         ids=lambda c: f"{c[0]}-kv{c[1]}g{c[2]}d{c[3]}b{c[4]}w{c[6]}")
+def test_emulated_decode_with_a_sliding_window_reads_only_the_window(emulators, tmp_path,
+                                                                     dtype, case_args):
+    lengths, kv, group, head_dim, block_size, partition_size, window = case_args
+    seed = int.from_bytes(hashlib.sha256(repr((case_args, dtype)).encode()).digest()[:4], "big")
+    case = make_case(np.random.default_rng(seed), lengths, kv, group, head_dim, block_size,
+                     dtype)
+    expected = reference.paged_attention(case.query, case.key_cache, case.value_cache,
+                                         case.block_tables, case.context_lens, case.scale,
+                                         window=window)
+    forget_blocks_before_windows(case, window)
+    binary = emulators[DTYPE_NAMES[np.dtype(DTYPE_OF[dtype]).name]]
+    out = run_attention(binary, tmp_path, case, partition_size, window)
+    assert relative_error(out, reference_as_float64(expected)) < 2 * TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("index_type", [np.int32, np.int64])
