@@ -12,9 +12,10 @@ removes them on a config reload, and routes the control verbs: reading verbs (``
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from velod.component import Component, Context
+from velod.component import TROUBLE, Component, Context
 from velod.errors import InvalidParams, NotFound, Unavailable
 from velod.tuner.backends import configured, configured_names
 from velod.tuner.bench.store import BenchNotFound
@@ -31,13 +32,31 @@ class TunerService(Component):
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
-        self.tuners: dict[str, Tuner] = {b.name: Tuner(ctx, b) for b in configured(ctx.config)}
+        self.tuners: dict[str, Tuner] = {b.name: Tuner(self._server_context(ctx), b)
+                                         for b in configured(ctx.config)}
+
+    def _server_context(self, ctx: Context) -> Context:
+        """The context of a server's tuner: its changes of state come here, and this
+        component's own state (the worst of them) is what the daemon logs and reports."""
+        return dataclasses.replace(ctx, on_state_change=self._server_state_changed)
+
+    def _server_state_changed(self, tuner: Any, old: str, new: str) -> None:
+        if self.state not in ("running", *TROUBLE):
+            return  # starting or stopping: the servers' states say nothing yet
+        troubled = [t for t in self.tuners.values() if t.state in TROUBLE]
+        if troubled:
+            worst = troubled[0]
+            error = worst.error if len(self.tuners) == 1 else \
+                f"{worst.backend.name}: {worst.error}"
+            self.state, self.error = worst.state, error
+        elif self.state in TROUBLE:
+            self.state, self.error = "running", None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        self.state = "running"
         for tuner in self.tuners.values():
             await tuner.start()
-        self.state = "running"
 
     async def stop(self) -> None:
         self.state = "stopping"
@@ -49,7 +68,7 @@ class TunerService(Component):
         wanted = configured_names(config)
         for name in [n for n in self.tuners if n not in wanted]:
             await self.tuners.pop(name).stop()
-        ctx = Context(config, self.ctx.bus, self.ctx.state_dir, self.ctx.log)
+        ctx = self._server_context(dataclasses.replace(self.ctx, config=config))
         for backend in configured(config):
             tuner = self.tuners.get(backend.name)
             if tuner is None:
@@ -59,6 +78,7 @@ class TunerService(Component):
                 await backend.close()  # built only to learn the names; the tuner keeps its own
                 await tuner.reconfigure(config)
         self.tuners = {n: self.tuners[n] for n in wanted}
+        self._server_state_changed(None, "", "")  # a removed server's trouble goes with it
 
     def status(self) -> dict[str, Any]:
         servers = {name: t.status() for name, t in self.tuners.items()}
@@ -67,11 +87,8 @@ class TunerService(Component):
                     "summary": "no server to tune (ollama.enabled is false and no "
                     "llama_server has a url)"}
         first = next(iter(servers.values()))
-        degraded = [s for s in servers.values() if s["state"] != "running"]
         out = dict(first)
-        out.update({"state": degraded[0]["state"] if degraded else "running",
-                    "error": degraded[0]["error"] if degraded else None,
-                    "servers": servers})
+        out.update({"state": self.state, "error": self.error, "servers": servers})
         if "ollama" in servers:
             out["ollama"] = servers["ollama"]["server"]  # the shape before llama-server
         if len(servers) > 1:

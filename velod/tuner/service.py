@@ -132,6 +132,17 @@ class Tuner(Component):
         if self.history_warning:
             self.log.warning("%s", self.history_warning)
 
+    def _report_state(self) -> None:
+        """Tell the tuner service (``ctx.on_state_change``) of a change of state, without
+        logging it: the service logs and reports the component's state once, for all its
+        servers."""
+        self._report_pending = False
+        old, new = self._reported, self._state
+        if old != new:
+            self._reported = new
+            if self.ctx.on_state_change is not None:
+                self.ctx.on_state_change(self, old, new)
+
     def _publish(self, topic: str, data: dict[str, Any]) -> Any:
         """Publish on the bus with the server's name, so subscribers can tell servers apart."""
         return self.ctx.bus.publish(topic, {**data, "server": self.backend.name})
