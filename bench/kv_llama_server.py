@@ -18,7 +18,7 @@ from pathlib import Path
 from harness import machine
 
 from tests import assets
-from tests.tiny_llama import write_tiny_llama
+from tests.tiny_vocab import spm_metadata
 from tests.unit.model.test_kv_llama_server import (
     GEMMA_CASES,
     TINY_CASES,
@@ -32,7 +32,10 @@ MIB = 1024**2
 
 
 def main() -> None:
-    tiny = write_tiny_llama(Path(tempfile.mkdtemp()) / "tiny-llama.gguf")
+    from tests.unit.tiny_gguf import SPECS, write_tiny
+
+    tiny = write_tiny(Path(tempfile.mkdtemp()) / "tiny-llama.gguf", SPECS["llama"], seed=7,
+                      vocab=spm_metadata())
     rows = []
     for name, model, cases in (("gemma3-270m", assets.gemma3_gguf(), GEMMA_CASES),
                                ("tiny-llama", tiny, TINY_CASES)):

@@ -39,8 +39,11 @@ def gemma_tokenize(llama_bin: Path, gemma_gguf: Path) -> assets.LlamaTokenize:
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random-weight llama GGUF (full attention) that llama-server runs in no time."""
-    from tests.tiny_llama import write_tiny_llama
+def tiny_llm_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight llama GGUF with a real (trained, 600-token) SentencePiece-style
+    tokenizer: a language model velod can load, tokenize for and serve in seconds."""
+    from tests.tiny_vocab import spm_metadata
+    from tests.unit.tiny_gguf import SPECS, write_tiny
 
-    return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama") / "tiny-llama.gguf")
+    path = tmp_path_factory.mktemp("tiny-llm") / "tiny-llama.gguf"
+    return write_tiny(path, SPECS["llama"], seed=7, vocab=spm_metadata())

@@ -136,6 +136,16 @@ def write_vocab_gguf(path: Path, metadata: dict[str, Any], arch: str = "llama") 
     writer.add_head_count(2)
     writer.add_head_count_kv(1)
     writer.add_layer_norm_rms_eps(1e-5)
+    add_vocab(writer, metadata)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def add_vocab(writer: Any, metadata: dict[str, Any]) -> None:
+    """Writes the ``tokenizer.ggml.*`` keys of ``metadata`` with a ``gguf.GGUFWriter``."""
     writer.add_tokenizer_model(metadata["tokenizer.ggml.model"])
     writer.add_tokenizer_pre(metadata["tokenizer.ggml.pre"])
     writer.add_token_list(metadata["tokenizer.ggml.tokens"])
@@ -151,11 +161,6 @@ def write_vocab_gguf(path: Path, metadata: dict[str, Any], arch: str = "llama") 
         writer.add_add_space_prefix(metadata["tokenizer.ggml.add_space_prefix"])
     if "tokenizer.ggml.unknown_token_id" in metadata:
         writer.add_unk_token_id(metadata["tokenizer.ggml.unknown_token_id"])
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
 
 
 def special_texts(metadata: dict[str, Any]) -> Sequence[str]:

@@ -44,15 +44,19 @@ class _DaemonPool:
             fn, future = self._jobs.get()
             with self._lock:
                 self._idle -= 1
-            loop = future.get_loop()
-            try:
-                result, exc = fn(), None
-            except BaseException as error:
-                result, exc = None, error
-            # A call that outlived its loop (it hung past a timeout at shutdown) has no one
-            # left to tell; the worker must survive it.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_settle, future, result, exc)
+            _run_job(fn, future)
+
+
+def _run_job(fn: Callable[[], Any], future: asyncio.Future[Any]) -> None:
+    loop = future.get_loop()
+    try:
+        result, exc = fn(), None
+    except BaseException as error:
+        result, exc = None, error
+    # A call that outlived its loop (it hung past a timeout at shutdown) has no one
+    # left to tell; the worker must survive it.
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(_settle, future, result, exc)
 
 
 def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
@@ -78,3 +82,29 @@ async def run_blocking(fn: Callable[..., T], *args: object, timeout: float | Non
     if timeout is None:
         return await future
     return await asyncio.wait_for(future, timeout)
+
+
+class SerialWorker:
+    """One daemon thread that runs its calls in order, for work that keeps per-thread state
+    warm: an engine's steps reuse one thread's scratch buffers and malloc arena instead of
+    growing one per pool thread that happens to run a step."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], asyncio.Future[Any]]] = (
+            queue.SimpleQueue())
+        self._thread: threading.Thread | None = None
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        """``fn(*args)`` in this worker's thread, after the calls queued before it."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name=self.name, daemon=True)
+            self._thread.start()
+        self._jobs.put((lambda: fn(*args), future))
+        return await future
+
+    def _work(self) -> None:
+        while True:
+            fn, future = self._jobs.get()
+            _run_job(fn, future)

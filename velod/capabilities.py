@@ -28,7 +28,9 @@ CAPABILITIES = (
     Capability("tuner", "velod.tuner.servers:TunerService", "velod.tuner.rpc", "velod.tuner.cli",
                ("ollama", "tune", "bench")),
     Capability("engine", "velod.engine.service:EngineService", "velod.engine.rpc",
-               "velod.engine.cli", ("engine",)),
+               "velod.engine.cli", ("engine", "generate")),
+    # Last: it serves the services built before it (ctx.services).
+    Capability("http", "velod.http.service:HttpServer", "velod.http.rpc", "velod.http.cli", ()),
 )
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +36,8 @@ class Context:
     log: logging.Logger
     # Called as (component, old state, new state) after each change of state.
     on_state_change: Callable[[Component, str, str], None] | None = None
+    # The components built before this one, by name: what a front end (HTTP) serves.
+    services: dict[str, Component] = field(default_factory=dict)
 
 
 TROUBLE = ("degraded", "failed")

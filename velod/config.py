@@ -296,6 +296,35 @@ class EngineConfig:
                                   positive)
 
 
+def _listen_address(value: str) -> str | None:
+    if not value or value.startswith("/"):
+        return None  # off, or a Unix socket path
+    host, colon, port = value.rpartition(":")
+    if not colon or not port.isdigit() or not 0 < int(port) < 65536:
+        return "must be HOST:PORT (127.0.0.1:11435), :PORT (loopback) or a Unix socket path"
+    if host.startswith("[") != host.endswith("]"):
+        return "an IPv6 host goes in brackets: [::1]:11435"
+    return None
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    listen: str = _opt("", "Serve the OpenAI- and Ollama-compatible APIs and /metrics here: "
+                       "HOST:PORT, :PORT (loopback) or a Unix socket path; empty = off.",
+                       _listen_address)
+    api_key_file: str = _opt("", "File holding the bearer token clients must send "
+                             "(Authorization: Bearer ...); needed beyond loopback.")
+    max_body_size: Size = _opt(Size(4 * 1024**2), "Largest request body.",
+                               _check("must be between 1KiB and 256MiB",
+                                      lambda v: 1024 <= v <= 256 * 1024**2))
+    max_requests: int = _opt(256, "Requests served at once; more get 503 with Retry-After.",
+                             between(1, 65536))
+    request_timeout: Duration = _opt(Duration(600.0), "Longest one request may run (its "
+                                     "generation is aborted then).", positive)
+    retry_after: Duration = _opt(Duration(1.0), "Retry-After sent with 503 when the engine's "
+                                 "queue is full.", positive)
+
+
 @dataclass(frozen=True)
 class Config:
     log: LogConfig = field(default_factory=LogConfig)
@@ -306,6 +335,7 @@ class Config:
                                                  "Ollama (a list; see the keys below).")
     tuner: TunerConfig = field(default_factory=TunerConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     state_dir: str = _opt("", "Where velod keeps its history; empty = /var/lib/velod as root, "
                           "else $XDG_STATE_HOME/velod.", optional_absolute_path)
 

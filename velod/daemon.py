@@ -148,7 +148,8 @@ class Daemon:
     def _build(self, capability: Capability) -> Component:
         cls = _load_component_class(capability.service)
         ctx = Context(config=self.config, bus=self.bus, state_dir=self.state_dir,
-                      log=logging.getLogger("velod"), on_state_change=self._state_changed)
+                      log=logging.getLogger("velod"), on_state_change=self._state_changed,
+                      services={c.name: c for c in self.components})
         try:
             component = cls(ctx)
         except Exception as exc:  # a config that validated must not stop the daemon

@@ -18,6 +18,9 @@ TOPICS = {
     "engine.finished": "an engine request finished",
     "engine.progress": "engine requests in progress",
     "engine.bench.progress": "progress of a velodctl engine bench run",
+    "engine.generation": "a text generation request ended (counts, timings, finish reason)",
+    "engine.model_loaded": "a language model was loaded into the engine",
+    "engine.model_unloaded": "the engine's language model was unloaded",
 }
 
 

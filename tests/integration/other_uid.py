@@ -74,15 +74,19 @@ _held: list[socket.socket] = []  # the child's connections, kept open by as_user
 
 def ping_over(sock: socket.socket, msgid: int = 1) -> tuple[bool, str]:
     """(answered, why not): one ping on ``sock``, or velod's reason for dropping it."""
-    sock.sendall(protocol.encode_request(msgid, "system.ping"))
+    unsent = ""
+    try:
+        sock.sendall(protocol.encode_request(msgid, "system.ping"))
+    except OSError as exc:  # velod refused and closed first: its reason may still be queued
+        unsent = str(exc)
     unpacker = msgpack.Unpacker(raw=False)
     while True:
         try:
             data = sock.recv(65536)
         except OSError as exc:
-            return False, str(exc)
+            return False, unsent or str(exc)
         if not data:
-            return False, "closed"
+            return False, unsent or "closed"
         unpacker.feed(data)
         for msg in unpacker:
             if msg[0] == protocol.RESPONSE:

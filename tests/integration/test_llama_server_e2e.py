@@ -127,8 +127,8 @@ ONE_SMALL_SLOT = '[Service]\nEnvironment="LLAMA_ARG_CTX_SIZE=1024" "LLAMA_ARG_N_
 
 
 def test_apply_mode_restarts_llama_server_with_the_planned_slots_then_verifies(
-        machine_for: Any, tiny_llama_gguf: Path, velod_factory: Any) -> None:
-    m = machine_for(tiny_llama_gguf, user_dropin=ONE_SMALL_SLOT)
+        machine_for: Any, tiny_llm_gguf: Path, velod_factory: Any) -> None:
+    m = machine_for(tiny_llm_gguf, user_dropin=ONE_SMALL_SLOT)
     m.start()
     assert m.slots() == (1, 1024)
     d = velod_factory(m.velod_config("apply", min_restart_interval="1h"), env=m.env)
@@ -148,7 +148,7 @@ def test_apply_mode_restarts_llama_server_with_the_planned_slots_then_verifies(
     out = d.ctl("tune", "show").stdout
     assert "LLAMA_ARG_N_PARALLEL" in out and "nothing to change" in out
     assert "served GGUF header" in out
-    assert f"serving {tiny_llama_gguf}: 4 slot(s) of 4096 tokens, idle" in out
+    assert f"serving {tiny_llm_gguf}: 4 slot(s) of 4096 tokens, idle" in out
     assert m.restarts() == 1
 
     # An admin rolls it back: the user's one slot again, and velod does not re-apply it.
@@ -161,10 +161,10 @@ def test_apply_mode_restarts_llama_server_with_the_planned_slots_then_verifies(
 
 
 def test_a_restart_onto_other_values_is_rolled_back(
-        machine_for: Any, tiny_llama_gguf: Path, velod_factory: Any) -> None:
+        machine_for: Any, tiny_llm_gguf: Path, velod_factory: Any) -> None:
     # A drop-in that sorts after velod's sets the slots to 2: the restarted process does not
     # get the plan's 4 (its /proc environ shows it), so velod rolls its change back.
-    m = machine_for(tiny_llama_gguf, user_dropin=ONE_SMALL_SLOT)
+    m = machine_for(tiny_llm_gguf, user_dropin=ONE_SMALL_SLOT)
     (m.dropin_dir / "90-late.conf").write_text(
         '[Service]\nEnvironment="LLAMA_ARG_N_PARALLEL=2"\n')
     m.start()
@@ -186,10 +186,10 @@ def test_a_restart_onto_other_values_is_rolled_back(
 
 
 def test_a_server_that_props_shows_off_plan_is_rolled_back(
-        machine_for: Any, tiny_llama_gguf: Path, velod_factory: Any, llama_bin: Path) -> None:
+        machine_for: Any, tiny_llm_gguf: Path, velod_factory: Any, llama_bin: Path) -> None:
     # The unit starts llama-server through a shell that adds -np 2: velod cannot read that
     # flag, the environment is as planned, but /props after the restart shows 2 slots.
-    m = machine_for(tiny_llama_gguf, user_dropin=ONE_SMALL_SLOT)
+    m = machine_for(tiny_llm_gguf, user_dropin=ONE_SMALL_SLOT)
     unit = m.systemd_dir / UNIT
     line = next(x for x in unit.read_text().splitlines() if x.startswith("ExecStart="))
     unit.write_text(unit.read_text().replace(
@@ -209,8 +209,8 @@ def test_a_server_that_props_shows_off_plan_is_rolled_back(
 
 
 def test_a_flag_on_execstart_is_planned_around_and_never_written(
-        machine_for: Any, tiny_llama_gguf: Path, velod_factory: Any) -> None:
-    m = machine_for(tiny_llama_gguf, flags="-c 2048")
+        machine_for: Any, tiny_llm_gguf: Path, velod_factory: Any) -> None:
+    m = machine_for(tiny_llm_gguf, flags="-c 2048")
     m.start()
     d = velod_factory(m.velod_config("observe"), env=m.env)
     show = planned(d)
@@ -295,11 +295,11 @@ def test_bench_reports_the_generation_rate_llama_server_measures(
 
 
 def test_status_and_tune_commands_show_ollama_and_llama_server(
-        machine_for: Any, tiny_llama_gguf: Path, velod_factory: Any) -> None:
+        machine_for: Any, tiny_llm_gguf: Path, velod_factory: Any) -> None:
     from tests.integration.test_tuner_e2e import SPILLING, fake_machine
     from tests.integration.test_tuner_e2e import UNIT as OLLAMA_UNIT
 
-    m = machine_for(tiny_llama_gguf, user_dropin=ONE_SMALL_SLOT)
+    m = machine_for(tiny_llm_gguf, user_dropin=ONE_SMALL_SLOT)
     m.start()
     (m.tmp / "ollama").mkdir()
     ollama = fake_machine(m.tmp / "ollama", SPILLING, {"FAKE_OLLAMA_PRELOAD": "llama3.1:8b"})

@@ -74,6 +74,12 @@ GOOD_VALUES = {
     "engine.max_tokens_per_step": 512,
     "engine.max_waiting": 10,
     "engine.idle_release": "1m",
+    "http.listen": "127.0.0.1:11435",
+    "http.api_key_file": "/etc/velod/api-key",
+    "http.max_body_size": "1MiB",
+    "http.max_requests": 32,
+    "http.request_timeout": "2m",
+    "http.retry_after": "5s",
     "state_dir": "/tmp/state",
 }
 
@@ -109,6 +115,8 @@ BAD_VALUES = {
     "engine.kv_cache": ("1.5", "fraction of free memory"),
     "engine.block_size": (12, "8, 16 or 32"),
     "engine.geometry": ("big", "must be a map"),
+    "http.listen": ("localhost", "HOST:PORT"),
+    "http.max_body_size": ("1", "between 1KiB and 256MiB"),
     "state_dir": (3, "must be a string"),
     "llama_server": ({"url": "http://127.0.0.1:8080"}, "must be a list"),
 }

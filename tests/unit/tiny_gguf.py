@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -80,11 +81,19 @@ def quantized(rng: np.random.Generator, rows: int, cols: int, type_name: str,
     return blocks.reshape(rows, cols // block * size)
 
 
-def write_tiny(path: Path, spec: TinySpec, seed: int = 0) -> Path:
-    """Writes ``spec``'s model to ``path`` and returns it."""
+def write_tiny(path: Path, spec: TinySpec, seed: int = 0,
+               vocab: dict[str, Any] | None = None) -> Path:
+    """Writes ``spec``'s model to ``path`` and returns it; with ``vocab`` (tokenizer.ggml.*
+    metadata, see tests/tiny_vocab.py) the model has that tokenizer and vocabulary size."""
     rng = np.random.default_rng(seed)
     arch = spec.arch
     writer = gguf.GGUFWriter(str(path), arch)
+    vocab_size = VOCAB
+    if vocab is not None:
+        from tests.tiny_vocab import add_vocab
+
+        add_vocab(writer, vocab)
+        vocab_size = len(vocab["tokenizer.ggml.tokens"])
     writer.add_string("general.name", f"tiny-{arch}")
     writer.add_uint32(f"{arch}.context_length", 4096)
     writer.add_uint32(f"{arch}.embedding_length", HIDDEN)
@@ -113,10 +122,10 @@ def write_tiny(path: Path, spec: TinySpec, seed: int = 0) -> Path:
         writer.add_tensor(name, rng.normal(mean, std, size).astype(np.float32))
 
     q, kv = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
-    matrix("token_embd.weight", "token_embd", VOCAB, HIDDEN, 1.0)
+    matrix("token_embd.weight", "token_embd", vocab_size, HIDDEN, 1.0)
     vector("output_norm.weight", HIDDEN, 1.0, 0.1)
     if not spec.tied:
-        matrix("output.weight", "output", VOCAB, HIDDEN, HIDDEN ** -0.5)
+        matrix("output.weight", "output", vocab_size, HIDDEN, HIDDEN ** -0.5)
     if spec.rope_factors:  # Llama 3 style: low frequencies slowed down, high ones kept
         factors = np.ones(HEAD_DIM // 2, np.float32)
         factors[HEAD_DIM // 4:] = np.linspace(1.0, 8.0, HEAD_DIM // 4, dtype=np.float32)

@@ -12,7 +12,7 @@ from velod.control import minipack, wire
 TYPE_CHECKING = False  # like typing.TYPE_CHECKING, without importing typing
 if TYPE_CHECKING:
     import socket
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
     from typing import Any
 
 
@@ -122,8 +122,13 @@ class Client:
                     self._raise_if_error(msg)
 
     def call(self, method: str, params: "dict[str, Any] | None" = None,
-             timeout: float | None = None) -> "Any":
-        """Send one request and wait for its response; RemoteError on an error reply."""
+             timeout: float | None = None,
+             on_notification: "Callable[[str, Any], None] | None" = None) -> "Any":
+        """Send one request and wait for its response; RemoteError on an error reply.
+
+        ``on_notification(method, params)`` gets each notification that arrives before the
+        response, as it arrives (streamed results); without it they are kept for
+        :meth:`notifications`."""
         self._last_id = msgid = self._last_id % wire.MAX_MSGID + 1
         if timeout is not None:
             self.sock.settimeout(timeout)
@@ -140,7 +145,10 @@ class Client:
                 return msg[3]
             if msg[0] == wire.NOTIFICATION and len(msg) == 3:
                 self._raise_if_error(msg)
-                self._pending.append(msg)
+                if on_notification is not None:
+                    on_notification(msg[1], msg[2])
+                else:
+                    self._pending.append(msg)
 
     @staticmethod
     def _raise_if_error(msg: "list[Any]") -> None:

@@ -48,6 +48,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     target.add_argument("--all", action="store_true")
     abort.set_defaults(func=cmd_abort)
 
+    from velod.engine import generate_cli
+
+    generate_cli.register(sub, actions)
+
 
 # ---------------------------------------------------------------------------- status
 
@@ -66,13 +70,19 @@ def render_status(s: dict[str, Any]) -> str:
         return "\n".join(lines)
     g = s.get("geometry") or {}
     model = s.get("model") or {}
-    lines.append(f"model: {g.get('name')} geometry ({g.get('layers')} layers, {g.get('heads')} "
-                 f"heads, {g.get('kv_heads')} KV heads, head dim {g.get('head_dim')}, context "
-                 f"{g.get('max_context')}), {s.get('dtype')} cache; {model.get('kind')}")
+    if model.get("architecture"):  # a language model
+        from velod.engine.generate_cli import render_model
+
+        lines.append(render_model(model))
+    label = "KV" if model.get("architecture") else "model"
+    lines.append(f"{label}: {g.get('name')} geometry ({g.get('layers')} layers, "
+                 f"{g.get('heads')} heads, {g.get('kv_heads')} KV heads, head dim "
+                 f"{g.get('head_dim')}, context {g.get('max_context')}), {s.get('dtype')} "
+                 f"cache; {model.get('kind')}")
     pool = s.get("pool") or {}
     if pool.get("allocated"):
         lines.append(f"backend: {s.get('backend')} on {s.get('device')}")
-        lines.append(f"pool: {pool['bytes'] / 2**20:.0f} MiB, {pool['blocks']} blocks of "
+        lines.append(f"KV pool: {pool['bytes'] / 2**20:.0f} MiB, {pool['blocks']} blocks of "
                      f"{pool['block_size']} tokens, {pool['blocks_free']} free, "
                      f"{pool['blocks_cached']} cached, {pool['utilization']:.0%} in use")
         prefix = s.get("prefix_cache") or {}

@@ -1,4 +1,4 @@
-"""Control methods of the engine: ``engine.status|submit|abort|bench``.
+"""Control methods of the engine: ``engine.status|submit|abort|bench|load|unload|generate``.
 
 Each function reads and checks its params, then calls one verb of
 :class:`~velod.engine.service.EngineService`.
@@ -6,11 +6,14 @@ Each function reads and checks its params, then calls one verb of
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 from velod.control.registry import CallContext, RpcError, param, rpc
+from velod.engine.generation import GenerationResult
 
 if TYPE_CHECKING:
+    from velod.engine.generation import GenerationRequest
     from velod.engine.runtime.workload import Workload
     from velod.engine.service import EngineService
 
@@ -79,3 +82,58 @@ def _read_workload(params: dict[str, Any]) -> Workload:
                     gen=param(params, "gen", int, 128, check=at_least(1)), shared_prefix=shared,
                     priority=param(params, "priority", bool, False), verify=verify,
                     seed=param(params, "seed", int, 0))
+
+
+@rpc("engine.load", admin=True, summary="Load a language model (model: an Ollama name or a "
+     "GGUF path; chat_template) -> what it is")
+async def load(engine: EngineService, params: dict[str, Any], ctx: CallContext) -> Any:
+    return await engine.load(param(params, "model", str, check=_non_empty),
+                             param(params, "chat_template", str, None))
+
+
+@rpc("engine.unload", admin=True, summary="Unload the language model and free its KV pool")
+async def unload(engine: EngineService, params: dict[str, Any], ctx: CallContext) -> Any:
+    return await engine.unload()
+
+
+@rpc("engine.generate", admin=True, summary="Generate text (prompt, messages or token_ids; "
+     "model, options, chat_template); streams engine.token, replies with text, tokens, counts, "
+     "timings and finish reason")
+async def generate(engine: EngineService, params: dict[str, Any], ctx: CallContext) -> Any:
+    request = _read_generation(params)
+    stream = param(params, "stream", bool, True)
+    async with contextlib.aclosing(engine.generate(request, load=True)) as events:
+        async for event in events:
+            if isinstance(event, GenerationResult):
+                return {"done": True, **event.to_dict()}
+            if stream and event.text and not ctx.notify("engine.token", [
+                    {"text": event.text, "token": event.token, "logprob": event.logprob}]):
+                # The caller is gone or does not read: closing the events aborts the request.
+                raise RpcError("unavailable", "the client stopped reading the token stream")
+    raise RpcError("internal", "the generation ended without a result")
+
+
+def _non_empty(value: str) -> str | None:
+    return None if value.strip() else "must not be empty"
+
+
+def _read_generation(params: dict[str, Any]) -> GenerationRequest:
+    """A GenerationRequest from engine.generate's params; invalid_params naming the field."""
+    from velod.engine.core.errors import InvalidRequest
+    from velod.engine.generation import GenerationRequest
+    from velod.engine.models.sampling import SamplingParams
+
+    options = param(params, "options", dict, {})
+    try:
+        sampling = SamplingParams.from_options(options)
+        return GenerationRequest(
+            prompt=param(params, "prompt", str, None),
+            messages=param(params, "messages", list, None),
+            token_ids=param(params, "token_ids", list, None),
+            model=param(params, "model", str, None),
+            sampling=sampling, chat_template=param(params, "chat_template", str, None),
+            priority=param(params, "priority", int, 0))
+    except InvalidRequest as exc:
+        raise RpcError("invalid_params", str(exc), {"field": exc.field}) from None
+    except TypeError as exc:  # a value of the wrong kind inside options
+        raise RpcError("invalid_params", f"options: {exc}", {"field": "options"}) from None

@@ -12,24 +12,32 @@ change reaches the engine through ``reconfigure``, which derives :class:`EngineS
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import time
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from velod.blocking import run_blocking
+from velod.blocking import SerialWorker, run_blocking
 from velod.component import Component, Context, ReconfigureRefused
+from velod.engine.live import Event, LiveGeneration, LiveGenerations
 from velod.errors import Busy, InvalidParams, NotFound, Unavailable
 
 if TYPE_CHECKING:
-    from velod.config import Config
+    from velod.config import Config, EngineConfig
+    from velod.engine.generation import GenerationRequest
     from velod.engine.runtime.engine import Engine, StepOutcome
     from velod.engine.runtime.workload import BenchRun, Workload
+    from velod.engine.served import ServedModel
     from velod.engine.settings import EngineSettings
 
 BUILD_TIMEOUT = 300.0  # allocating a large pool or compiling CUDA kernels the first time
 PROGRESS_INTERVAL = 0.25
 MAX_EMPTY_STEPS = 1000
 SUBMIT_CHUNK = 128
+LOAD_TIMEOUT = 600.0  # reading and dequantizing a multi-GB GGUF
+PREPARE_TIMEOUT = 10.0  # rendering and tokenizing one prompt (both bounded in size)
+PREPARE_SLOTS = 2  # prompts prepared at once: the step's worker thread is never starved
 
 
 class EngineService(Component):
@@ -53,6 +61,13 @@ class EngineService(Component):
         self._last_bench_progress = 0.0
         self.releases = 0
         self.allocations = 0
+        # Every step on one thread: its scratch buffers and malloc arena stay warm instead
+        # of one set per pool thread that happens to run a step (RSS that only grows).
+        self._stepper = SerialWorker("velod-engine")
+        self.served: ServedModel | None = None  # the language model, once loaded
+        self.live = LiveGenerations()
+        self._loading: asyncio.Lock | None = None
+        self._prepare_slots: asyncio.Semaphore | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -66,18 +81,24 @@ class EngineService(Component):
         if self._driver is not None:
             self._driver.cancel()
         self._fail_bench("velod is stopping")
+        self.live.end_all("abort", "velod is stopping")
         self._drop_engine("stopping")
         self.state = "stopped"
 
     async def reconfigure(self, config: Config) -> None:
         from velod.engine.core.errors import EngineConfigError
-        from velod.engine.settings import EngineSettings
 
         new = config.engine
         try:
-            spec = EngineSettings.from_config(new) if new.enabled else None
+            spec = self._derive(new) if new.enabled else None
         except EngineConfigError as exc:
             raise ReconfigureRefused(str(exc)) from None
+        if self.served is not None and self.settings is not None and spec is not None and \
+                spec.dtype != self.settings.dtype:
+            # The loaded model writes its K/V in the cache's element type, chosen at load.
+            raise ReconfigureRefused(
+                f"engine.dtype {spec.dtype} needs the model loaded again: `velodctl engine "
+                f"unload`, reload, then `velodctl engine load {self.served.name}`")
         if spec != self.settings and self._busy():
             engine = self.engine
             load = (f"{engine.scheduler.num_running} running, {engine.scheduler.num_waiting} "
@@ -93,18 +114,30 @@ class EngineService(Component):
 
     def _adopt(self, config: Config) -> None:
         from velod.engine.core.errors import EngineConfigError
-        from velod.engine.settings import EngineSettings
 
         self.config = config
         self.settings, self.settings_error, self.error = None, None, None
         if not config.engine.enabled:
             return
         try:
-            self.settings = EngineSettings.from_config(config.engine)
+            self.settings = self._derive(config.engine)
         except EngineConfigError as exc:
             self.settings_error = str(exc)
             self.error = self.settings_error
             self.state = "degraded"
+
+    def _derive(self, engine: EngineConfig) -> EngineSettings:
+        """The engine's settings from its config, shaped by the loaded model if any."""
+        import dataclasses
+
+        from velod.engine.settings import EngineSettings
+
+        settings = EngineSettings.from_config(engine)
+        served = self.served
+        if served is None:
+            return settings
+        return dataclasses.replace(settings, geometry=served.geometry, model=served.name,
+                                   source=f"GGUF {served.model.info.get('path', served.name)}")
 
     def _busy(self) -> bool:
         if self._building is not None or self.bench is not None:
@@ -122,36 +155,41 @@ class EngineService(Component):
         if self.engine is not None:
             return self.engine
         if self._building is None:
-            from velod.engine.runtime.engine import build_engine
-
-            spec = self.settings
-            self._building = asyncio.ensure_future(
-                run_blocking(build_engine, spec, timeout=BUILD_TIMEOUT))
-            try:
-                engine = await asyncio.shield(self._building)
-            except Exception as exc:
-                self.error = f"cannot allocate the KV pool: {exc}"
-                self.log.error("%s", self.error)
-                raise Unavailable(str(exc)) from None
-            finally:
-                self._building = None
-            if spec != self.settings:  # reconfigured meanwhile (it was idle then)
-                raise Busy("the engine config changed while allocating; retry")
-            self.engine, self.error = engine, None
-            self.allocations += 1
-            self.log.info("KV pool allocated: %d blocks, %.1f MiB on %s (%s, %s)",
-                          engine.pool.num_blocks, engine.pool.nbytes / 2**20,
-                          engine.backend.name, spec.model, spec.dtype)
-            self.ctx.bus.publish("engine.allocated", {"blocks": engine.pool.num_blocks,
-                                                      "bytes": engine.pool.nbytes})
-            return engine
+            self._building = asyncio.ensure_future(self._build(self.settings))
         try:
-            await asyncio.shield(self._building)
-        except Exception as exc:  # the first caller logged it
+            # Every caller waits for the same build; the build itself adopts the engine, so
+            # no waiter can run before it is in place.
+            return await asyncio.shield(self._building)
+        except (Busy, Unavailable):
+            raise
+        except Exception as exc:  # the build logged it
             raise Unavailable(str(exc)) from None
-        if self.engine is None:
-            raise Unavailable(self.error or "the KV pool could not be allocated")
-        return self.engine
+
+    async def _build(self, spec: EngineSettings) -> Engine:
+        """Build the engine for ``spec`` in a worker thread and adopt it."""
+        from velod.engine.runtime.engine import build_engine
+
+        model = self.served.model if self.served is not None else None
+        try:
+            engine = await run_blocking(functools.partial(build_engine, spec, model=model),
+                                        timeout=BUILD_TIMEOUT)
+        except Exception as exc:
+            self.error = f"cannot allocate the KV pool: {exc}"
+            self.log.error("%s", self.error)
+            raise Unavailable(str(exc)) from None
+        finally:
+            self._building = None
+        if spec != self.settings:  # reconfigured meanwhile (it was idle then)
+            engine.close()
+            raise Busy("the engine config changed while allocating; retry")
+        self.engine, self.error = engine, None
+        self.allocations += 1
+        self.log.info("KV pool allocated: %d blocks, %.1f MiB on %s (%s, %s)",
+                      engine.pool.num_blocks, engine.pool.nbytes / 2**20,
+                      engine.backend.name, spec.model, spec.dtype)
+        self.ctx.bus.publish("engine.allocated", {"blocks": engine.pool.num_blocks,
+                                                  "bytes": engine.pool.nbytes})
+        return engine
 
     def _drop_engine(self, reason: str) -> None:
         if self._release is not None:
@@ -204,7 +242,7 @@ class EngineService(Component):
                     continue
                 empty = 0
                 self._in_flight = engine
-                result = await run_blocking(engine.execute, batch)
+                result = await self._stepper.run(engine.execute, batch)
                 self._in_flight = None  # not on cancellation: the thread may still run
                 if engine is self.engine:
                     self._after_step(engine.complete(batch, result))
@@ -215,6 +253,7 @@ class EngineService(Component):
             self.log.exception("engine step failed")
             self.error = f"step failed: {exc}"
             self._fail_bench(self.error)
+            self.live.end_all("error", self.error)
             if engine is not None:
                 for seq_id in list(engine.tracks):
                     engine.abort(seq_id)
@@ -227,6 +266,13 @@ class EngineService(Component):
     def _after_step(self, outcome: StepOutcome) -> None:
         bus = self.ctx.bus
         now = time.monotonic()
+        engine = self.engine
+        for seq_id in self.live.on_step(outcome):
+            # A stop string or end-of-generation token: abort now, so the sequence is not
+            # scheduled again and its blocks free in the next step.
+            if engine is not None:
+                engine.abort(seq_id)
+            bus.publish("engine.finished", {"id": seq_id, "reason": "stop"})
         for request, track in outcome.finished:
             if track is None or track.tag is not None:
                 continue
@@ -301,6 +347,9 @@ class EngineService(Component):
                         "pool": {"allocated": False, "kv_cache": self.settings.kv_cache_text,
                                  "block_size": self.settings.block_size},
                         "running": 0, "waiting": 0})
+        if self.served is not None:
+            out["model"] = {**out.get("model", {}), **self.served.describe()}
+        out["generations"] = len(self.live)
         return out
 
     def _state_word(self) -> str:
@@ -348,6 +397,8 @@ class EngineService(Component):
             ids = list(dict.fromkeys(ids + [i for i in bench.ids if i in engine.tracks]))
             self._fail_bench("aborted by request")
         aborted = [i for i in ids if engine.abort(i)]
+        for i in aborted:
+            self.live.end(i, "abort")
         if not everything and not aborted:
             raise NotFound(f"no live request {seq_id} (unknown, finished or already "
                            "aborted)", {"field": "id"})
@@ -391,12 +442,180 @@ class EngineService(Component):
                 self.bench, self._bench_done = None, None
             self._schedule_release()
 
+    # ------------------------------------------------------------------ language models
 
-def _submit(engine: Engine, prompt: Any, max_new: int, priority: int) -> int:
+    async def load(self, source: str, chat_template: str | None = None) -> dict[str, Any]:
+        """Load the model ``source`` (an Ollama name or a GGUF path) in place of any other;
+        returns what ``engine status`` says about it. Busy while requests run."""
+        from velod.engine.served import load_served
+
+        if not self.config.engine.enabled:
+            raise Unavailable("the engine is disabled (engine.enabled: false in the config)")
+        if self._loading is None:
+            self._loading = asyncio.Lock()
+        async with self._loading:
+            served = self.served
+            if served is not None and served.name == source and chat_template is None:
+                return served.describe()
+            if self._busy():
+                raise Busy("the engine is serving requests; load a model when it is idle "
+                           "(velodctl engine abort --all stops them)")
+            self.log.info("loading model %s", source)
+            started = time.monotonic()
+            dtype = self.settings.dtype if self.settings is not None else "float32"
+            try:
+                served = await run_blocking(functools.partial(
+                    load_served, source, kv_dtype=dtype, chat_template=chat_template),
+                    timeout=LOAD_TIMEOUT)
+            except TimeoutError:
+                raise Unavailable(f"loading {source} took longer than {LOAD_TIMEOUT:g}s") \
+                    from None
+            except Exception as exc:
+                raise _load_error(source, exc) from None
+            if self._busy():  # requests for the old model arrived meanwhile
+                raise Busy("the engine took requests while the model loaded; retry")
+            self._drop_engine(f"model {source} loaded")
+            self.served = served
+            self._adopt(self.config)
+            self.log.info("model %s loaded in %.1fs", source, time.monotonic() - started)
+            self.ctx.bus.publish("engine.model_loaded", {"model": source})
+            self._schedule_release()
+            return served.describe()
+
+    async def unload(self) -> dict[str, Any]:
+        """Drop the loaded model and its KV pool (back to the synthetic workload)."""
+        if self.served is None:
+            return {"unloaded": None}
+        if self._busy():
+            raise Busy("the engine is serving requests; unload when it is idle")
+        name = self.served.name
+        self._drop_engine(f"model {name} unloaded")
+        self.served = None
+        self._adopt(self.config)
+        self.ctx.bus.publish("engine.model_unloaded", {"model": name})
+        return {"unloaded": name}
+
+    def model_for(self, name: str | None) -> ServedModel:
+        """The loaded model when ``name`` (None: any) means it; NotFound / Unavailable."""
+        served = self.served
+        if served is None:
+            raise Unavailable("no model is loaded; load one with `velodctl engine load "
+                              "MODEL` (an Ollama name or a GGUF path)", {"model": name})
+        if not served.answers_to(name):
+            raise NotFound(f"model {name!r} is not loaded (loaded: {served.name})",
+                           {"model": name, "loaded": served.name})
+        return served
+
+    async def generate(self, request: GenerationRequest, *,
+                       load: bool = False) -> AsyncIterator[Event]:
+        """Generate for ``request``: a :class:`TokenEvent` per token, then the
+        :class:`GenerationResult`. Concurrent callers share the one scheduler.
+
+        Errors (InvalidParams, NotFound, Unavailable, Busy when the queue is full) come
+        from the first ``__anext__``. A caller that stops iterating (closes the iterator,
+        is cancelled) aborts its sequence. ``load``: load ``request.model`` if another
+        model (or none) is loaded.
+        """
+        from velod.engine.generation import max_new_tokens, prepare_prompt
+
+        received = time.monotonic()
+        if load and request.model and (self.served is None
+                                       or not self.served.answers_to(request.model)):
+            await self.load(request.model)
+        served = self.model_for(request.model)
+        params = request.params
+        _check(params.check_vocabulary, served.tokenizer.vocab_size)
+        if self._prepare_slots is None:
+            self._prepare_slots = asyncio.Semaphore(PREPARE_SLOTS)
+        async with self._prepare_slots:
+            try:
+                prompt = await run_blocking(prepare_prompt, request, served,
+                                            timeout=PREPARE_TIMEOUT)
+            except TimeoutError:
+                raise Unavailable(f"preparing the prompt took longer than "
+                                  f"{PREPARE_TIMEOUT:g}s") from None
+            except Exception as exc:
+                raise _request_error(exc) from None
+        prepared = time.monotonic()
+        engine = await self._ensure_engine()
+        if served is not self.served:
+            raise Busy("the model changed while the request was prepared; retry")
+        max_new = max_new_tokens(params, len(prompt), served.context_length)
+        seq_id = _submit(engine, prompt, max_new, request.priority, sampling=params)
+        live = LiveGeneration(seq_id, request, served, len(prompt), received, prepared)
+        self.live.add(live)
+        self._kick()
+        try:
+            while True:
+                event = await live.queue.get()
+                yield event
+                if event is live.result:
+                    return
+        finally:
+            self.live.discard(seq_id)
+            if not live.done:  # the caller went away: free the sequence's blocks
+                live.end("abort")
+                if self.engine is engine and engine.abort(seq_id):
+                    self.ctx.bus.publish("engine.finished", {"id": seq_id, "reason": "aborted"})
+                    self._schedule_release()
+            self._publish_generation(live)
+
+    def _publish_generation(self, live: LiveGeneration) -> None:
+        """``engine.generation``: one finished request's counts and timings (for metrics)."""
+        result = live.result
+        if result is None:
+            return
+        self.ctx.bus.publish("engine.generation", {
+            "id": live.seq_id, "model": result.model, "finish_reason": result.finish_reason,
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "ttft_s": result.timings.ttft_s, "eval_s": result.timings.eval_s})
+
+
+def _check(check: Any, *args: Any) -> None:
+    """Run a request check; its InvalidRequest becomes InvalidParams naming the field."""
+    try:
+        check(*args)
+    except Exception as exc:
+        raise _request_error(exc) from None
+
+
+def _request_error(exc: Exception) -> Exception:
+    """A request's own failure (bad field, template, tokens) as the error its caller gets."""
+    from velod.engine.core.errors import InvalidRequest
+    from velod.engine.models.chat import ChatTemplateError
+    from velod.engine.models.tokenizer import TokenizerError
+
+    if isinstance(exc, InvalidRequest):
+        return InvalidParams(str(exc), {"field": exc.field, "limit": _plain(exc.limit)})
+    if isinstance(exc, (ChatTemplateError, TokenizerError)):
+        return InvalidParams(str(exc), {"field": getattr(exc, "field", None)})
+    return exc
+
+
+def _load_error(source: str, exc: Exception) -> Exception:
+    """Why a model did not load, as the error the caller gets."""
+    from velod.engine.models.chat import ChatTemplateError
+    from velod.engine.models.tokenizer import TokenizerError
+    from velod.engine.models.weights import NotEnoughMemory
+    from velod.model.gguf import ModelFileError
+    from velod.model.store import ModelNotFoundError
+
+    if isinstance(exc, ModelNotFoundError):
+        return NotFound(str(exc), {"model": source})
+    if isinstance(exc, NotEnoughMemory):
+        return Unavailable(str(exc), {"model": source})
+    if isinstance(exc, (ModelFileError, TokenizerError, ChatTemplateError, ValueError)):
+        return InvalidParams(f"cannot load {source}: {exc}", {"field": "model"})
+    return exc
+
+
+def _submit(engine: Engine, prompt: Any, max_new: int, priority: int,
+            sampling: Any = None) -> int:
     from velod.engine.core.errors import InvalidRequest, QueueFull
 
     try:
-        return engine.submit(prompt, max_new, priority=priority)
+        return engine.submit(prompt, max_new, priority=priority, sampling=sampling)
     except InvalidRequest as exc:
         raise InvalidParams(str(exc), {"field": exc.field, "limit": _plain(exc.limit)}) from None
     except QueueFull as exc:

@@ -90,8 +90,10 @@ async def bench_run(tuner: Tuner, params: dict[str, Any], ctx: CallContext) -> A
         raise RpcError("invalid_params", str(exc)) from None
     backend = param(params, "backend", str, None, check=lambda v: None if v in BACKENDS
                     else f"must be one of {', '.join(BACKENDS)}")
+    url = param(params, "url", str, None, check=lambda v: None if v.startswith(
+        ("http://", "https://")) else "must be an http:// or https:// URL")
     return await tuner.bench_run(param(params, "model", str, None), server=_server(params),
-                                 backend=backend, **spec)
+                                 backend=backend, url=url, **spec)
 
 
 @rpc("bench.list", summary="Saved benchmark results, newest first")

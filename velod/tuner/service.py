@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from velod.blocking import run_blocking
 from velod.component import Component, Context
+from velod.config import OllamaConfig
 from velod.errors import Busy, InvalidParams, NotFound, Unavailable
 from velod.hardware.snapshot import Snapshot
 from velod.model.names import normalize_name
@@ -725,10 +726,22 @@ class Tuner(Component):
                 "skipped": skipped.count,
                 "warning": skipped.describe(self.history.path) if skipped.count else None}
 
-    async def bench_run(self, model: str | None, **spec: Any) -> dict[str, Any]:
-        """Benchmark ``model`` (default: the most used) through the server; save the result."""
+    async def bench_run(self, model: str | None, url: str | None = None,
+                        **spec: Any) -> dict[str, Any]:
+        """Benchmark ``model`` (default: the most used) through the server, or through the
+        Ollama-compatible server at ``url`` (velod's own engine), and save the result."""
         if self.bench.running is not None:
             raise Busy(f"benchmark {self.bench.running['id']} is running; wait for it")
+        if url is not None:
+            other = OllamaBackend(OllamaConfig(url=url,
+                                               request_timeout=self.backend.request_timeout),
+                                  name=url, label=f"the server at {url}")
+            try:
+                bench = self.bench.through(other)
+                name, digest = await bench.choose_model(model)
+                return await bench.run(BenchSpec(model=name, **spec), digest)
+            finally:
+                await other.close()
         assert self.lock is not None
         async with self.lock:  # no tuner restart while measuring
             name, digest = await self.bench.choose_model(model)

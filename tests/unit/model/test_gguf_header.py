@@ -9,17 +9,17 @@ import pytest
 from velod.model.gguf_header import GgufHeaderError, SkippedArray, read_geometry, read_metadata
 
 
-def test_reads_the_tiny_models_shape_and_vocabulary_size(tiny_llama_gguf: Path) -> None:
-    g = read_geometry(tiny_llama_gguf)
+def test_reads_the_tiny_models_shape_and_vocabulary_size(tiny_llm_gguf: Path) -> None:
+    g = read_geometry(tiny_llm_gguf)
     assert (g.architecture, g.layers, g.heads, g.kv_heads, g.key_length) == ("llama", 2, 4, 2, 64)
-    assert g.vocab_size == 259 and not g.windowed
+    assert g.vocab_size == 864 and not g.windowed
 
 
-def test_long_arrays_are_stepped_over_with_their_length(tiny_llama_gguf: Path) -> None:
-    meta = read_metadata(tiny_llama_gguf, max_array=100)
-    assert meta["tokenizer.ggml.tokens"] == SkippedArray(259)
+def test_long_arrays_are_stepped_over_with_their_length(tiny_llm_gguf: Path) -> None:
+    meta = read_metadata(tiny_llm_gguf, max_array=100)
+    assert meta["tokenizer.ggml.tokens"] == SkippedArray(864)
     assert meta["llama.block_count"] == 2
-    full = read_metadata(tiny_llama_gguf)
+    full = read_metadata(tiny_llm_gguf)
     assert full["tokenizer.ggml.tokens"][:3] == ["<unk>", "<s>", "</s>"]
 
 

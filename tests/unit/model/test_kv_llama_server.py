@@ -75,9 +75,9 @@ def test_gemma3_estimate_is_within_5_percent_of_what_llama_server_allocates(
 
 @pytest.mark.parametrize(("ctx", "slots", "k", "v", "extra", "unified"), TINY_CASES)
 def test_full_attention_estimate_is_within_5_percent_of_what_llama_server_allocates(
-        tiny_llama_gguf: Path, ctx: int, slots: int, k: str, v: str, extra: tuple[str, ...],
+        tiny_llm_gguf: Path, ctx: int, slots: int, k: str, v: str, extra: tuple[str, ...],
         unified: bool) -> None:
-    _check(tiny_llama_gguf, ctx, slots, k, v, extra, unified)
+    _check(tiny_llm_gguf, ctx, slots, k, v, extra, unified)
 
 
 def test_automatic_slots_share_one_unified_pool(gemma_gguf: Path) -> None:

@@ -34,8 +34,8 @@ TRAINED = 4096  # the tiny model's context_length
 
 
 @pytest.fixture(scope="module")
-def tiny_server(tiny_llama_gguf: Path) -> Iterator[assets.LlamaServer]:
-    with assets.llama_server(tiny_llama_gguf, "-np", "3", "--metrics", "--no-warmup",
+def tiny_server(tiny_llm_gguf: Path) -> Iterator[assets.LlamaServer]:
+    with assets.llama_server(tiny_llm_gguf, "-np", "3", "--metrics", "--no-warmup",
                              ctx=3000) as server:
         yield server
 
@@ -62,15 +62,15 @@ def cpu_machine(ram: int = 24 * GIB) -> Snapshot:
 
 @pytest.mark.asyncio
 async def test_a_poll_reads_slots_context_model_and_metrics(
-        backend: LlamaServerBackend, tiny_llama_gguf: Path) -> None:
+        backend: LlamaServerBackend, tiny_llm_gguf: Path) -> None:
     state = await backend.fetch_state(TunerConfig())
     # -c 3000 -np 3: 3072 cells padded, 1024 a slot.
     assert state.total_slots == 3 and state.slot_context == 1024
     assert [s.n_ctx for s in state.slots or []] == [1024] * 3
-    assert state.model_path == str(tiny_llama_gguf)
+    assert state.model_path == str(tiny_llm_gguf)
     (model,) = state.models
     assert model.geometry is not None and model.geometry.layers == 2
-    assert model.size == os.path.getsize(tiny_llama_gguf) and model.source == "installed"
+    assert model.size == os.path.getsize(tiny_llm_gguf) and model.source == "installed"
     assert state.metrics is not None and "llamacpp:tokens_predicted_total" in state.metrics
     assert not state.busy and state.version
 
@@ -127,8 +127,8 @@ def test_timings_become_a_sample_in_seconds() -> None:
 # --------------------------------------------------------------------------- the planner
 
 
-def test_a_cpu_plan_keeps_four_slots_of_the_trained_context(tiny_llama_gguf: Path) -> None:
-    p = plan(cpu_machine(), LlamaServerState("b1", [served(tiny_llama_gguf)]), Policy())
+def test_a_cpu_plan_keeps_four_slots_of_the_trained_context(tiny_llm_gguf: Path) -> None:
+    p = plan(cpu_machine(), LlamaServerState("b1", [served(tiny_llm_gguf)]), Policy())
     values = {n: r.value for n, r in p.server.items()}
     assert values == {"LLAMA_ARG_CTX_SIZE": str(4 * TRAINED), "LLAMA_ARG_N_PARALLEL": "4",
                       "LLAMA_ARG_FLASH_ATTN": "auto", "LLAMA_ARG_CACHE_TYPE_K": "f16",
@@ -148,26 +148,26 @@ def test_gemma3_on_a_gpu_plans_the_windowed_cache_and_all_layers(gemma_gguf: Pat
     assert p.server["LLAMA_ARG_N_GPU_LAYERS"].value == "all"
 
 
-def test_a_model_too_large_for_the_gpu_is_partly_offloaded(tiny_llama_gguf: Path) -> None:
-    big = ModelInfo("big", None, 12 * GIB, read_geometry(tiny_llama_gguf))
+def test_a_model_too_large_for_the_gpu_is_partly_offloaded(tiny_llm_gguf: Path) -> None:
+    big = ModelInfo("big", None, 12 * GIB, read_geometry(tiny_llm_gguf))
     p = plan(what_if_snapshot(8 * GIB, 1, 64 * GIB), LlamaServerState("b1", [big]), Policy())
     layers = p.server["LLAMA_ARG_N_GPU_LAYERS"].value
     assert layers.isdigit() and int(layers) < 3
     assert not p.fits and any("on the CPU (slow)" in n for n in p.notes)
 
 
-def test_a_quantized_cache_turns_flash_attention_on(tiny_llama_gguf: Path) -> None:
+def test_a_quantized_cache_turns_flash_attention_on(tiny_llm_gguf: Path) -> None:
     p = plan(what_if_snapshot(8 * GIB, 1, 64 * GIB),
-             LlamaServerState("b1", [served(tiny_llama_gguf)]), Policy(profile="long-context"))
+             LlamaServerState("b1", [served(tiny_llm_gguf)]), Policy(profile="long-context"))
     assert p.server["LLAMA_ARG_CACHE_TYPE_V"].value == "q8_0"
     assert p.server["LLAMA_ARG_FLASH_ATTN"].value == "on"
 
 
-def test_pins_and_command_line_flags_shape_the_plan(tiny_llama_gguf: Path) -> None:
+def test_pins_and_command_line_flags_shape_the_plan(tiny_llm_gguf: Path) -> None:
     policy = Policy(pin={"LLAMA_ARG_N_PARALLEL": "2", "LLAMA_ARG_THREADS": "2"},
                     locked={"LLAMA_ARG_CTX_SIZE": ("2048", "`-c 2048` on ExecStart")})
-    p = plan(cpu_machine(), LlamaServerState("b1", [served(tiny_llama_gguf)]), policy)
-    assert p.models[tiny_llama_gguf.name].context == 1024  # 2048 over the pinned 2 slots
+    p = plan(cpu_machine(), LlamaServerState("b1", [served(tiny_llm_gguf)]), policy)
+    assert p.models[tiny_llm_gguf.name].context == 1024  # 2048 over the pinned 2 slots
     assert p.server["LLAMA_ARG_N_PARALLEL"].pinned
     assert p.server["LLAMA_ARG_CTX_SIZE"].locked == "`-c 2048` on ExecStart"
     env = p.environment()
@@ -197,9 +197,9 @@ def test_the_units_command_line_locks_the_settings_velod_plans(tmp_path: Path) -
     asyncio.run(b.close())
 
 
-def test_after_a_restart_props_must_show_the_planned_slots(tiny_llama_gguf: Path) -> None:
+def test_after_a_restart_props_must_show_the_planned_slots(tiny_llm_gguf: Path) -> None:
     b = LlamaServerBackend(LlamaServerConfig(url="http://127.0.0.1:9"), "llama-server")
-    p = plan(cpu_machine(), LlamaServerState("b1", [served(tiny_llama_gguf)]), Policy())
+    p = plan(cpu_machine(), LlamaServerState("b1", [served(tiny_llm_gguf)]), Policy())
     expected = b.expectations(p)
     assert expected == {"slots": 4, "slot_context": TRAINED}
     ok = b.verify(LlamaServerState("b1", total_slots=4, slot_context=TRAINED), expected)
@@ -211,11 +211,11 @@ def test_after_a_restart_props_must_show_the_planned_slots(tiny_llama_gguf: Path
     asyncio.run(b.close())
 
 
-def test_what_if_uses_the_served_gguf_then_the_catalog(tiny_llama_gguf: Path) -> None:
+def test_what_if_uses_the_served_gguf_then_the_catalog(tiny_llm_gguf: Path) -> None:
     b = LlamaServerBackend(LlamaServerConfig(url="http://127.0.0.1:9"), "llama-server")
-    state = LlamaServerState("b1", [served(tiny_llama_gguf)], model_path=str(tiny_llama_gguf))
-    what = b.what_if_state([tiny_llama_gguf.stem, "llama3.1:8b", "mystery"], state)
+    state = LlamaServerState("b1", [served(tiny_llm_gguf)], model_path=str(tiny_llm_gguf))
+    what = b.what_if_state([tiny_llm_gguf.stem, "llama3.1:8b", "mystery"], state)
     sources: dict[str, Any] = {m.name: m.source for m in what.models}
-    assert sources == {tiny_llama_gguf.name: "installed", "llama3.1:8b": "catalog",
+    assert sources == {tiny_llm_gguf.name: "installed", "llama3.1:8b": "catalog",
                        "mystery": "none"}
     asyncio.run(b.close())

@@ -8,6 +8,7 @@ engine step (see ``velod.engine.models.protocol``). Blocking: call it from a wor
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -66,10 +67,12 @@ def quantization_label(metadata: dict[str, Any]) -> str | None:
         return f"file type {file_type}"
 
 
-def load_model(source: str | Path, *, dtype: Any = "float32",
-               available: int | None = None) -> TransformerModel:
+def load_model(source: str | Path, *, dtype: Any = "float32", available: int | None = None,
+               on_metadata: Callable[[dict[str, Any]], None] | None = None) -> TransformerModel:
     """The model named by ``source`` with its weights in memory.
 
+    ``on_metadata`` gets the file's metadata before the weights load (the tokenizer and
+    chat template come from it, without opening the file twice).
     Raises ModelFileError (not found, not a GGUF, truncated, unsupported architecture or
     quantization) or NotEnoughMemory (with the figures), never a half-loaded model.
     """
@@ -84,6 +87,8 @@ def load_model(source: str | Path, *, dtype: Any = "float32",
     found = resolve(str(source))
     gguf = open_gguf(found.path)
     try:
+        if on_metadata is not None:
+            on_metadata(gguf.metadata)
         shapes = {name: info.shape for name, info in gguf.tensors.items()}
         hp = read_hparams(gguf.metadata, shapes, str(found.path))
         weights = load_weights(gguf, hp, available=available)

@@ -20,7 +20,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,6 +34,9 @@ from velod.engine.runtime.synthetic import Model, SyntheticModel, dense_attentio
 from velod.engine.settings import EngineSettings
 from velod.kernels import AttentionBackend
 from velod.kernels.layout import check_slots, to_float32
+
+if TYPE_CHECKING:
+    from velod.engine.models.sampling import SampleResult, SamplerState, SamplingParams
 
 MAX_ROWS_PER_CALL = 65535  # the CUDA kernel's grid limit on sequences per call
 
@@ -66,14 +69,19 @@ class StepResult:
     tokens: np.ndarray
     phases: dict[str, float] = field(default_factory=dict)
     kernel_s: float | None = None
+    sampled: SampleResult | None = None  # with log-probabilities, when requests sampled
 
 
 @dataclass
 class StepOutcome:
-    """What ``complete`` returns: finished requests (with their timing) and the step record."""
+    """What ``complete`` returns: finished requests (with their timing), the step record,
+    and the token each sampled sequence got this step (``seq_ids[i]`` got ``tokens[i]``)."""
 
     finished: list[tuple[FinishedRequest, RequestTrack | None]]
     record: StepRecord | None
+    seq_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    sampled: SampleResult | None = None
 
 
 class Engine:
@@ -92,6 +100,7 @@ class Engine:
         self.window = StepWindow()
         self.tracks: dict[int, RequestTrack] = {}
         self.watch: dict[int, set[int]] = {}  # request id -> positions whose output to keep
+        self.samplers: dict[int, SamplerState] = {}  # request id -> its sampling state
         self.recorded: dict[int, dict[int, np.ndarray]] = {}  # id -> position -> [layers,H,D]
         self.created = time.monotonic()
         self.last_active = self.created
@@ -102,9 +111,17 @@ class Engine:
     # ------------------------------------------------------------------ requests
 
     def submit(self, prompt: Sequence[int] | np.ndarray, max_new_tokens: int, *,
-               priority: int = 0, tag: str | None = None, keep_gaps: bool = False) -> int:
-        """Queue a request; returns its id (InvalidRequest / QueueFull from the scheduler)."""
+               priority: int = 0, tag: str | None = None, keep_gaps: bool = False,
+               sampling: SamplingParams | None = None) -> int:
+        """Queue a request; returns its id (InvalidRequest / QueueFull from the scheduler).
+
+        With ``sampling`` its tokens are drawn from the model's logits with those params
+        (a model without logits picks its own); without, the model's own choice."""
         seq_id = self.scheduler.submit(prompt, max_new_tokens, priority=priority)
+        if sampling is not None and hasattr(self.model, "logits"):
+            from velod.engine.models.sampling import SamplerState
+
+            self.samplers[seq_id] = SamplerState(sampling, prompt)
         self.tracks[seq_id] = RequestTrack(seq_id, time.monotonic(), len(prompt),
                                            max_new_tokens, tag, gaps=[] if keep_gaps else None)
         self.last_active = time.monotonic()
@@ -114,6 +131,7 @@ class Engine:
         """Drop a live request; False when it is not live."""
         self.tracks.pop(seq_id, None)
         self.watch.pop(seq_id, None)
+        self.samplers.pop(seq_id, None)
         return self.scheduler.abort(seq_id)
 
     @property
@@ -194,13 +212,27 @@ class Engine:
             model.layer_output(layer, result)
             if record is not None and result is not None:
                 outputs.append(to_float32(backend.to_host(result)[record[0]]))
-        tokens = model.sample(batch.sample_indices)
+        tokens, sampled = self._sample(batch)
         backend.synchronize()
         lap("sample")
         if record is not None and outputs:
             self._keep_outputs(record, outputs)
         kernel_s = clock.total() if clock else None
-        return StepResult(tokens, phases, kernel_s)
+        return StepResult(tokens, phases, kernel_s, sampled)
+
+    def _sample(self, batch: StepBatch) -> tuple[np.ndarray, SampleResult | None]:
+        """The next token of each sampled row: drawn with its request's params when any
+        request of the model asked for sampling, else the model's own choice."""
+        samplers = self.samplers
+        if not samplers:
+            return self.model.sample(batch.sample_indices), None
+        from velod.engine.models.sampling import sample
+
+        # Requests submitted without params are greedy; the shared state records nothing.
+        states = [samplers.get(seq_id) or _greedy_state()
+                  for seq_id in batch.sample_seq_ids.tolist()]
+        result = sample(self.model.logits(batch.sample_indices), states)  # type: ignore[attr-defined]
+        return result.tokens, result
 
     def _attention(self, q: Any, layer: int, tables: Any, lens: Any, longest: int,
                    out: Any) -> Any:
@@ -250,6 +282,7 @@ class Engine:
         finished = [(request, tracks.pop(request.id, None)) for request in done]
         for request in done:
             self.watch.pop(request.id, None)
+            self.samplers.pop(request.id, None)
         phases = result.phases
         phases["schedule"] = self._schedule_s
         phases["complete"] = time.perf_counter() - start
@@ -265,7 +298,7 @@ class Engine:
             preempted=len(batch.preempted))
         self.window.add(record)
         self.last_active = now
-        return StepOutcome(finished, record)
+        return StepOutcome(finished, record, batch.sample_seq_ids, result.tokens, result.sampled)
 
     def step(self) -> StepOutcome:
         """schedule + execute + complete in the calling thread."""
@@ -361,6 +394,18 @@ class Engine:
                              "hit_rate": hit / query if query else 0.0},
             **self.window.summary(time.monotonic()),
         }
+
+
+_GREEDY: list[SamplerState] = []
+
+
+def _greedy_state() -> SamplerState:
+    """One shared greedy state: greedy sampling without penalties keeps no state."""
+    if not _GREEDY:
+        from velod.engine.models.sampling import SamplerState, SamplingParams
+
+        _GREEDY.append(SamplerState(SamplingParams(temperature=0.0, penalty_window=0)))
+    return _GREEDY[0]
 
 
 def build_engine(settings: EngineSettings, *, backend: AttentionBackend | None = None,

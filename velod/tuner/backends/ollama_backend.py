@@ -25,16 +25,21 @@ if TYPE_CHECKING:
 
 
 class OllamaBackend(UnitBackend):
-    """The Ollama server of ``ollama:`` in the config (see ``backends.base.Backend``)."""
+    """The Ollama server of ``ollama:`` in the config (see ``backends.base.Backend``), or,
+    named otherwise, another server of Ollama's API that velod only measures
+    (``velodctl bench --url``)."""
 
     kind = "ollama"
-    name = "ollama"
-    label = "Ollama"
     history_file = "tuner-history.jsonl"
     variants = True
 
     unit_key = "service"
     state_type = OllamaState
+
+    def __init__(self, config: OllamaConfig, name: str = "ollama",
+                 label: str = "Ollama") -> None:
+        self.name, self.label = name, label
+        super().__init__(config)
 
     def _client(self, config: OllamaConfig) -> OllamaClient:
         return OllamaClient(resolve_url(config.url), config.request_timeout)

@@ -47,6 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="measured runs per case after the warm-up (default 3)")
     bench.add_argument("--timeout", type=float, default=600.0, metavar="S",
                        help="stop after S seconds, keeping partial results (default 600)")
+    bench.add_argument("--url", metavar="URL", help="measure another Ollama-compatible "
+                       "server, such as velod's own engine (http://127.0.0.1:11435, the "
+                       "http.listen address), instead of the local Ollama")
     bench.set_defaults(func=cmd_run)
     actions = bench.add_subparsers(dest="bench_command", metavar="[ACTION]")
     listing = actions.add_parser("list", help="saved results, newest first")
@@ -90,7 +93,7 @@ def _prompts(text: str) -> list[str]:
 def cmd_run(args: argparse.Namespace, client: Any) -> int:
     params = {"model": args.model, "prompts": args.prompt, "prompt_tokens": args.prompt_tokens,
               "gen": args.gen, "concurrency": args.concurrency, "repeat": args.repeat,
-              "timeout": args.timeout}
+              "timeout": args.timeout, "url": args.url}
     params.update({k: v for k, v in (("backend", args.backend), ("server", args.server)) if v})
     progress = None
     try:

@@ -44,6 +44,15 @@ class Benchmarks:
         self.log = log
         self.running: dict[str, Any] | None = None  # id, spec, progress of the current run
 
+    def through(self, backend: Backend) -> Benchmarks:
+        """The same benchmarks (store, progress) measured through another server's backend,
+        whose settings velod does not manage (none are recorded)."""
+        async def no_settings() -> dict[str, str]:
+            return {}
+
+        return Benchmarks(self.store, lambda: backend, self._publish, no_settings,
+                          self._most_used, self.log)
+
     async def installed(self) -> list[tuple[str, str | None]]:
         """(name, digest) of the models the server can run; Unavailable when it does not
         answer."""
