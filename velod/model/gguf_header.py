@@ -17,9 +17,9 @@ import struct
 from dataclasses import dataclass
 from typing import IO, Any
 
+from velod.model.gguf import MAGIC, SUPPORTED_VERSIONS
 from velod.model.metadata import Geometry
 
-MAGIC = b"GGUF"
 # GGUF value types -> struct format of one scalar (8 = string, 9 = array).
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
             10: "<Q", 11: "<q", 12: "<d"}
@@ -125,8 +125,9 @@ def _read(f: IO[bytes], max_array: int) -> dict[str, Any]:
     if _exact(f, 4) != MAGIC:
         raise GgufHeaderError("does not start with 'GGUF' (not a GGUF model file)")
     version, _tensors, keys = struct.unpack("<IQQ", _exact(f, 20))
-    if version not in (2, 3):
-        raise GgufHeaderError(f"GGUF version {version} is not supported (2 or 3)")
+    if version not in SUPPORTED_VERSIONS:
+        raise GgufHeaderError(f"GGUF version {version} is not supported "
+                              f"({' or '.join(map(str, SUPPORTED_VERSIONS))})")
     if keys > MAX_KEYS:
         raise GgufHeaderError(f"the header claims {keys} metadata entries")
     out: dict[str, Any] = {}
