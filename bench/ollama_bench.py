@@ -136,7 +136,7 @@ def against_real(url: str, model: str, gen: int, repeat: int) -> dict[str, Any]:
         return {"url": url, "reachable": False, "note": "no Ollama answered; nothing measured"}
     with BenchDaemon({"ollama": {"url": url}, "hardware": {"enabled": False}}) as d:
         result, wall = run_bench(d, model, gen, repeat, [1, 2, 4])
-    return {"url": url, "reachable": True, "ollama": result["ollama"], "model": result["model"],
+    return {"url": url, "reachable": True, "ollama": result["server"], "model": result["model"],
             "cases": [{"concurrency": c["concurrency"],
                        **{k: (v or {}).get("median") for k, v in c["metrics"].items()}}
                       for c in result["cases"]], "complete": result["complete"],

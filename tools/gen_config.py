@@ -13,7 +13,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from velod.config import describe
+from velod.config import describe, describe_items
 
 TARGET = Path(__file__).resolve().parents[1] / "etc" / "velod" / "velod.yaml"
 HEADER = """\
@@ -32,6 +32,13 @@ def render() -> str:
         parts = path.split(".")
         if len(parts) == 1:
             lines += ["", f"# {doc}", yaml.safe_dump({path: default}).rstrip()]
+            items = describe_items(path)
+            if items:
+                lines.append("# Each item is a map of these keys, shown with their defaults:")
+            for key, item_default, item_doc in items:
+                value = yaml.safe_dump({key: item_default}, default_flow_style=True,
+                                       width=1000).strip()
+                lines += [f"#   # {item_doc}", f"#   {value[1:-1] if value[0] == '{' else value}"]
             continue
         if parts[0] != section:
             section = parts[0]

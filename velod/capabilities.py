@@ -25,7 +25,7 @@ class Capability:
 CAPABILITIES = (
     Capability("hardware", "velod.hardware.service:HardwareMonitor", "velod.hardware.rpc",
                "velod.hardware.cli", ("hw",)),
-    Capability("tuner", "velod.tuner.service:Tuner", "velod.tuner.rpc", "velod.tuner.cli",
+    Capability("tuner", "velod.tuner.servers:TunerService", "velod.tuner.rpc", "velod.tuner.cli",
                ("ollama", "tune", "bench")),
     Capability("engine", "velod.engine.service:EngineService", "velod.engine.rpc",
                "velod.engine.cli", ("engine", "generate")),

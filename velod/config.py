@@ -194,6 +194,7 @@ class HardwareConfig:
 
 @dataclass(frozen=True)
 class OllamaConfig:
+    enabled: bool = _opt(True, "Tune Ollama (false on machines that only run llama-server).")
     url: str = _opt("", "Ollama's address; empty = $OLLAMA_HOST or http://127.0.0.1:11434.",
                     http_url)
     service: str = _opt("ollama.service", "The systemd unit that runs Ollama.",
@@ -206,22 +207,44 @@ class OllamaConfig:
 
 
 @dataclass(frozen=True)
+class LlamaServerConfig:
+    """One llama.cpp llama-server velod tunes (an item of the ``llama_server`` list)."""
+
+    name: str = _opt("", "What velodctl calls it (--server); empty = llama-server, then "
+                     "llama-server-2, ... in list order.")
+    url: str = _opt("", "Its address, e.g. http://127.0.0.1:8080; empty = not managed.",
+                    lambda v: None if not v or (v.startswith(("http://", "https://"))
+                    and http_url(v) is None) else "must be an http:// or https:// address")
+    unit: str = _opt("llama-server.service", "The systemd unit that runs it.",
+                     matches(_UNIT_NAME, "a unit name such as llama-server.service"))
+    systemd_dir: str = _opt("/etc/systemd/system", "Where the unit's drop-in directory lives.",
+                            absolute_path)
+    dropin: str = _opt("50-velod.conf", "File name of velod's drop-in.", plain_conf_name)
+    systemctl: str = _opt("systemctl", "The systemctl program.", program)
+    request_timeout: Duration = _opt(Duration(10.0), "Timeout of one HTTP request.", positive)
+    start_timeout: Duration = _opt(Duration(120.0), "How long it may take to load its model "
+                                   "after a restart.", positive)
+    pin: dict[str, str] = _opt({}, "Settings velod must never change, with their value, "
+                               "e.g. LLAMA_ARG_N_GPU_LAYERS: all.")
+
+
+@dataclass(frozen=True)
 class TunerConfig:
-    enabled: bool = _opt(True, "Plan Ollama's settings.")
+    enabled: bool = _opt(True, "Plan the servers' settings (Ollama, each llama_server).")
     mode: Literal["observe", "apply"] = _opt("observe", "observe: recommend only; "
-                                             "apply: write the drop-in and restart Ollama.")
+                                             "apply: write the drop-in and restart the server.")
     profile: Literal["balanced", "throughput", "long-context", "low-memory"] = _opt(
         "balanced", "What the plan optimises for.")
     reserve_vram: Size = _opt(Size(512 * 1024**2), "VRAM per GPU left to other programs.")
-    pin: dict[str, str] = _opt({}, "Settings velod must never change, with their value, "
-                               "e.g. OLLAMA_KEEP_ALIVE: 30m.")
-    models: list[str] = _opt([], "The models that matter most, first first; "
+    pin: dict[str, str] = _opt({}, "Ollama settings velod must never change, with their "
+                               "value, e.g. OLLAMA_KEEP_ALIVE: 30m.")
+    models: list[str] = _opt([], "The Ollama models that matter most, first first; "
                              "empty = every installed model.",
                              _check("must list at most 1000 models", lambda v: len(v) <= 1000))
-    interval: Duration = _opt(Duration(60.0), "Time between checks of Ollama.", positive)
+    interval: Duration = _opt(Duration(60.0), "Time between checks of each server.", positive)
     settle: Duration = _opt(Duration(120.0), "A changed plan must hold this long before "
                             "it is applied.", non_negative)
-    restart_when_idle_for: Duration = _opt(Duration(120.0), "Restart Ollama only after it "
+    restart_when_idle_for: Duration = _opt(Duration(120.0), "Restart a server only after it "
                                            "has been idle this long.", non_negative)
     min_restart_interval: Duration = _opt(Duration(1800.0), "At most one restart per this "
                                           "interval.", non_negative)
@@ -301,6 +324,15 @@ class HttpConfig:
                                      "generation is aborted then).", positive)
     retry_after: Duration = _opt(Duration(1.0), "Retry-After sent with 503 when the engine's "
                                  "queue is full.", positive)
+    max_connections: int = _opt(256, "HTTP connections open at once; more are answered 503 "
+                                "and closed.", between(1, 16384))
+    max_connections_per_client: int = _opt(128, "HTTP connections one client may hold (a "
+                                           "client: an address, or a uid on a Unix socket; "
+                                           "all local users share 127.0.0.1).",
+                                           between(1, 16384))
+    idle_timeout: Duration = _opt(Duration(30.0), "An HTTP connection with no request being "
+                                  "served this long is closed (also one still sending a "
+                                  "request's head).", positive)
 
 
 @dataclass(frozen=True)
@@ -309,6 +341,8 @@ class Config:
     control: ControlConfig = field(default_factory=ControlConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     ollama: OllamaConfig = field(default_factory=OllamaConfig)
+    llama_server: list[LlamaServerConfig] = _opt([], "llama.cpp servers velod tunes beside "
+                                                 "Ollama (a list; see the keys below).")
     tuner: TunerConfig = field(default_factory=TunerConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
@@ -497,10 +531,41 @@ def _cross_checks(config: Config) -> list[ConfigIssue]:
                                   control.admin_reserved_connections,
                                   "must be less than control.max_connections "
                                   f"({control.max_connections})"))
-    for name in config.tuner.pin:
+    http = config.http
+    if http.max_connections_per_client > http.max_connections:
+        issues.append(ConfigIssue("http.max_connections_per_client",
+                                  http.max_connections_per_client,
+                                  f"must be at most http.max_connections ({http.max_connections})"))
+    pins = [(f"tuner.pin.{n}", n) for n in config.tuner.pin]
+    pins += [(f"llama_server[{i}].pin.{n}", n) for i, s in enumerate(config.llama_server)
+             for n in s.pin]
+    for path, name in pins:
         if not name.replace("_", "").isalnum() or not name.isupper():
-            issues.append(ConfigIssue(f"tuner.pin.{name}", name, "must be an environment "
-                                      "variable name such as OLLAMA_KEEP_ALIVE"))
+            issues.append(ConfigIssue(path, name, "must be an environment variable name "
+                                      "such as OLLAMA_KEEP_ALIVE or LLAMA_ARG_CTX_SIZE"))
+    return issues + _llama_server_issues(config.llama_server)
+
+
+def llama_server_names(servers: list[LlamaServerConfig]) -> list[tuple[int, str]]:
+    """(index in ``llama_server``, name) of each entry with a URL: its ``name``, else
+    ``llama-server`` for the first entry and ``llama-server-N`` for the N-th."""
+    return [(i, s.name or ("llama-server" if i == 0 else f"llama-server-{i + 1}"))
+            for i, s in enumerate(servers) if s.url]
+
+
+def _llama_server_issues(servers: list[LlamaServerConfig]) -> list[ConfigIssue]:
+    """Names of managed llama-servers are unique, plain words, and not 'ollama'."""
+    issues = []
+    seen: set[str] = set()
+    for i, name in llama_server_names(servers):
+        path = f"llama_server[{i}].name"
+        if name == "ollama" or not name.replace("-", "").replace("_", "").replace(".", "") \
+                .isalnum():
+            issues.append(ConfigIssue(path, name, "must be letters, digits, '-', '_' or '.', "
+                                      "and not 'ollama'"))
+        elif name in seen:
+            issues.append(ConfigIssue(path, name, "another llama_server has this name"))
+        seen.add(name)
     return issues
 
 
@@ -616,6 +681,16 @@ def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, str]]
         else:
             rows.append((path, defaults[f.name], f.metadata.get("doc", "")))
     return rows
+
+
+def describe_items(path: str) -> list[tuple[str, Any, str]]:
+    """(key, default, doc) of each item of the list at top-level key ``path`` when its items
+    are maps (``llama_server``); [] for any other key."""
+    field_type = typing.get_type_hints(Config).get(path)
+    (item,) = typing.get_args(field_type) or (None,)
+    if typing.get_origin(field_type) is not list or not dataclasses.is_dataclass(item):
+        return []
+    return describe(item)  # type: ignore[arg-type]
 
 
 __all__ = ["Config", "ConfigError", "ConfigIssue", "load_config", "parse_config"]

@@ -645,9 +645,10 @@ def free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def serve(fake: FakeOllama, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
-    """Serve ``fake`` in this event loop; yields its base URL."""
-    runner = web.AppRunner(fake.app, shutdown_timeout=0.5)
+async def serve_app(app: web.Application, host: str = "127.0.0.1",
+                    port: int = 0) -> AsyncIterator[str]:
+    """Serve ``app`` in this event loop; yields its base URL."""
+    runner = web.AppRunner(app, shutdown_timeout=0.5)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
@@ -657,6 +658,12 @@ async def serve(fake: FakeOllama, host: str = "127.0.0.1", port: int = 0) -> Asy
         yield f"http://{host}:{bound}"
     finally:
         await runner.cleanup()
+
+
+def serve(fake: FakeOllama, host: str = "127.0.0.1",
+          port: int = 0) -> contextlib.AbstractAsyncContextManager[str]:
+    """Serve ``fake`` in this event loop; yields its base URL."""
+    return serve_app(fake.app, host, port)
 
 
 def _listen_address(env: Mapping[str, str]) -> tuple[str, int]:

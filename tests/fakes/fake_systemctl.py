@@ -2,20 +2,26 @@
 
 It records every call (one line of JSON argv per call in ``$FAKE_SYSTEMCTL_LOG``) and
 manages services described by ``$FAKE_SYSTEMCTL_STATE/<unit>.json``
-(``{"argv": [...], "env": {...}, "log": "path"}``) the way systemd would:
+(``{"argv": [...], "env": {...}, "log": "path"}``) the way systemd would (systemd.service(5),
+systemd.exec(5), systemctl(1)):
 
-- ``daemon-reload`` re-reads the unit's ``Environment=`` lines from
+- ``daemon-reload`` re-reads the unit's ``Environment=`` and ``ExecStart=`` lines from
   ``$FAKE_SYSTEMCTL_SYSTEMD_DIR/<unit>`` and ``<unit>.d/*.conf`` (lexical order, later wins,
-  an empty ``Environment=`` resets); ``start``/``restart`` use what the *last* reload read,
-  so a changed drop-in without a daemon-reload is not seen, as with systemd;
-- ``start``, ``stop``, ``restart`` run the service as a process (pid in ``<unit>.pid``)
-  with the unit's ``env`` plus the loaded environment;
+  an empty ``Environment=`` or ``ExecStart=`` resets; a second ``ExecStart=`` without a
+  reset is refused, as for a ``Type=simple`` service); ``start``/``restart`` use what the
+  *last* reload read, so a changed drop-in without a daemon-reload is not seen, as with
+  systemd;
+- ``start``, ``stop``, ``restart`` run the service as a process (pid in ``<unit>.pid``): the
+  unit's ``ExecStart=`` command line when its files give one (``-@:+!`` prefixes dropped),
+  else the JSON's ``argv``, with the JSON's ``env`` plus the loaded environment;
 - ``is-active``; ``show -p PROP [-p PROP...] [--value]`` for ``Environment`` (the
   environment loaded at the last daemon-reload, each entry shell-quoted where needed and
-  space-separated, as systemd prints it), ``MainPID`` (0 when stopped), ``ActiveState``,
-  ``NeedDaemonReload`` (``yes`` when the files on disk say something else than what was
-  loaded) and ``ExecMainStartTimestampMonotonic`` (microseconds of CLOCK_MONOTONIC when the
-  main process started, 0 if never), the properties systemd documents for a service.
+  space-separated, as systemd prints it), ``ExecStart`` (the loaded command line, in
+  systemd's ``{ path=... ; argv[]=... ; ... }`` form), ``MainPID`` (0 when stopped),
+  ``ActiveState``, ``NeedDaemonReload`` (``yes`` when the files on disk say something else
+  than what was loaded) and ``ExecMainStartTimestampMonotonic`` (microseconds of
+  CLOCK_MONOTONIC when the main process started, 0 if never), the properties systemd
+  documents for a service.
 
 Failure injection: a file ``$FAKE_SYSTEMCTL_STATE/<unit>.next-restart`` containing ``fail``
 makes the next start/restart fail (exit 1, service stopped); ``no-come-back`` starts a
@@ -52,12 +58,18 @@ def unit_name(name: str) -> str:
     return name if "." in name else f"{name}.service"
 
 
-def read_environment(unit: str) -> dict[str, str]:
+class UnitError(Exception):
+    """A unit file systemd would refuse to load."""
+
+
+def read_unit(unit: str) -> dict[str, object]:
+    """The ``[Service]`` environment and command line the unit's files give."""
     files = [SYSTEMD_DIR / unit] if (SYSTEMD_DIR / unit).is_file() else []
     dropins = SYSTEMD_DIR / f"{unit}.d"
     if dropins.is_dir():
         files += sorted(p for p in dropins.iterdir() if p.name.endswith(".conf"))
     env: dict[str, str] = {}
+    command: list[str] = []
     for path in files:
         section = ""
         text = path.read_text(encoding="utf-8").replace("\\\n", " ")
@@ -69,7 +81,19 @@ def read_environment(unit: str) -> dict[str, str]:
                 section = line.strip("[]")
                 continue
             key, _, value = line.partition("=")
-            if section != "Service" or key.strip() != "Environment":
+            if section != "Service":
+                continue
+            if key.strip() == "ExecStart":
+                if not value.strip():
+                    command = []
+                elif command:
+                    raise UnitError(f"{unit} has more than one ExecStart= setting, which is "
+                                    "only allowed for Type=oneshot services. Refusing.")
+                else:
+                    command = [w.replace("%%", "%") for w in shlex.split(value)]
+                    command[0] = command[0].lstrip("-@:+!")
+                continue
+            if key.strip() != "Environment":
                 continue
             if not value.strip():
                 env.clear()
@@ -77,23 +101,30 @@ def read_environment(unit: str) -> dict[str, str]:
             for word in shlex.split(value):
                 name, _, val = word.partition("=")
                 env[name] = val.replace("%%", "%")
-    return env
+    return {"env": env, "exec_start": command}
 
 
-def loaded_env_path(unit: str) -> Path:
+def loaded_path(unit: str) -> Path:
     return STATE / f"{unit}.loaded-env.json"
 
 
-def loaded_environment(unit: str) -> dict[str, str]:
-    path = loaded_env_path(unit)
+def loaded_unit(unit: str) -> dict[str, object]:
+    path = loaded_path(unit)
     if not path.exists():  # as at boot: the first start reads the files
         daemon_reload_unit(unit)
     return json.loads(path.read_text())
 
 
+def _read_or_error(unit: str) -> dict[str, object]:
+    try:
+        return read_unit(unit)
+    except UnitError as exc:  # systemd logs it and leaves the unit unloadable
+        return {"env": {}, "exec_start": [], "error": str(exc)}
+
+
 def daemon_reload_unit(unit: str) -> None:
     STATE.mkdir(parents=True, exist_ok=True)
-    loaded_env_path(unit).write_text(json.dumps(read_environment(unit)))
+    loaded_path(unit).write_text(json.dumps(_read_or_error(unit)))
 
 
 def pid_of(unit: str) -> int | None:
@@ -148,10 +179,15 @@ def start(unit: str) -> int:
               f"See \"systemctl status {unit}\" and \"journalctl -xeu {unit}\" for details.",
               file=sys.stderr)
         return 1
-    argv = spec["argv"]
+    loaded = loaded_unit(unit)
+    if loaded.get("error"):
+        print(f"Failed to start {unit}: Unit {unit} has a bad unit file setting.\n"
+              f"{loaded['error']}", file=sys.stderr)
+        return 1
+    argv = loaded.get("exec_start") or spec["argv"]
     if failure == "no-come-back":
         argv = [sys.executable, "-c", "import time; time.sleep(3600)"]
-    env = {**spec.get("env", {}), **loaded_environment(unit)}
+    env = {**spec.get("env", {}), **loaded["env"]}  # type: ignore[dict-item]
     log = open(spec.get("log", os.devnull), "ab")  # noqa: SIM115 (handed to the child)
     proc = subprocess.Popen(argv, env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
                             start_new_session=True, cwd=spec.get("cwd"))
@@ -186,10 +222,18 @@ def shell_maybe_quote(text: str) -> str:
 def show(unit: str, props: list[str], value_only: bool) -> int:
     pid = pid_of(unit)
     known = (STATE / f"{unit}.json").exists()
-    env = loaded_environment(unit) if known else {}
+    loaded = loaded_unit(unit) if known else {}
+    env: dict[str, str] = loaded.get("env", {})  # type: ignore[assignment]
+    command: list[str] = loaded.get("exec_start", [])  # type: ignore[assignment]
+    exec_start = (f"{{ path={command[0]} ; argv[]={' '.join(command)} ; ignore_errors=no ; "
+                  f"start_time=[n/a] ; stop_time=[n/a] ; pid={pid or 0} ; code=(null) ; "
+                  "status=0/0 }") if command else ""
     started = started_path(unit).read_text() if started_path(unit).exists() else "0"
-    stale = known and read_environment(unit) != env
+    on_disk = _read_or_error(unit)
+    stale = known and {k: on_disk.get(k) for k in ("env", "exec_start", "error")} != \
+        {k: loaded.get(k) for k in ("env", "exec_start", "error")}
     values = {"Environment": " ".join(shell_maybe_quote(f"{k}={v}") for k, v in env.items()),
+              "ExecStart": exec_start,
               "MainPID": str(pid or 0), "ActiveState": "active" if pid else "inactive",
               "NeedDaemonReload": "yes" if stale else "no",
               "ExecMainStartTimestampMonotonic": started, "Id": unit}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -106,6 +107,23 @@ def wait_for(predicate: Any, timeout: float = 20.0, interval: float = 0.05,
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def watch_a_reload(daemon: RunningDaemon, *patterns: str) -> str:
+    """Run ``velodctl watch --json PATTERNS``, reload, check the first line printed is the
+    reload's event and that Ctrl-C ends the watch with 0; returns what it wrote on stderr."""
+    proc = subprocess.Popen([*velodctl_command(), "--socket", str(daemon.socket), "watch",
+                             "--json", *patterns], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.8)  # subscribed by then
+        daemon.call("config.reload")
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        assert json.loads(line)["topic"] == "config.reloaded"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+    return proc.stderr.read()  # type: ignore[union-attr]
 
 
 def wait_until_ready(daemon: RunningDaemon, timeout: float = START_TIMEOUT) -> None:

@@ -139,7 +139,8 @@ def test_benchmark_figures_are_what_the_fake_produced(world: Any, velod_factory:
     # Recorded with the model digest, Ollama's version and the settings in force; saved.
     tags = {t["name"]: t for t in m.ollama("/api/tags")["models"]}
     assert result["model"]["digest"] == tags[MODEL]["digest"]
-    assert result["ollama"]["version"] == m.ollama("/api/version")["version"]
+    assert result["server"]["version"] == m.ollama("/api/version")["version"]
+    assert (result["server"]["name"], result["server"]["kind"]) == ("ollama", "ollama")
     assert result["loaded"]["gpu_percent"] == 100
     assert Path(result["path"]).is_file()
     shown = json.loads(d.ctl("--json", "bench", "show", result["id"]).stdout)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import velod_command, velodctl_command
+from tests.integration.conftest import velod_command, velodctl_command, watch_a_reload
 from velod import __version__
 
 
@@ -178,16 +178,7 @@ def test_events_stream_until_the_client_leaves(velod):
 
 
 def test_velodctl_watch_prints_events(velod):
-    proc = subprocess.Popen([*velodctl_command(), "--socket", str(velod.socket), "watch",
-                             "--json", "config.*"], stdout=subprocess.PIPE, text=True)
-    try:
-        time.sleep(0.5)
-        velod.call("config.reload")
-        line = proc.stdout.readline()
-        assert json.loads(line)["topic"] == "config.reloaded"
-    finally:
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(10) == 0
+    watch_a_reload(velod, "config.*")
 
 
 def test_an_idle_daemon_loads_neither_numpy_nor_pycuda(velod):

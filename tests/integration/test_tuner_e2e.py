@@ -44,6 +44,7 @@ class Machine:
     tmp: Path
     port: int
     env: dict[str, str]
+    unit: str = UNIT
 
     @property
     def systemd_dir(self) -> Path:
@@ -51,7 +52,7 @@ class Machine:
 
     @property
     def dropin_dir(self) -> Path:
-        return self.systemd_dir / f"{UNIT}.d"
+        return self.systemd_dir / f"{self.unit}.d"
 
     @property
     def velod_dropin(self) -> Path:
@@ -88,7 +89,7 @@ class Machine:
         return True
 
     def fail_next_restart(self, how: str) -> None:
-        (Path(self.env["FAKE_SYSTEMCTL_STATE"]) / f"{UNIT}.next-restart").write_text(how)
+        (Path(self.env["FAKE_SYSTEMCTL_STATE"]) / f"{self.unit}.next-restart").write_text(how)
 
     def velod_config(self, mode: str, **tuner: Any) -> dict[str, Any]:
         return {"state_dir": str(self.tmp / "velod-state"), "hardware": {"interval": "200ms"},

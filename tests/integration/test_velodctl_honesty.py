@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.integration.conftest import velodctl_command
+from tests.integration.conftest import velodctl_command, watch_a_reload
 from velod.control import cli
 from velod.control.client import Client
 
@@ -110,18 +110,7 @@ def test_watch_says_when_no_topic_matches(velod):
 
 
 def test_watch_warns_about_the_topic_that_matches_nothing_and_watches_the_rest(velod):
-    proc = subprocess.Popen([*velodctl_command(), "--socket", str(velod.socket), "watch",
-                             "--json", "config.*", "confg.*"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        time.sleep(0.8)
-        velod.call("config.reload")
-        line = proc.stdout.readline()
-        assert json.loads(line)["topic"] == "config.reloaded"
-    finally:
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(10) == 0
-    assert "no event topic matches 'confg.*'" in proc.stderr.read()
+    assert "no event topic matches 'confg.*'" in watch_a_reload(velod, "config.*", "confg.*")
 
 
 @pytest.mark.parametrize(("value", "text"), [(3.14159265, "3.142"), (0.000123456, "0.0001235"),

@@ -41,6 +41,9 @@ GOOD_VALUES = {
     "ollama.dropin": "60-velod.conf",
     "ollama.systemctl": "/bin/systemctl",
     "ollama.request_timeout": "5s",
+    "ollama.enabled": False,
+    "llama_server": [{"url": "http://127.0.0.1:8080", "unit": "llama.service",
+                      "pin": {"LLAMA_ARG_N_GPU_LAYERS": "all"}, "start_timeout": "5m"}],
     "tuner.enabled": False,
     "tuner.mode": "apply",
     "tuner.profile": "long-context",
@@ -77,6 +80,9 @@ GOOD_VALUES = {
     "http.max_requests": 32,
     "http.request_timeout": "2m",
     "http.retry_after": "5s",
+    "http.max_connections": 512,
+    "http.max_connections_per_client": 64,
+    "http.idle_timeout": "10s",
     "state_dir": "/tmp/state",
 }
 
@@ -114,8 +120,32 @@ BAD_VALUES = {
     "engine.geometry": ("big", "must be a map"),
     "http.listen": ("localhost", "HOST:PORT"),
     "http.max_body_size": ("1", "between 1KiB and 256MiB"),
+    "http.max_connections": (0, "between 1 and 16384"),
     "state_dir": (3, "must be a string"),
+    "llama_server": ({"url": "http://127.0.0.1:8080"}, "must be a list"),
 }
+
+
+def test_llama_servers_are_a_list_of_maps_with_unique_plain_names():
+    config = parse_config({"llama_server": [{"url": "http://127.0.0.1:8080"},
+                                            {"url": "http://127.0.0.1:8081", "name": "big"},
+                                            {"url": ""}]})
+    assert [s.unit for s in config.llama_server] == ["llama-server.service"] * 3
+    with pytest.raises(ConfigError, match=r"llama_server\[0\].nmae: unknown key; did you mean "
+                       "'name'"):
+        parse_config({"llama_server": [{"url": "http://c", "nmae": "x"}]})
+    with pytest.raises(ConfigError, match=r"llama_server\[0\].url: must be an http:// or "
+                       "https:// address"):
+        parse_config({"llama_server": [{"url": "127.0.0.1:8080"}]})
+    with pytest.raises(ConfigError) as err:
+        parse_config({"llama_server": [{"url": "http://a", "name": "big"},
+                                       {"url": "http://b", "name": "big"}, {"url": "http://c"},
+                                       {"url": "http://d", "name": "ollama"},
+                                       {"url": "http://e", "pin": {"n_ctx": "1"}}]})
+    text = str(err.value)
+    assert "llama_server[1].name: another llama_server has this name" in text
+    assert "llama_server[3].name" in text and "not 'ollama'" in text
+    assert "llama_server[4].pin.n_ctx" in text
 
 
 def nested(path: str, value: object) -> dict:

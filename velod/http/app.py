@@ -1,6 +1,7 @@
 """The aiohttp application: routes of both APIs, /health, /metrics, and the edge rules.
 
-Middlewares, outermost first: count every request by endpoint and status (metrics) and turn
+Middlewares, outermost first: stop the connection's idle clock while a request is served
+(``velod.http.connections``); count every request by endpoint and status (metrics) and turn
 any refusal into the error shape of the API it was addressed to (``/v1/*`` OpenAI's,
 ``/api/*`` Ollama's, plain JSON elsewhere); then the bearer token when one is configured
 (``/health`` stays open); then the limit on requests served at once (503 + Retry-After).
@@ -20,17 +21,27 @@ from velod.http.exchange import Api, json_response
 if TYPE_CHECKING:
     from aiohttp import web
 
+    from velod.http.connections import ConnectionGate
     from velod.http.metrics import Metrics
 
 Handler = Callable[["web.Request"], Awaitable["web.StreamResponse"]]
 OPEN_PATHS = frozenset({"/health"})
 
 
-def build_app(api: Api, metrics: Metrics, api_key: str | None) -> web.Application:
-    """The application serving ``api`` (the engine, limits) with ``metrics``."""
+def build_app(api: Api, metrics: Metrics, api_key: str | None,
+              gate: ConnectionGate | None = None) -> web.Application:
+    """The application serving ``api`` (the engine, limits) with ``metrics``; ``gate`` is
+    told while each request is served (its idle clock stops)."""
     from aiohttp import web
 
     state = {"in_flight": 0}
+
+    @web.middleware
+    async def serving(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if gate is None:
+            return await handler(request)
+        with gate.serving(request.transport):
+            return await handler(request)
 
     @web.middleware
     async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -87,7 +98,7 @@ def build_app(api: Api, metrics: Metrics, api_key: str | None) -> web.Applicatio
         body = await metrics.render()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
-    app = web.Application(middlewares=[errors, auth, limit],
+    app = web.Application(middlewares=[serving, errors, auth, limit],
                           client_max_size=int(api.config.max_body_size))
     app.router.add_routes([*openai.routes(api), *ollama.routes(api),
                            web.get("/health", health), web.get("/metrics", scrape)])

@@ -3,6 +3,7 @@ is set, restarted when its config changes."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import os
 import stat
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from velod.blocking import run_blocking
 from velod.component import Component, Context
+from velod.http.connections import ConnectionGate
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -19,7 +21,6 @@ if TYPE_CHECKING:
     from velod.http.metrics import Metrics
 
 MAX_KEY_BYTES = 4096
-KEEPALIVE_TIMEOUT = 75.0
 
 
 class ListenError(Exception):
@@ -71,7 +72,9 @@ class HttpServer(Component):
         self.url: str | None = None
         self.warning: str | None = None
         self.metrics: Metrics | None = None
+        self.gate: ConnectionGate | None = None
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
         self._serving: HttpConfig | None = None
 
     async def start(self) -> None:
@@ -120,30 +123,40 @@ class HttpServer(Component):
                             "can reach it can use the model; set a key")
             self.log.warning("%s", self.warning)
         self.metrics = Metrics(self.ctx.bus, self.ctx.services)
-        app = build_app(Api(self.ctx.services.get("engine"), http), self.metrics, key)
+        self.gate = ConnectionGate(http.max_connections, http.max_connections_per_client,
+                                   float(http.idle_timeout), float(http.retry_after))
+        app = build_app(Api(self.ctx.services.get("engine"), http), self.metrics, key,
+                        self.gate)
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                               keepalive_timeout=KEEPALIVE_TIMEOUT)
+                               keepalive_timeout=float(http.idle_timeout))
         await runner.setup()
+        assert runner.server is not None
+        protocols = self.gate.wrap(runner.server)
+        loop = asyncio.get_running_loop()
         try:
             if isinstance(where, str):
                 _clear_stale_socket(where)
-                site: web.BaseSite = web.UnixSite(runner, where)
+                listener = await loop.create_unix_server(protocols, where)
             else:
-                site = web.TCPSite(runner, where[0], where[1])
-            await site.start()
+                listener = await loop.create_server(protocols, where[0], where[1])
         except (OSError, ListenError) as exc:
             await runner.cleanup()
             self.metrics.close()
             self.metrics = None
             raise ListenError(f"cannot listen on {http.listen}: "
                               f"{getattr(exc, 'strerror', None) or exc}") from None
-        self._runner = runner
-        self.url = _url(runner, where)
+        self._runner, self._listener = runner, listener
+        self.url = _url(listener, where)
 
     async def _close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()  # no new connections; the runner closes the open ones
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._listener is not None:
+            await self._listener.wait_closed()
+            self._listener = None
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
@@ -155,20 +168,24 @@ class HttpServer(Component):
             summary = "off (http.listen is empty)"
         elif self.url:
             summary = f"serving {self.url} (OpenAI /v1, Ollama /api, /metrics)"
+            if self.gate is not None:
+                summary += f"; {self.gate.open} connection{'s' * (self.gate.open != 1)} open"
         else:
             summary = f"not serving {http.listen}"
+        gate = self.gate
+        connections = ({"open": gate.open, "refused": gate.refused, "timed_out": gate.timed_out}
+                       if gate is not None and self.url else None)
         return {"state": self.state, "error": self.error, "summary": summary, "url": self.url,
-                "auth": bool(http.api_key_file)}
+                "auth": bool(http.api_key_file), "connections": connections}
 
 
-def _url(runner: Any, where: tuple[str, int] | str) -> str:
+def _url(listener: asyncio.Server, where: tuple[str, int] | str) -> str:
     if isinstance(where, str):
         return f"http+unix://{where}"
     host, port = where
-    for address in runner.addresses:  # the bound port, when :0 asked for any
-        if isinstance(address, tuple):
-            port = address[1]
-            break
+    for sock in listener.sockets:  # the bound port, when :0 asked for any
+        port = sock.getsockname()[1]
+        break
     shown = f"[{host}]" if ":" in host else host
     return f"http://{shown}:{port}"
 

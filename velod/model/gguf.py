@@ -6,6 +6,10 @@ contradicts itself — comes out as one exception type, :class:`ModelFileError`,
 names the file and what is wrong with it. Tensor data stays in the file's mapping until a
 caller copies it (see ``velod.engine.models.weights``).
 
+The tuner, which needs only a few scalars of a served model's header and must stay light,
+reads them with ``velod.model.gguf_header`` (pure Python, no NumPy, arrays stepped over)
+and shares this module's magic and versions.
+
 Shapes are given in NumPy order, outermost first: a matrix GGUF lists as ``[in, out]``
 (``ne0`` fastest) is ``(out, in)`` here, the way its bytes lie.
 """

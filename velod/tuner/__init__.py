@@ -1,8 +1,10 @@
-"""Plan and apply an inference server's settings, and prove them with benchmarks.
+"""Plan and apply inference servers' settings, and prove them with benchmarks.
 
-``backends/`` knows each server kind (Ollama: its HTTP API and environment variables);
-``planner`` (pure, over ``fitting``) turns hardware + models + policy into settings with
-reasons; ``applier`` writes the systemd drop-in, restarts when idle, verifies and rolls back;
+``backends/`` knows each server kind behind one seam (``backends/base.py``): Ollama (its HTTP
+API, environment variables, ``planner``) and llama.cpp's llama-server (``LLAMA_ARG_*``, its
+own planner rules); ``fitting`` is the memory arithmetic both planners share; ``applier``
+writes a unit's systemd drop-in, restarts when idle, verifies and rolls back;
 ``history``/``journal`` record every decision; ``closedloop`` measures changes with
-``bench/``; ``service`` is the component and its verbs, ``rpc`` and ``cli`` its edges.
+``bench/``; ``service`` is one server's tuner, ``servers`` the component that runs one per
+managed server, ``rpc`` and ``cli`` its edges.
 """

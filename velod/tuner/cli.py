@@ -1,5 +1,9 @@
 """``velodctl ollama``, ``velodctl tune show|plan|apply|rollback|history`` and, through
-``velod.tuner.bench.cli``, ``velodctl bench``."""
+``velod.tuner.bench.cli``, ``velodctl bench``.
+
+``tune show`` and ``tune plan`` show every managed server (Ollama, each llama-server) one
+after the other, each setting named as that server names it; ``--server NAME`` picks one.
+"""
 
 from __future__ import annotations
 
@@ -21,15 +25,21 @@ def register(sub: argparse._SubParsersAction) -> None:
                             "version, and each loaded model's GPU/CPU split and context.")
     ollama.set_defaults(func=cmd_ollama)
 
-    tune = sub.add_parser("tune", help="Ollama settings: show, plan, apply, rollback, history")
+    tune = sub.add_parser("tune", help="server settings (Ollama, llama-server): show, plan, "
+                          "apply, rollback, history")
     actions = tune.add_subparsers(dest="tune_command", metavar="ACTION")
     actions.required = True
-    actions.add_parser("show", help="current vs recommended settings, reasons, memory budget"
-                       ).set_defaults(func=cmd_show)
+    show = actions.add_parser("show", help="current vs recommended settings, reasons, memory "
+                              "budget")
+    _server_option(show, "the server to show (default: every managed one)")
+    show.set_defaults(func=cmd_show)
     plan = actions.add_parser("plan", help="plan for this machine, or a what-if one",
-                              description="Plan Ollama's settings. Without options: for "
-                              "this machine and its installed models. With options: for a "
-                              "hypothetical machine or other models.")
+                              description="Plan the servers' settings. Without options: for "
+                              "this machine and the installed (or served) models. With "
+                              "options: for a hypothetical machine or other models; an "
+                              "installed model's own metadata is used before velod's "
+                              "catalog.")
+    _server_option(plan, "the server to plan for (default: every managed one)")
     plan.add_argument("--vram", type=_size, metavar="SIZE", help="VRAM per GPU, e.g. 24GiB")
     plan.add_argument("--gpus", type=int, metavar="N", help="number of GPUs (0 = CPU only)")
     plan.add_argument("--ram", type=_size, metavar="SIZE", help="system RAM, e.g. 64GiB")
@@ -39,19 +49,48 @@ def register(sub: argparse._SubParsersAction) -> None:
                                             "low-memory"])
     plan.set_defaults(func=cmd_plan)
     apply = actions.add_parser("apply", help="apply the plan now (admin)",
-                               description="Write velod's drop-in and restart Ollama with the "
-                               "current plan, without waiting for tuner.settle. Waits for "
-                               "Ollama to be idle and for tuner.min_restart_interval unless "
+                               description="Write velod's drop-in and restart the server with "
+                               "the current plan, without waiting for tuner.settle. Waits for "
+                               "it to be idle and for tuner.min_restart_interval unless "
                                "--now is given.")
     apply.add_argument("--now", action="store_true",
-                       help="restart even if Ollama is busy or was restarted recently")
+                       help="restart even if the server is busy or was restarted recently")
+    _server_option(apply, "the server to change (needed when several are managed)")
     apply.set_defaults(func=cmd_apply)
-    actions.add_parser("rollback", help="restore the previous drop-in and restart (admin)"
-                       ).set_defaults(func=cmd_rollback)
+    rollback = actions.add_parser("rollback", help="restore the previous drop-in and restart "
+                                  "(admin)")
+    _server_option(rollback, "the server to change (needed when several are managed)")
+    rollback.set_defaults(func=cmd_rollback)
     history = actions.add_parser("history", help="the tuner's last decisions")
     history.add_argument("--limit", type=int, default=20, metavar="N")
+    _server_option(history, "one server's decisions only")
     history.set_defaults(func=cmd_history)
     register_bench(sub)
+
+
+def _server_option(parser: argparse.ArgumentParser, text: str) -> None:
+    parser.add_argument("--server", metavar="NAME", help=f"{text}: ollama, llama-server, or "
+                        "a llama_server's name")
+
+
+def _with_server(args: argparse.Namespace, params: dict[str, Any]) -> dict[str, Any]:
+    server = getattr(args, "server", None)
+    return {**params, "server": server} if server else params
+
+
+def _each_server(args: argparse.Namespace, client: Any, method: str,
+                 params: dict[str, Any]) -> list[dict[str, Any]]:
+    """``method``'s answer for the server named, else for every managed server in turn."""
+    first = client.call(method, _with_server(args, params))
+    if getattr(args, "server", None):
+        return [first]
+    others = [n for n in first.get("servers", []) if n != _name(first)]
+    return [first] + [client.call(method, {**params, "server": n}) for n in others]
+
+
+def _name(result: dict[str, Any]) -> str | None:
+    server = result.get("server")
+    return server.get("name") if isinstance(server, dict) else server
 
 
 def _size(text: str) -> int:
@@ -71,8 +110,11 @@ def cmd_ollama(args: argparse.Namespace, client: Any) -> int:
 
 
 def cmd_show(args: argparse.Namespace, client: Any) -> int:
-    result = client.call("tuner.show")
-    emit(args, result, render_show)
+    results = _each_server(args, client, "tuner.show", {})
+    if args.json:
+        print_json(results[0] if len(results) == 1 else {"servers": results})
+    else:
+        print("\n\n".join(render_show(r) for r in results))
     return EXIT_OK
 
 
@@ -80,19 +122,23 @@ def cmd_plan(args: argparse.Namespace, client: Any) -> int:
     params = {k: v for k, v in (("vram", args.vram), ("gpus", args.gpus), ("ram", args.ram),
                                 ("models", args.models), ("profile", args.profile))
               if v is not None}
-    result = client.call("tuner.plan", params)
+    results = _each_server(args, client, "tuner.plan", params)
     if args.json:
-        print_json(result)
-    else:
+        print_json(results[0] if len(results) == 1 else {"servers": results})
+        return EXIT_OK
+    blocks = []
+    for result in results:
         title = "What-if plan" if result.get("what_if") else "Plan for this machine"
-        print(f"{title} ({result['plan']['profile']} profile)")
-        print(render_plan(result["plan"]))
+        who = f"{result.get('server')}: " if len(results) > 1 else ""
+        blocks.append(f"{who}{title} ({result['plan']['profile']} profile)\n"
+                      + render_plan(result["plan"]))
+    print("\n\n".join(blocks))
     return EXIT_OK
 
 
 def cmd_apply(args: argparse.Namespace, client: Any) -> int:
-    result = _with_progress(args, "tune apply",
-                            lambda: client.call("tuner.apply", {"now": args.now}, timeout=600))
+    result = _with_progress(args, "tune apply", lambda: client.call(
+        "tuner.apply", _with_server(args, {"now": args.now}), timeout=600))
     if args.json:
         print_json(result)
     else:
@@ -121,8 +167,8 @@ def render_step(data: dict[str, Any]) -> tuple[str, float | None] | None:
 
 
 def cmd_rollback(args: argparse.Namespace, client: Any) -> int:
-    result = _with_progress(args, "tune rollback",
-                            lambda: client.call("tuner.rollback", {}, timeout=600))
+    result = _with_progress(args, "tune rollback", lambda: client.call(
+        "tuner.rollback", _with_server(args, {}), timeout=600))
     if args.json:
         print_json(result)
     else:
@@ -131,7 +177,7 @@ def cmd_rollback(args: argparse.Namespace, client: Any) -> int:
 
 
 def cmd_history(args: argparse.Namespace, client: Any) -> int:
-    result = client.call("tuner.history", {"limit": args.limit})
+    result = client.call("tuner.history", _with_server(args, {"limit": args.limit}))
     if args.json:
         print_json(result)
     else:
@@ -184,18 +230,30 @@ def _until(expires_at: str | None) -> str:
 
 def render_show(r: dict[str, Any]) -> str:
     plan = r["plan"]
-    head = f"Mode {r['mode']}, profile {r['profile']}, Ollama {plan.get('version') or '?'}"
-    if r["ollama"].get("reachable") is False:
-        head += f" (not reachable: {r['ollama'].get('error')})"
-    lines = [head, ""]
+    server = r.get("server") or r.get("ollama") or {}
+    label = server.get("label") or "Ollama"
+    version = server.get("version") or plan.get("version") or "?"
+    head = f"{label} {version} at {server.get('url', '?')}: mode {r['mode']}, profile " \
+        f"{r['profile']}"
+    if server.get("reachable") is False:
+        head += f" (not reachable: {server.get('error')})"
+    lines = [head]
+    seen = server.get("observed") or {}
+    if seen.get("slots") is not None:
+        lines.append(f"serving {seen.get('model')}: {seen['slots']} slot(s) of "
+                     f"{seen.get('slot_context')} tokens, {'busy' if seen.get('busy') else 'idle'}"
+                     + ("" if seen.get("metrics") else " (no /metrics: start it with --metrics "
+                        "for token counters)"))
+    lines.append("")
     rows = []
     for s in r["settings"]:
         current = s["current"] if s["current"] is not None else f"({s['default'] or 'unset'})"
-        mark = "*" if s["change"] else " "
+        mark = "!" if s.get("locked") else "*" if s["change"] else " "
         pin = " (pinned)" if s["pinned"] else ""
         rows.append([mark + s["name"], current, s["recommended"] + pin, s["reason"]])
     lines.append(table(rows, [" SETTING", "CURRENT", "RECOMMENDED", "REASON"]))
-    lines.append("(value) = not set, Ollama's default; * = will change")
+    lines.append("(value) = not set, the server's default; * = will change; ! = fixed by the "
+                 "unit's command line, cannot be applied")
     lines.append("")
     lines.append(render_budget(plan))
     for c in r.get("conflicts") or []:
@@ -204,31 +262,32 @@ def render_show(r: dict[str, Any]) -> str:
         lines.append(f"warning: {e}")
     if r.get("unit_found") is False:
         lines.append(f"note: no {r['service']} unit or drop-ins in {r['systemd_dir']}: "
-                     "CURRENT shows Ollama's defaults (velod reads Ollama's settings from "
-                     "systemd's files; see ollama.systemd_dir and ollama.service)")
+                     f"CURRENT shows {label}'s defaults (velod reads its settings from "
+                     "systemd's files; see the systemd_dir and unit/service of this server "
+                     "in velod's config)")
     lines.extend(f"note: {n}" for n in plan.get("notes") or [])
     for name, why in sorted((plan.get("skipped") or {}).items()):
         lines.append(f"skipped {name}: {why}")
     lines.append("")
-    lines.append(_verdict(r))
+    lines.append(_verdict(r, label))
     return "\n".join(lines)
 
 
-def _verdict(r: dict[str, Any]) -> str:
+def _verdict(r: dict[str, Any], label: str) -> str:
     running = r.get("running") or {}
     if r["up_to_date"]:
         if not running.get("known", True):
-            return ("The drop-ins set the recommended settings; what Ollama runs cannot be "
+            return (f"The drop-ins set the recommended settings; what {label} runs cannot be "
                     f"checked ({running.get('note')}).")
-        return "Ollama runs the recommended settings; nothing to change."
+        return f"{label} runs the recommended settings; nothing to change."
     count = len(r["changes"])
     if running.get("not_running"):
         names = ", ".join(f"{k}={v[0] if v[0] is not None else '(unset)'}"
                           for k, v in sorted(running["not_running"].items()))
-        return (f"The drop-ins set the recommended settings, but Ollama was not restarted "
+        return (f"The drop-ins set the recommended settings, but {label} was not restarted "
                 f"since: it runs {names}. "
                 + ("Observe mode: `velodctl tune apply` restarts it." if r["mode"] == "observe"
-                   else "velod restarts it when Ollama is idle."))
+                   else f"velod restarts it when {label} is idle."))
     if r.get("blocked"):
         return (f"{count} setting(s) differ, but this plan failed before "
                 f"({r['blocked']['decision']}: {r['blocked']['message']}); velod will not "
@@ -238,7 +297,7 @@ def _verdict(r: dict[str, Any]) -> str:
                 "(`velodctl tune apply`, or set tuner.mode: apply).")
     pending = r.get("pending")
     when = f" in {pending['settled_in']:.0f}s" if pending and pending["settled_in"] else ""
-    return f"{count} setting(s) to change; velod applies them{when} when Ollama is idle."
+    return f"{count} setting(s) to change; velod applies them{when} when {label} is idle."
 
 
 def render_budget(plan: dict[str, Any]) -> str:
@@ -264,15 +323,26 @@ def render_budget(plan: dict[str, Any]) -> str:
     if models:
         model_rows = [[m["name"], str(m["context"]), str(m["parallel"]), m["kv_cache_type"],
                        format_size(m["kv_cache"]),
-                       "GPU" if m["fully_on_gpu"] else f"{m['gpu_layers']}/{m['layers']} layers"
-                       f" on GPU"] for m in models.values()]
+                       "CPU" if plan.get("cpu_only") else "GPU" if m["fully_on_gpu"]
+                       else f"{m['gpu_layers']}/{m['layers']} layers on GPU",
+                       _source(m.get("source"), plan.get("kind"))] for m in models.values()]
         lines.append(table(model_rows, ["MODEL", "CONTEXT", "SLOTS", "KV TYPE", "KV CACHE",
-                                        "RUNS ON"]))
+                                        "RUNS ON", "SHAPE FROM"]))
     return "\n".join(lines)
 
 
+def _source(source: str | None, kind: str | None) -> str:
+    """Where a model's shape came from, in words."""
+    if source == "catalog":
+        return "velod's catalog (not installed)"
+    if source == "installed":
+        return "served GGUF header" if kind == "llama-server" else "installed (/api/show)"
+    return source or "?"
+
+
 def render_plan(plan: dict[str, Any]) -> str:
-    rows = [[s["name"], s["value"] + (" (pinned)" if s["pinned"] else ""), s["reason"]]
+    rows = [[("!" if s.get("locked") else "") + s["name"],
+             s["value"] + (" (pinned)" if s["pinned"] else ""), s["reason"]]
             for s in plan["server"].values()]
     lines = [table(rows, ["SETTING", "VALUE", "REASON"])]
     for model, params in sorted((plan.get("model_params") or {}).items()):
@@ -291,6 +361,7 @@ def render_plan(plan: dict[str, Any]) -> str:
 def render_history(entries: list[dict[str, Any]]) -> str:
     if not entries:
         return "No decisions recorded yet."
+    several = len({e.get("server") for e in entries}) > 1
     rows = []
     for e in entries:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.get("time", 0)))
@@ -300,5 +371,6 @@ def render_history(entries: list[dict[str, Any]]) -> str:
             detail += " (" + ", ".join(f"{k}: {v[0] if v[0] is not None else 'unset'} -> {v[1]}"
                                        for k, v in changes.items()
                                        if isinstance(v, list) and len(v) == 2) + ")"
-        rows.append([when, e.get("decision", "?"), detail])
-    return table(rows, ["TIME", "DECISION", "DETAILS"])
+        rows.append([when] + ([str(e.get("server"))] if several else [])
+                    + [e.get("decision", "?"), detail])
+    return table(rows, ["TIME"] + (["SERVER"] if several else []) + ["DECISION", "DETAILS"])

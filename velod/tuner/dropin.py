@@ -1,10 +1,12 @@
-"""velod's systemd drop-in for Ollama: render, parse, write atomically, roll back.
+"""velod's systemd drop-in for a server's unit: render, parse, write atomically, roll back.
 
 The drop-in is ``<systemd_dir>/<unit>.d/<name>`` (``50-velod.conf``), a ``[Service]``
 section of ``Environment=`` lines under a header that marks it as velod's. velod writes
 only that file and its backup ``<name>.prev`` (systemd reads ``*.conf`` only, so the
 backup is inert); it reads every other drop-in to learn the effective environment and to
-report variables another file sets too, and never modifies them.
+report variables another file sets too, and never modifies them. It also reads the unit's
+``ExecStart=`` (the last one, after an empty ``ExecStart=`` reset, as systemd does), because
+a server's command-line flags can override its environment.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class ParsedDropin:
     environment: dict[str, str]
     managed: bool
     resets: bool = False  # an empty "Environment=" cleared what earlier files set
+    exec_start: str | None = None  # the last ExecStart= value ("" = reset), None = none
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class Effective:
     velod: dict[str, str]  # what velod's own drop-in sets
     conflicts: list[Conflict] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # unreadable or malformed files
+    exec_start: list[str] = field(default_factory=list)  # the unit's command line, as argv
 
 
 # --------------------------------------------------------------------------- text
@@ -152,6 +156,7 @@ def parse(text: str, path: Path | str = "<drop-in>") -> ParsedDropin:
     path = Path(path)
     env: dict[str, str] = {}
     section, resets = "", False
+    exec_start: str | None = None
     for number, line in _logical_lines(text):
         where = f"{path}, line {number}"
         if line.startswith("["):
@@ -164,6 +169,9 @@ def parse(text: str, path: Path | str = "<drop-in>") -> ParsedDropin:
             raise DropinError(f"{where}: {line!r} is not 'Key=value' (fix or remove the line)")
         if not section:
             raise DropinError(f"{where}: {key.strip()}= comes before any [Section] header")
+        if section == "Service" and key.strip() == "ExecStart":
+            exec_start = value.strip()
+            continue
         if section != "Service" or key.strip() != "Environment":
             continue
         value = value.strip()
@@ -181,7 +189,16 @@ def parse(text: str, path: Path | str = "<drop-in>") -> ParsedDropin:
                 raise DropinError(f"{where}: Environment word {word!r} is not NAME=value")
             env[name] = val
     managed = text.lstrip().startswith(MARKER)
-    return ParsedDropin(path, env, managed, resets)
+    return ParsedDropin(path, env, managed, resets, exec_start)
+
+
+def split_command(line: str) -> list[str]:
+    """An ``ExecStart=`` value as argv: systemd's prefixes (``-@:+!``) dropped, words split
+    by its quoting rules (the same as ``Environment=``'s)."""
+    words = split_assignments(line)
+    if words:
+        words[0] = words[0].lstrip("-@:+!")
+    return words
 
 
 # --------------------------------------------------------------------------- files
@@ -258,6 +275,7 @@ class DropinDir:
         sources: dict[str, str] = {}
         errors: list[str] = []
         parsed_files: list[ParsedDropin] = []
+        command = ""
         for path in self.files():
             try:
                 parsed = self._parse(path)
@@ -265,6 +283,8 @@ class DropinDir:
                 errors.append(str(exc))
                 continue
             parsed_files.append(parsed)
+            if parsed.exec_start is not None:
+                command = parsed.exec_start
             if parsed.resets:
                 env.clear()
                 sources.clear()
@@ -281,7 +301,12 @@ class DropinDir:
                     conflicts.append(Conflict(name, str(parsed.path), value,
                                               wins=parsed.path.name > self.path.name
                                               and parsed.path.parent == self.directory))
-        return Effective(env, sources, dict(velod), conflicts, errors)
+        try:
+            argv = split_command(command)
+        except ValueError as exc:
+            errors.append(f"ExecStart= of {self.unit}: {exc}")
+            argv = []
+        return Effective(env, sources, dict(velod), conflicts, errors, argv)
 
     def says(self, environment: dict[str, str]) -> bool:
         """True when velod's drop-in exists and sets exactly ``environment``."""

@@ -60,13 +60,16 @@ def compute_overhead(geometry: Geometry, context: int, parallel: int, flash_atte
 
 
 def footprint(name: str, geometry: Geometry, weights: int, context: int, parallel: int,
-              kv_cache_type: str, flash_attention: bool, num_batch: int = 512) -> Footprint:
-    """The footprint of model ``name`` at ``context`` tokens x ``parallel`` slots."""
+              kv_cache_type: str, flash_attention: bool, num_batch: int = 512,
+              unified: bool = False) -> Footprint:
+    """The footprint of model ``name`` at ``context`` tokens x ``parallel`` slots (with
+    ``unified``: ``parallel`` slots sharing one pool of ``context`` tokens)."""
     ctx = min(context, geometry.context_length)
-    # Without flash attention Ollama cannot quantize the V cache and keeps both at f16.
+    # Without flash attention llama.cpp cannot quantize the V cache; Ollama keeps both f16.
     cache_type = kv_cache_type if flash_attention else "f16"
-    kv = kv_cache_bytes(geometry, ctx, parallel, cache_type, ubatch=num_batch)
-    overhead = compute_overhead(geometry, ctx, parallel, flash_attention, num_batch)
+    kv = kv_cache_bytes(geometry, ctx, parallel, cache_type, ubatch=num_batch, unified=unified)
+    overhead = compute_overhead(geometry, ctx, 1 if unified else parallel, flash_attention,
+                                num_batch)
     return Footprint(name=name, weights=weights, kv_cache=kv, overhead=overhead,
                      layers=geometry.layers + 1, context=ctx)
 

@@ -9,18 +9,21 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from velod.tuner.backends.ollama_settings import SETTINGS, normalize
+from velod.tuner.backends.base import SettingsTable
+from velod.tuner.backends.ollama_settings import TABLE as OLLAMA_TABLE
 
 
 @dataclass(frozen=True)
 class Recommendation:
-    """One setting's planned value, why, Ollama's default for it, and whether it is pinned."""
+    """One setting's planned value, why, the server's default for it, whether it is pinned,
+    and, when the server's command line fixes it, why it cannot be applied (``locked``)."""
 
     name: str
     value: str
     reason: str
     default: str | None
     pinned: bool = False
+    locked: str | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,8 @@ class Plan:
     notes: list[str]
     resident: list[str] = field(default_factory=list)
     ram: RamBudget | None = None
+    table: SettingsTable = OLLAMA_TABLE
+    kind: str = "ollama"
 
     @property
     def fits(self) -> bool:
@@ -95,31 +100,41 @@ class Plan:
         return budgets_fit and all(m.fully_on_gpu or self.cpu_only for m in self.models.values())
 
     def changes(self, current: dict[str, str]) -> dict[str, tuple[str | None, str]]:
-        """Settings whose planned value differs from ``current`` (Ollama's environment).
+        """Settings whose planned value differs from ``current`` (the server's environment).
 
-        Effective values compare, so nothing restarts Ollama for a mere respelling: a
-        variable absent from ``current``, or set to Ollama's own "use the default" value
+        Effective values compare, so nothing restarts the server for a mere respelling: a
+        variable absent from ``current``, or set to the server's own "use the default" value
         (OLLAMA_CONTEXT_LENGTH=0, OLLAMA_MAX_LOADED_MODELS=0, an empty
-        OLLAMA_FLASH_ATTENTION), is worth Ollama's default for this machine; values compare
-        normalised ("1" equals "true"). Maps name -> (current or None, planned).
+        OLLAMA_FLASH_ATTENTION), is worth the server's default for this machine; values
+        compare normalised ("1" equals "true"). Settings the server's command line fixes
+        (``locked``) are not changes: the environment cannot change them. Maps name ->
+        (current or None, planned).
         """
         out: dict[str, tuple[str | None, str]] = {}
         for name, rec in self.server.items():
+            if rec.locked:
+                continue
             now = current.get(name)
-            effective = rec.default if now is None or _means_default(name, now) else now
-            if effective is None or not _same(name, effective, rec.value):
+            means_default = now is None or self.table.means_default(name, now)
+            effective = rec.default if means_default else now
+            if effective is None or not self.table.same(name, effective, rec.value):
                 out[name] = (now, rec.value)
         return out
 
+    def environment(self) -> dict[str, str]:
+        """The variables the server's drop-in should set for this plan (every managed one
+        the command line does not fix)."""
+        return {name: rec.value for name, rec in self.server.items() if not rec.locked}
+
     def is_noop(self, current: dict[str, str]) -> bool:
-        """True when Ollama already runs with every planned server setting."""
+        """True when the server already runs with every planned setting."""
         return not self.changes(current)
 
     def verdict(self, current: dict[str, str]) -> str:
         """One line for humans: nothing to change, or which settings change and how."""
         changes = self.changes(current)
         if not changes:
-            return "nothing to change: Ollama already runs with every planned setting"
+            return "nothing to change: the server already runs with every planned setting"
         parts = [f"{name} {now if now is not None else '(unset)'} -> {new}"
                  for name, (now, new) in sorted(changes.items())]
         return f"{len(changes)} setting(s) to change: " + ", ".join(parts)
@@ -127,6 +142,7 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         """Plain data (msgpack/JSON)."""
         return {
+            "kind": self.kind,
             "version": self.version, "profile": self.profile, "cpu_only": self.cpu_only,
             "fits": self.fits, "resident": list(self.resident),
             "server": {k: asdict(v) for k, v in self.server.items()},
@@ -137,15 +153,3 @@ class Plan:
             "models": {k: asdict(v) for k, v in self.models.items()},
             "skipped": dict(self.skipped), "notes": list(self.notes),
         }
-
-
-def _means_default(name: str, value: str) -> bool:
-    spec = SETTINGS.get(name)
-    return spec is not None and _same(name, value, spec.default)
-
-
-def _same(name: str, a: str, b: str) -> bool:
-    try:
-        return normalize(name, a) == normalize(name, b)
-    except ValueError:
-        return a.strip() == b.strip()

@@ -86,6 +86,10 @@ class Policy:
     min_margin: int = 256 * MIB
     ram_headroom_fraction: float = 0.25  # of RAM left to the OS on CPU-only machines
     num_batch: int = 512  # Ollama's default num_batch
+    # Settings the server's command line fixes: name -> (value, why the environment cannot
+    # change it). The plan sizes around them and never writes them.
+    locked: dict[str, tuple[str, str]] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()  # what the backend found while building the policy
 
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:
@@ -128,7 +132,7 @@ def plan(snapshot: Snapshot, state: OllamaState, policy: Policy) -> Plan:
                      "the last known models")
     models, sources, skipped = _select_models(state, policy, notes)
     pins = _valid_pins(policy.pin, known, notes)
-    rooms, gpu_names = _gpu_rooms(snapshot, policy, pins, notes)
+    rooms, gpu_names = gpu_rooms(snapshot, policy, pins, notes)
     for loaded in state.loaded:
         if loaded.spills_to_cpu:
             share = 100 * (1 - loaded.gpu_fraction)
@@ -179,7 +183,7 @@ def _select_models(state: OllamaState, policy: Policy, notes: list[str]
         for name in policy.models:
             info = state.model(name)
             if info is not None:
-                sources[info.name] = "installed"
+                sources[info.name] = info.source
             else:
                 entry = catalog.lookup(name)
                 if entry is None:
@@ -192,7 +196,7 @@ def _select_models(state: OllamaState, policy: Policy, notes: list[str]
             candidates.append(info)
     else:
         candidates = list(state.models)
-        sources = {m.name: "installed" for m in candidates}
+        sources = {m.name: m.source for m in candidates}
     for info in candidates:
         if info.name in {m.name for m in chosen}:
             continue
@@ -229,8 +233,9 @@ def _is_ollama_process(name: str | None) -> bool:
     return "ollama" in text or "llama-server" in text or "llama_server" in text
 
 
-def _gpu_rooms(snapshot: Snapshot, policy: Policy, pins: dict[str, str], notes: list[str]
-               ) -> tuple[list[GpuRoom], dict[int, str | None]]:
+def gpu_rooms(snapshot: Snapshot, policy: Policy, pins: dict[str, str], notes: list[str]
+              ) -> tuple[list[GpuRoom], dict[int, str | None]]:
+    """The GPUs' room for the server (reserve, other programs' memory, margin), by index."""
     rooms: list[GpuRoom] = []
     names: dict[int, str | None] = {}
     pinned_overhead = _int_or(pins.get("OLLAMA_GPU_OVERHEAD"), 0)
@@ -623,17 +628,27 @@ def what_if_snapshot(vram: int, gpus: int, ram: int, compute_capability: tuple[i
                     os=OsInfo(system="Linux", kernel="what-if", arch="x86_64"))
 
 
-def what_if_state(model_names: list[str], version: str | None = None) -> OllamaState:
-    """Ollama as if ``model_names`` were installed, from velod's catalog."""
+def what_if_state(model_names: list[str], version: str | None = None,
+                  installed: OllamaState | None = None) -> OllamaState:
+    """Ollama as if only ``model_names`` were installed: each from the installed model's
+    own metadata (``/api/show``) when ``installed`` has it, else from velod's catalog; the
+    models' ``source`` says which."""
     models: list[ModelInfo] = []
     for name in model_names:
+        info = installed.model(name) if installed is not None else None
+        if info is not None and info.geometry is not None and info.size > 0:
+            models.append(info)
+            continue
         entry = catalog.lookup(name)
-        if entry is None:
+        if entry is not None:
+            models.append(catalog_model(entry))
+        elif info is not None:
+            models.append(info)  # installed, but not sizeable: its skip_reason says why
+        else:
             known = ", ".join(catalog.names())
             models.append(ModelInfo(name=name, digest=None, size=0, geometry=None,
-                                    skip_reason=f"not in velod's catalog (known: {known})"))
-        else:
-            models.append(catalog_model(entry))
+                                    skip_reason=f"not installed and not in velod's catalog "
+                                    f"(known: {known})", source="none"))
     return OllamaState(version=version, models=models, loaded=[], reachable=True)
 
 

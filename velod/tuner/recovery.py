@@ -1,18 +1,19 @@
 """Finish or undo an apply (or rollback) that velod was stopped in the middle of.
 
 The applier records ``applying`` (``action`` apply or rollback, the ``environment`` it
-applies or rolls away from, ``monotonic`` time and ``boot_id``) before it touches Ollama's
-drop-in, and ``applied``, ``rolled-back`` or ``error`` when it is done. An ``applying``
+applies or rolls away from, ``monotonic`` time and ``boot_id``) before it touches the
+server's drop-in, and ``applied``, ``rolled-back`` or ``error`` when it is done. An ``applying``
 entry with none of those after it means velod died in between (a crash, SIGKILL, power
-loss), and the drop-in may say something Ollama does not run. At the next start, before
-anything else, the tuner settles it by what Ollama actually runs (``velod.tuner.running``):
+loss), and the drop-in may say something the server (Ollama, a llama-server) does not run.
+At the next start, before anything else, the tuner settles it by what the server actually
+runs (``velod.tuner.running``):
 
-- an apply after which Ollama runs the new settings is finished: Ollama must answer, then
+- an apply after which the server runs the new settings is finished: it must answer, then
   it is ``applied`` and verified at the next model load (rolled back if it does not answer);
-- an apply that Ollama was not restarted for is undone: velod's previous drop-in is put back
-  and systemd reloaded, without a restart (Ollama runs those values already); the tuner then
+- an apply that the server was not restarted for is undone: velod's previous drop-in is put
+  back and systemd reloaded, without a restart (it runs those values already); the tuner then
   plans again as usual, so in apply mode the change comes back through the normal gate;
-- a rollback is finished: the previous drop-in restored, Ollama restarted onto it unless it
+- a rollback is finished: the previous drop-in restored, the server restarted onto it unless it
   runs it already.
 """
 
@@ -42,7 +43,7 @@ def interrupted(entries: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def started_after(running: Running, entry: dict[str, Any]) -> bool | None:
-    """Whether Ollama's main process started after ``entry`` was written; None when that
+    """Whether the server's main process started after ``entry`` was written; None when that
     cannot be told (no start time, another boot, an entry without its clock)."""
     mono = entry.get("monotonic")
     if (running.started is None or not isinstance(mono, int | float)
@@ -52,7 +53,7 @@ def started_after(running: Running, entry: dict[str, Any]) -> bool | None:
 
 
 def runs(running: Running, entry: dict[str, Any], env: dict[str, str]) -> bool | None:
-    """Whether Ollama runs ``env`` now. systemd's view of the unit moves at
+    """Whether the server runs ``env`` now. systemd's view of the unit moves at
     ``daemon-reload``, before the restart: a process older than ``entry`` does not run it."""
     answer = running.runs(env)
     if answer and running.source == "systemd" and started_after(running, entry) is False:
@@ -82,33 +83,37 @@ async def settle(applier: Applier, entry: dict[str, Any]) -> Outcome:
 
 async def _settle_apply(applier: Applier, entry: dict[str, Any],
                         env: dict[str, str]) -> Outcome:
+    label = applier.backend.label
     running = await applier.running()
     if runs(running, entry, env):
         try:
             await applier.wait_ready()
         except ApplyError as exc:
-            return await applier.rollback(f"{STOPPED} an apply; Ollama runs the new settings "
+            return await applier.rollback(f"{STOPPED} an apply; {label} runs the new settings "
                                           f"but does not answer: {exc}", undone=env,
                                           interrupted=True)
-        expect = entry.get("expect_on_gpu")
-        expect = [n for n in expect if isinstance(n, str)] if isinstance(expect, list) else []
+        expect = entry.get("expect")
+        if not isinstance(expect, dict):  # entries written before backends: Ollama's list
+            old = entry.get("expect_on_gpu")
+            names = [n for n in old if isinstance(n, str)] if isinstance(old, list) else []
+            expect = {"expect_on_gpu": names}
         return await applier.confirm(env, expect, {
             "environment": env, "interrupted": True, "reason": entry.get("reason"),
             "dropin": str(applier.dropins.path)},
-            f"{STOPPED} an apply after Ollama restarted: it runs the new settings")
+            f"{STOPPED} an apply after {label} restarted: it runs the new settings")
     details: dict[str, Any] = {"interrupted": True, "environment": env,
                                "running": running.source or running.note}
     if not await run_blocking(applier.dropins.says, env, timeout=10):
         return applier.record(Outcome("rolled-back", f"{STOPPED} an apply before it changed "
                                       "the drop-in; nothing to undo", details))
     if not await run_blocking(applier.dropins.has_backup, timeout=10):
-        return applier.record(Outcome("error", f"{STOPPED} an apply before Ollama restarted, "
-                                      "and the previous drop-in's backup is gone; Ollama "
+        return applier.record(Outcome("error", f"{STOPPED} an apply before {label} restarted, "
+                                      f"and the previous drop-in's backup is gone; {label} "
                                       "does not run what the drop-in says",
                                       {**details, "stage": "recovery"}))
     details["restored"] = await run_blocking(applier.dropins.rollback, timeout=10)
-    message = (f"{STOPPED} an apply before Ollama restarted; velod's previous drop-in is back, "
-               "as Ollama still runs it")
+    message = (f"{STOPPED} an apply before {label} restarted; velod's previous drop-in is back, "
+               f"as {label} still runs it")
     try:
         if applier.systemctl_problem() is None:
             await applier.daemon_reload("rollback")  # systemd's view back to the files
@@ -128,6 +133,6 @@ async def _finish_rollback(applier: Applier, entry: dict[str, Any],
                "interrupted": True}
     running = await applier.running()
     if env and runs(running, entry, env) is False:
-        return applier.record(Outcome("rolled-back", f"{reason}; Ollama had restarted onto "
-                                      "the previous settings", details))
+        return applier.record(Outcome("rolled-back", f"{reason}; {applier.backend.label} had "
+                                      "restarted onto the previous settings", details))
     return await applier.restart_restored(reason, details)

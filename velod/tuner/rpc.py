@@ -1,7 +1,8 @@
 """Control methods of the tuner: ``ollama.status``, ``tuner.*`` and ``bench.*``.
 
 Each function reads and checks its params, then calls one verb of
-:class:`~velod.tuner.service.Tuner`.
+:class:`~velod.tuner.servers.TunerService`, which routes it to one managed server's
+:class:`~velod.tuner.service.Tuner` (``server``: its name, as ``velodctl --server`` gives it).
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from velod.tuner.bench.spec import PROMPTS, BenchSpec, BenchSpecError
 from velod.units import parse_size
 
 if TYPE_CHECKING:
-    from velod.tuner.service import Tuner
+    from velod.tuner.servers import TunerService as Tuner
+
+BACKENDS = ("ollama", "llama-server")
 
 
 @rpc("ollama.status", summary="Is Ollama reachable; version; loaded models with CPU/GPU "
@@ -26,18 +29,18 @@ async def ollama_status(tuner: Tuner, params: dict[str, Any], ctx: CallContext) 
 @rpc("tuner.show", summary="Current vs recommended settings with reasons, and the memory "
      "budget")
 async def show(tuner: Tuner, params: dict[str, Any], ctx: CallContext) -> Any:
-    return await tuner.show()
+    return await tuner.show(server=_server(params))
 
 
 @rpc("tuner.plan", summary="Plan for this machine or a what-if one (vram, gpus, ram, models, "
-     "profile)")
+     "profile, server)")
 async def plan(tuner: Tuner, params: dict[str, Any], ctx: CallContext) -> Any:
     models = param(params, "models", list, None)
     if models is not None and not all(isinstance(m, str) and m for m in models):
         raise RpcError("invalid_params", "parameter 'models' must be a list of model names",
                        {"field": "models"})
     return await tuner.what_if(
-        vram=_size_param(params, "vram"), ram=_size_param(params, "ram"),
+        server=_server(params), vram=_size_param(params, "vram"), ram=_size_param(params, "ram"),
         gpus=param(params, "gpus", int, None, check=lambda v: None if 0 <= v <= 64
                    else "must be between 0 and 64"),
         models=models,
@@ -47,23 +50,24 @@ async def plan(tuner: Tuner, params: dict[str, Any], ctx: CallContext) -> Any:
 
 
 @rpc("tuner.apply", admin=True, summary="Apply the current plan now (now: also while busy or "
-     "rate-limited)")
+     "rate-limited; server: which one)")
 async def apply(tuner: Tuner, params: dict[str, Any], ctx: CallContext) -> Any:
-    return await tuner.apply(now=param(params, "now", bool, False))
+    return await tuner.apply(now=param(params, "now", bool, False), server=_server(params))
 
 
-@rpc("tuner.rollback", admin=True, summary="Restore the previous drop-in and restart Ollama")
+@rpc("tuner.rollback", admin=True, summary="Restore the previous drop-in and restart the "
+     "server (server: which one)")
 async def rollback(tuner: Tuner, params: dict[str, Any], ctx: CallContext) -> Any:
-    return await tuner.rollback()
+    return await tuner.rollback(server=_server(params))
 
 
-@rpc("tuner.history", summary="The last decisions (limit)")
+@rpc("tuner.history", summary="The last decisions (limit; server: one server's only)")
 async def history(tuner: Tuner, params: dict[str, Any], ctx: CallContext) -> Any:
-    return await tuner.decisions(_limit(params, 20))
+    return await tuner.decisions(_limit(params, 20), server=_server(params))
 
 
-@rpc("bench.run", admin=True, summary="Benchmark Ollama (model, prompts, prompt_tokens, gen, "
-     "concurrency, repeat, timeout); saves it")
+@rpc("bench.run", admin=True, summary="Benchmark a server (backend or server, model, prompts, "
+     "prompt_tokens, gen, concurrency, repeat, timeout); saves it")
 async def bench_run(tuner: Tuner, params: dict[str, Any], ctx: CallContext) -> Any:
     prompts = param(params, "prompts", (list, str), list(PROMPTS))
     if isinstance(prompts, str):
@@ -84,9 +88,12 @@ async def bench_run(tuner: Tuner, params: dict[str, Any], ctx: CallContext) -> A
         BenchSpec(model="check", **spec)  # fail on bad fields before asking Ollama
     except BenchSpecError as exc:
         raise RpcError("invalid_params", str(exc)) from None
+    backend = param(params, "backend", str, None, check=lambda v: None if v in BACKENDS
+                    else f"must be one of {', '.join(BACKENDS)}")
     url = param(params, "url", str, None, check=lambda v: None if v.startswith(
         ("http://", "https://")) else "must be an http:// or https:// URL")
-    return await tuner.bench_run(param(params, "model", str, None), url=url, **spec)
+    return await tuner.bench_run(param(params, "model", str, None), server=_server(params),
+                                 backend=backend, url=url, **spec)
 
 
 @rpc("bench.list", summary="Saved benchmark results, newest first")
@@ -104,6 +111,10 @@ async def bench_show(tuner: Tuner, params: dict[str, Any], ctx: CallContext) -> 
 async def bench_compare(tuner: Tuner, params: dict[str, Any], ctx: CallContext) -> Any:
     return await tuner.bench_compare(param(params, "a", str, "last~1"),
                                      param(params, "b", str, "last"))
+
+
+def _server(params: dict[str, Any]) -> str | None:
+    return param(params, "server", str, None, check=lambda v: None if v else "must not be empty")
 
 
 def _limit(params: dict[str, Any], default: int) -> int:

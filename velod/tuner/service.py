@@ -1,29 +1,34 @@
-"""The tuner component: watch Ollama and the hardware, plan, and (in apply mode) apply.
+"""One server's tuner: watch it and the hardware, plan, and (in apply mode) apply.
 
-One loop polls Ollama every ``tuner.interval`` (with exponential back-off while it does not
+``velod.tuner.servers`` (the ``tuner`` component) runs one :class:`Tuner` per managed server;
+each speaks to its server only through its backend (``velod.tuner.backends.base``): Ollama,
+or a llama.cpp llama-server. Below, "the server" is that one.
+
+One loop polls the server every ``tuner.interval`` (with exponential back-off while it does not
 answer) and re-plans; triggers wake it early: start-up, ``hardware.changed``, a config
-reload, a model with CPU spill in ``/api/ps``, a newly pulled model. A changed plan must
+reload, a model with CPU spill in ``/api/ps``, a newly pulled or served model. A changed plan must
 stay the same for ``tuner.settle`` before it is applied (hysteresis); a plan that was rolled
 back is not retried by itself until the plan changes. ``observe`` mode never writes or
 restarts anything. Every decision goes to the history and out as event ``tuner.decision``.
 Before its first cycle the loop settles an apply that velod was stopped in the middle of
-(``velod.tuner.recovery``); "runs the recommended settings" is said only of what Ollama's
+(``velod.tuner.recovery``); "runs the recommended settings" is said only of what the server's
 service runs (``velod.tuner.running``), not of what its drop-ins say.
 
 Manual apply (``tuner.apply``, admin) works in both modes: it skips the settle wait, but is
-refused (error ``busy``, nothing changed) while Ollama is busy or within
-``min_restart_interval``; ``now: true`` skips those checks too and restarts Ollama at once
+refused (error ``busy``, nothing changed) while the server is busy or within
+``min_restart_interval``; ``now: true`` skips those checks too and restarts it at once
 (requests in flight are cut off).
 
 The verbs ``velod.tuner.rpc`` calls — ``ollama_status``, ``show``, ``what_if``, ``apply``,
 ``rollback``, ``history``, ``bench_run|list|show|compare`` — are at the end of the class.
 ``velodctl tune plan`` end to end: ``velod/tuner/cli.py`` (cmd_plan) sends ``tuner.plan``;
-``velod/tuner/rpc.py`` reads the params and calls :meth:`Tuner.what_if`, which runs the pure
-planner (``velod/tuner/planner.py``) over a snapshot and the models' metadata.
+``velod/tuner/rpc.py`` reads the params and calls the service's ``what_if``, which calls
+:meth:`Tuner.what_if` of each server: its backend's pure planner (``velod/tuner/planner.py``
+for Ollama) over a snapshot and the models' metadata.
 
 Closed loop (``velod.tuner.closedloop``): with ``tuner.verify`` each apply is measured
 before and after and rolled back when slower; with ``tuner.explore`` (apply mode) the
-settled plan is compared with safe alternatives while Ollama is idle and the fastest kept.
+settled plan is compared with safe alternatives while the server is idle and the fastest kept.
 """
 
 from __future__ import annotations
@@ -37,28 +42,29 @@ from typing import TYPE_CHECKING, Any
 
 from velod.blocking import run_blocking
 from velod.component import Component, Context
+from velod.config import OllamaConfig
 from velod.errors import Busy, InvalidParams, NotFound, Unavailable
 from velod.hardware.snapshot import Snapshot
 from velod.model.names import normalize_name
 from velod.tuner import planner, recovery
 from velod.tuner.applier import Applier, Outcome, server_environment
-from velod.tuner.backends.ollama import OllamaClient, OllamaError, resolve_url
+from velod.tuner.backends.base import Backend, ServerError
+from velod.tuner.backends.ollama_backend import OllamaBackend
 from velod.tuner.bench.service import Benchmarks
 from velod.tuner.bench.spec import BenchSpec, compare
-from velod.tuner.bench.store import BenchNotFound, BenchStore, summary
+from velod.tuner.bench.store import BenchNotFound, BenchStore, server_of, summary
 from velod.tuner.closedloop import ClosedLoop
 from velod.tuner.dropin import DropinError, Effective
 from velod.tuner.history import History, str_map
 from velod.tuner.journal import Journal, plain
 from velod.tuner.running import Running
-from velod.tuner.state import OllamaState
 
 if TYPE_CHECKING:
     from velod.bus import Event
     from velod.config import Config
 
 MAX_BACKOFF_S = 300.0
-RUNNING_MAX_AGE_S = 60.0  # what Ollama runs is asked again after this, or when files change
+RUNNING_MAX_AGE_S = 60.0  # what the server runs is asked again after this, or when files change
 PROGRESS = "tuner.progress"
 
 
@@ -75,21 +81,21 @@ def env_key(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
 
 
 class Tuner(Component):
-    """Component ``tuner`` (``velod.tuner.service:Tuner``)."""
+    """The tuner of one server (its ``backend``; Ollama's by default)."""
 
     name = "tuner"
 
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context, backend: Backend | None = None) -> None:
         super().__init__(ctx)
-        self.history = History(ctx.state_dir)
-        self.journal = Journal(self.history, ctx.bus.publish, self.log)
-        self.client = self._make_client(ctx.config)
-        self.applier = Applier(ctx.config.ollama, ctx.config.tuner, self.client, self.history,
-                               self.log)
-        self.applier.on_step = lambda action, step: ctx.bus.publish(
+        self.backend: Backend = backend or OllamaBackend(ctx.config.ollama)
+        self.log = ctx.log.getChild(f"tuner.{self.backend.name}")
+        self.history = History(ctx.state_dir, self.backend.history_file)
+        self.journal = Journal(self.history, self._publish, self.log)
+        self.applier = Applier(self.backend, ctx.config.tuner, self.history, self.log)
+        self.applier.on_step = lambda action, step: self._publish(
             PROGRESS, {"action": action, "step": step})
         self.snapshot: Snapshot | None = None
-        self.ollama: OllamaState | None = None  # last good poll
+        self.ollama: Any = None  # the server's last good poll (its backend's state type)
         self.last_poll: float | None = None
         self.last_ok: float | None = None
         self.ollama_error: str | None = None
@@ -98,7 +104,7 @@ class Tuner(Component):
         self.plan: planner.Plan | None = None  # with an explored override, if one was kept
         self.base_plan: planner.Plan | None = None  # the planner's own
         self.effective: Effective | None = None
-        self.running: Running | None = None  # what Ollama's service runs, as last asked
+        self.running: Running | None = None  # what the server's service runs, as last asked
         self._running_asked: tuple[Any, float] | None = None  # (drop-ins then, monotonic)
         self.pending: dict[str, Any] | None = None  # changed plan waiting to settle
         # A plan velod will not apply again by itself (rolled back, or failed to write),
@@ -116,7 +122,7 @@ class Tuner(Component):
         self._unsubscribe: Any = None
         self.usage: Counter[str] = Counter()  # polls in which a loaded model had been used
         self._expiry_seen: dict[str, str | None] = {}
-        self.bench = Benchmarks(BenchStore(ctx.state_dir), lambda: self.client,
+        self.bench = Benchmarks(BenchStore(ctx.state_dir), lambda: self.backend,
                                 ctx.bus.publish, self._server_settings, self.most_used_model,
                                 self.log)
         self.loop = ClosedLoop(self.applier, self.bench, self.journal, lambda: self.config.tuner,
@@ -127,9 +133,20 @@ class Tuner(Component):
         if self.history_warning:
             self.log.warning("%s", self.history_warning)
 
-    @staticmethod
-    def _make_client(config: Config) -> OllamaClient:
-        return OllamaClient(resolve_url(config.ollama.url), config.ollama.request_timeout)
+    def _report_state(self) -> None:
+        """Tell the tuner service (``ctx.on_state_change``) of a change of state, without
+        logging it: the service logs and reports the component's state once, for all its
+        servers."""
+        self._report_pending = False
+        old, new = self._reported, self._state
+        if old != new:
+            self._reported = new
+            if self.ctx.on_state_change is not None:
+                self.ctx.on_state_change(self, old, new)
+
+    def _publish(self, topic: str, data: dict[str, Any]) -> Any:
+        """Publish on the bus with the server's name, so subscribers can tell servers apart."""
+        return self.ctx.bus.publish(topic, {**data, "server": self.backend.name})
 
     def _blocked_from_history(self) -> dict[str, Any] | None:
         try:
@@ -165,22 +182,19 @@ class Tuner(Component):
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(self._task, 2.0)
-        await self.client.close()
+        await self.backend.close()
         self.state = "stopped"
 
     async def reconfigure(self, config: Config) -> None:
-        old = self.config
+        old_url = self.backend.url
         self.config = config
-        if (old.ollama.url, old.ollama.request_timeout) != (config.ollama.url,
-                                                            config.ollama.request_timeout):
-            await self.client.close()
-            self.client = self._make_client(config)
-        if resolve_url(old.ollama.url) != resolve_url(config.ollama.url):
+        await self.backend.reconfigure(config)
+        if self.backend.url != old_url:
             # Another server: the failures of the old address say nothing about it.
             self.failures, self.ollama_error, self.next_poll_at = 0, None, None
             self.ollama, self._digests, self._expiry_seen = None, None, {}
             self.state, self.error = "running", None
-        self.applier.reconfigure(config.ollama, config.tuner, self.client)
+        self.applier.reconfigure(config.tuner)
         self.pending = None
         self.blocked = None
         self.trigger("reconfigure", urgent=True)
@@ -246,7 +260,7 @@ class Tuner(Component):
         self.journal.announce(outcome)
 
     async def _sleep(self, delay: float) -> None:
-        """Wait ``delay`` s or until triggered; while Ollama is failing only an urgent
+        """Wait ``delay`` s or until triggered; while the server is failing only an urgent
         trigger (a config reload) cuts the back-off short."""
         assert self._wake is not None
         self.next_poll_at = deadline = time.monotonic() + delay
@@ -272,26 +286,27 @@ class Tuner(Component):
                 delay = min(delay, max(0.05, self.pending["retry_in"]))
         return delay
 
-    async def poll(self) -> OllamaState | None:
-        """Ask Ollama for its state; on failure count it and keep the error for status."""
+    async def poll(self) -> Any:
+        """Ask the server for its state; on failure count it and keep the error for status."""
         self.last_poll = time.time()
         try:
-            state = await self.client.fetch_state(skip=(self.config.tuner.variant_suffix,))
-        except OllamaError as exc:
+            state = await self.backend.fetch_state(self.config.tuner)
+        except ServerError as exc:
             self.failures += 1
             self.ollama_error = str(exc)
-            self.state, self.error = "degraded", f"Ollama unreachable: {exc}"
+            self.state, self.error = "degraded", f"{self.backend.label} unreachable: {exc}"
             return None
         if self.failures:
-            self.log.info("Ollama answers again at %s", self.client.base_url)
+            self.log.info("%s answers again at %s", self.backend.label, self.backend.url)
         self.failures, self.ollama_error = 0, None
         self.state, self.error = "running", None
         self.ollama, self.last_ok = state, time.time()
-        self.applier.idle.observe(state.loaded, self.snapshot)
+        marker, busy, has_model = self.backend.activity(state)
+        self.applier.idle.observe(marker, busy, has_model, self.snapshot)
         seen = {normalize_name(m.name): m.expires_at for m in state.loaded}
         self.usage.update(n for n, e in seen.items() if self._expiry_seen.get(n) != e)
         self._expiry_seen = seen
-        self.observed = []  # triggers seen in Ollama's state, for this cycle
+        self.observed = []  # triggers seen in the server's state, for this cycle
         digests = frozenset((m.name, m.digest) for m in state.models)
         if self._digests is not None and digests != self._digests:
             self.observed.append("model installed or changed")
@@ -303,26 +318,28 @@ class Tuner(Component):
         self._spilling = spilling
         return state
 
-    def planning_state(self) -> OllamaState:
-        if self.ollama is not None:
-            if self.failures:
-                return dataclasses.replace(self.ollama, reachable=False, error=self.ollama_error)
+    def planning_state(self) -> Any:
+        if self.ollama is not None and not self.failures:
             return self.ollama
-        return OllamaState(version=None, reachable=False, error=self.ollama_error or "not polled")
+        return self.backend.unreachable_state(self.ollama, self.ollama_error or "not polled")
+
+    def policy(self) -> planner.Policy:
+        """The planning policy for this server, with what its unit's command line fixes."""
+        return self.backend.policy(self.config.tuner, self.effective)
 
     async def replan(self) -> planner.Plan | None:
-        """A fresh plan for this machine from the latest snapshot and Ollama state."""
+        """A fresh plan for this machine from the latest snapshot and server state."""
         if self.snapshot is None or not self.config.tuner.enabled:
             return None
-        policy = planner.Policy.from_config(self.config.tuner)
-        base = planner.plan(self.snapshot, self.planning_state(), policy)
+        await self.look()  # first: the unit's command line may fix settings (policy.locked)
+        policy = self.policy()
+        base = self.backend.plan(self.snapshot, self.planning_state(), policy)
         plan = self.loop.with_kept(base, policy)
-        await self.look()
         self.base_plan, self.plan = base, plan  # with the view it was compared against
         return plan
 
     async def look(self, force: bool = False) -> None:
-        """Read the drop-ins, and what Ollama's service runs when they changed since the
+        """Read the drop-ins, and what the server's service runs when they changed since the
         last time, that was a while ago (a restart by someone else shows within
         RUNNING_MAX_AGE_S) or ``force``; both change together, so that a status never
         pairs new files with an old process."""
@@ -344,10 +361,13 @@ class Tuner(Component):
         state = await self.poll()
         if state is None:
             self._triggers = reasons + [r for r in self._triggers if r not in reasons]
-            return  # back off; never act on a stale view of Ollama
-        if self.applier.pending_verification is not None and state.loaded:
-            outcome = await self.applier.verify(state.loaded)
+            return  # back off; never act on a stale view of the server
+        if self.applier.pending_verification is not None:
+            outcome = await self.applier.verify(state)
             if outcome is not None:
+                failed = outcome.details.get("failed")
+                if outcome.decision in ("rolled-back", "error") and isinstance(failed, dict):
+                    self.block(env_key(failed), outcome)  # not retried by itself
                 self.journal.announce(outcome)
         plan = await self.replan()
         reasons += self.observed
@@ -355,7 +375,7 @@ class Tuner(Component):
             self._triggers = reasons + [r for r in self._triggers if r not in reasons]
             return
         tuner = self.config.tuner
-        policy = planner.Policy.from_config(tuner)
+        policy = self.policy()
         if self.loop.active and self.base_plan is not None:
             await self.loop.step(self.base_plan, policy)  # exploration drives the settings
             return
@@ -366,17 +386,18 @@ class Tuner(Component):
             await self.loop.step(self.base_plan, policy)
             if self.loop.active:
                 return
-        if tuner.mode == "apply" and tuner.model_variants and settled:
+        if tuner.mode == "apply" and tuner.model_variants and settled and self.backend.variants:
             # Model parameters go with the server settings they were planned for, so the
             # variants follow once Ollama runs those.
-            for outcome in await self.applier.apply_variants(plan, self.client.tag_names):
+            for outcome in await self.applier.apply_variants(plan,
+                                                             self.backend.installed_names()):
                 self.journal.announce(outcome)
 
     def _delta(self, plan: planner.Plan) -> dict[str, Any] | None:
-        """What applying ``plan`` would change, or None when there is nothing to do: Ollama
+        """What applying ``plan`` would change, or None when there is nothing to do: the server
         runs it already, or velod's file already says it and another file overrides it (a
         conflict shown by tuner.show; restarting would not help). When the drop-ins say the
-        plan but Ollama runs other values (not restarted since), those are the changes."""
+        plan but the server runs other values (not restarted since), those are the changes."""
         assert self.effective is not None
         changes = plan.changes(self.effective.environment)
         if changes:
@@ -384,7 +405,7 @@ class Tuner(Component):
         return self._not_running(plan) or None
 
     def _not_running(self, plan: planner.Plan) -> dict[str, Any]:
-        """Planned settings the drop-ins say but Ollama does not run ({}: runs them all,
+        """Planned settings the drop-ins say but the server does not run ({}: runs them all,
         or unknown)."""
         running = self.running
         if running is None or running.environment is None:
@@ -473,7 +494,8 @@ class Tuner(Component):
         return {"state": self.state, "error": self.error, "mode": tuner.mode,
                 "summary": self._summary(changes, retry),
                 "enabled": tuner.enabled, "profile": tuner.profile,
-                "ollama": {"url": self.client.base_url, "reachable": self.reachable(),
+                "server": {"name": self.backend.name, "kind": self.backend.kind,
+                           "url": self.backend.url, "reachable": self.reachable(),
                            "version": self.ollama.version if self.ollama else None,
                            "error": self.ollama_error, "failures": self.failures,
                            "retry_in": round(retry, 3) if retry is not None else None},
@@ -492,28 +514,29 @@ class Tuner(Component):
 
     def _state_summary(self, changes: int | None, retry: float | None) -> str:
         mode = self.config.tuner.mode
+        label = self.backend.label
         if not self.config.tuner.enabled:
             return "disabled (tuner.enabled: false)"
         if self.failures:
             when = f", retrying in {retry:.0f}s" if retry is not None else ""
-            return f"{mode}; Ollama not reachable{when}"
+            return f"{mode}; {label} not reachable{when}"
         if self.last_poll is None:
             return f"{mode}; starting"
         version = self.ollama.version if self.ollama else "?"
         if changes is None:
-            return f"{mode}; Ollama {version}; waiting for a hardware snapshot"
+            return f"{mode}; {label} {version}; waiting for a hardware snapshot"
         if not changes:
             if self.running is not None and self.running.environment is None:
-                return (f"{mode}; Ollama {version}: its drop-ins set the recommended settings "
+                return (f"{mode}; {label} {version}: its drop-ins set the recommended settings "
                         f"(what it runs cannot be checked: {self.running.note})")
-            return f"{mode}; Ollama {version} runs the recommended settings"
+            return f"{mode}; {label} {version} runs the recommended settings"
         if self.plan and self.effective and not self.plan.changes(self.effective.environment):
-            return (f"{mode}; Ollama {version} was not restarted since its drop-ins changed: "
+            return (f"{mode}; {label} {version} was not restarted since its drop-ins changed: "
                     f"{changes} recommended setting(s) not running yet")
         if self.blocked:
             return (f"{mode}; {changes} change(s) recommended, not retried after "
                     f"{self.blocked['decision']}")
-        return f"{mode}; Ollama {version}; {changes} change(s) recommended"
+        return f"{mode}; {label} {version}; {changes} change(s) recommended"
 
     def reachable(self) -> bool | None:
         if self.last_poll is None:
@@ -532,10 +555,11 @@ class Tuner(Component):
         """This machine's plan under ``base_policy`` with ``pins`` added (for exploring)."""
         assert self.snapshot is not None
         policy = dataclasses.replace(base_policy, pin={**base_policy.pin, **pins})
-        return planner.plan(self.snapshot, self.planning_state(), policy)
+        return self.backend.plan(self.snapshot, self.planning_state(), policy)
 
     async def _server_settings(self) -> dict[str, str]:
-        """The environment systemd gives Ollama (unit file and drop-ins) as velod reads it."""
+        """The environment systemd gives the server (unit file and drop-ins) as velod reads
+        it."""
         try:
             effective = await run_blocking(self.applier.dropins.effective, timeout=10)
         except (OSError, TimeoutError):
@@ -562,7 +586,7 @@ class Tuner(Component):
                    "cpu_percent": round(100 * (1 - m.gpu_fraction), 1),
                    "spills_to_cpu": m.spills_to_cpu, "context_length": m.context_length,
                    "expires_at": m.expires_at} for m in (state.loaded if state else [])]
-        return {"url": self.client.base_url, "reachable": self.reachable(),
+        return {"url": self.backend.url, "reachable": self.reachable(),
                 "version": state.version if state else None, "error": self.ollama_error,
                 "failures": self.failures, "last_ok": self.last_ok,
                 "last_poll": self.last_poll, "stale": bool(self.failures and state),
@@ -583,13 +607,20 @@ class Tuner(Component):
         running = self.running.to_dict() if self.running else {"active": None, "note": None}
         rows = []
         for name, rec in plan.server.items():
-            current = eff.environment.get(name)
-            rows.append({"name": name, "current": current, "source": eff.sources.get(name),
+            # A setting the unit's command line fixes runs with the flag's value.
+            current = rec.value if rec.locked else eff.environment.get(name)
+            source = f"ExecStart= of {self.backend.unit}" if rec.locked else eff.sources.get(name)
+            rows.append({"name": name, "current": current, "source": source,
                          "default": rec.default, "recommended": rec.value, "reason": rec.reason,
-                         "pinned": rec.pinned, "change": name in changes})
+                         "pinned": rec.pinned, "locked": rec.locked, "change": name in changes})
         return {"mode": self.config.tuner.mode, "profile": plan.profile,
-                "ollama": {"reachable": self.reachable(), "version": plan.version,
-                           "error": self.ollama_error},
+                "server": {"name": self.backend.name, "kind": self.backend.kind,
+                           "label": self.backend.label, "url": self.backend.url,
+                           "reachable": self.reachable(),
+                           "version": self.ollama.version if self.ollama else plan.version,
+                           "error": self.ollama_error,
+                           "observed": self.backend.describe(self.ollama) if self.ollama
+                           else None},
                 "settings": rows, "changes": plain(changes or not_running),
                 "up_to_date": not changes and not not_running,
                 "running": {**running, "known": bool(self.running and
@@ -597,8 +628,9 @@ class Tuner(Component):
                             "not_running": plain(not_running)},
                 "conflicts": [c.to_dict() | {"message": c.describe()} for c in eff.conflicts],
                 "dropin": str(self.applier.dropins.path), "dropin_errors": eff.errors,
-                "unit_found": self._unit_found(), "service": self.config.ollama.service,
-                "systemd_dir": self.config.ollama.systemd_dir,
+                "unit_found": self._unit_found(), "service": self.backend.unit,
+                "systemd_dir": self.backend.systemd_dir,
+                "exec_start": eff.exec_start,
                 "pending": self.pending_dict(),
                 "blocked": ({"decision": self.blocked["decision"],
                              "message": self.blocked["message"]} if self.blocked else None),
@@ -624,22 +656,24 @@ class Tuner(Component):
             except ValueError as exc:
                 raise InvalidParams(str(exc)) from None
         state = self.planning_state()
+        policy = dataclasses.replace(self.policy(), profile=profile or self.config.tuner.profile)
         if models is not None:
-            state = planner.what_if_state(models, version=state.version)
-        policy = dataclasses.replace(planner.Policy.from_config(self.config.tuner),
-                                     profile=profile or self.config.tuner.profile)
+            # Exactly these models, each from the server's own metadata when it has it.
+            state = self.backend.what_if_state(models, state)
+            policy = dataclasses.replace(policy, models=[])
         assert snapshot is not None
-        result = planner.plan(snapshot, state, policy)
+        result = self.backend.plan(snapshot, state, policy)
         what_if = snapshot is not self.snapshot or models is not None
-        return {"what_if": what_if, "plan": result.to_dict()}
+        return {"what_if": what_if, "plan": result.to_dict(), "server": self.backend.name,
+                "kind": self.backend.kind}
 
     async def apply(self, now: bool = False) -> dict[str, Any]:
         """Apply the current plan without waiting for it to settle (``now``: also while
-        Ollama is busy or was restarted recently)."""
+        the server is busy or was restarted recently)."""
         assert self.lock is not None
         async with self.lock:
             if await self.poll() is None:
-                raise Unavailable(f"Ollama is not reachable: {self.ollama_error}")
+                raise Unavailable(f"{self.backend.label} is not reachable: {self.ollama_error}")
             plan = await self.replan()
             if plan is None:
                 raise Unavailable("no plan yet (tuner disabled or no hardware snapshot)")
@@ -651,7 +685,8 @@ class Tuner(Component):
             self.blocked = None
             changes = self._delta(plan)
             if changes is None:
-                return {"decision": "nothing", "message": "Ollama already runs the plan"
+                return {"decision": "nothing", "message": f"{self.backend.label} already runs "
+                        "the plan"
                         + ("" if not self.effective.conflicts else
                            " as far as velod's drop-in goes (see conflicts in tune show)")}
             outcome = await self.apply_plan(plan, "requested by admin", changes, force=now)
@@ -661,7 +696,7 @@ class Tuner(Component):
         return plain(outcome.to_dict())
 
     async def rollback(self) -> dict[str, Any]:
-        """Restore the previous drop-in and restart Ollama."""
+        """Restore the previous drop-in and restart the server."""
         assert self.lock is not None
         async with self.lock:
             try:
@@ -670,8 +705,8 @@ class Tuner(Component):
                 raise Unavailable(str(exc)) from None
             if not self.applier.dropins.has_backup():
                 raise NotFound(f"nothing to roll back to: no {self.applier.dropins.backup.name} "
-                               "(velod has not changed Ollama's settings since the last "
-                               "rollback)")
+                               f"(velod has not changed {self.backend.label}'s settings since "
+                               "the last rollback)")
             problem = self.applier.systemctl_problem()
             if problem:  # restoring the file without a restart would leave them apart
                 raise Unavailable(f"{problem}; nothing was changed")
@@ -693,15 +728,20 @@ class Tuner(Component):
 
     async def bench_run(self, model: str | None, url: str | None = None,
                         **spec: Any) -> dict[str, Any]:
-        """Benchmark ``model`` (default: the most used) through Ollama, or through the
+        """Benchmark ``model`` (default: the most used) through the server, or through the
         Ollama-compatible server at ``url`` (velod's own engine), and save the result."""
         if self.bench.running is not None:
             raise Busy(f"benchmark {self.bench.running['id']} is running; wait for it")
         if url is not None:
-            async with OllamaClient(url, self.config.ollama.request_timeout) as other:
+            other = OllamaBackend(OllamaConfig(url=url,
+                                               request_timeout=self.backend.request_timeout),
+                                  name=url, label=f"the server at {url}")
+            try:
                 bench = self.bench.through(other)
                 name, digest = await bench.choose_model(model)
                 return await bench.run(BenchSpec(model=name, **spec), digest)
+            finally:
+                await other.close()
         assert self.lock is not None
         async with self.lock:  # no tuner restart while measuring
             name, digest = await self.bench.choose_model(model)
@@ -734,8 +774,11 @@ class Tuner(Component):
         if a.get("spec", {}).get("gen") != b.get("spec", {}).get("gen") or \
                 a.get("spec", {}).get("prompt_tokens") != b.get("spec", {}).get("prompt_tokens"):
             notes.append("the two runs used different prompt or generation lengths")
-        if (a.get("ollama") or {}).get("version") != (b.get("ollama") or {}).get("version"):
-            notes.append("the two runs measured different Ollama versions")
+        sa_server, sb_server = server_of(a), server_of(b)
+        if sa_server.get("kind", "ollama") != sb_server.get("kind", "ollama"):
+            notes.append("the two runs measured different kinds of server")
+        elif sa_server.get("version") != sb_server.get("version"):
+            notes.append("the two runs measured different server versions")
         rows = compare(a, b)
         if any(not row["spread_known"] for row in rows):
             notes.append("a run measured a case only once (--repeat 1): its spread is "

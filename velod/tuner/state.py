@@ -26,6 +26,9 @@ class ModelInfo:
     family: str | None = None
     parameter_size: str | None = None  # "8.0B"
     quantization: str | None = None  # "Q4_K_M"
+    # Where the shape and size come from: "installed" (the server's own metadata: Ollama's
+    # /api/show, a served GGUF's header) or "catalog" (velod's catalog, for what-if plans).
+    source: str = "installed"
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ class OllamaState:
         return next((m for m in self.models if normalize_name(m.name) == wanted), None)
 
 
-def catalog_model(entry: CatalogModel) -> ModelInfo:
+def catalog_model(entry: CatalogModel, source: str = "catalog") -> ModelInfo:
     """A catalog entry as if ``/api/tags`` and ``/api/show`` had reported it."""
     return ModelInfo(name=entry.name, digest=None, size=entry.size, geometry=entry.geometry,
-                     family=entry.family, parameter_size=entry.parameter_size)
+                     family=entry.family, parameter_size=entry.parameter_size, source=source)

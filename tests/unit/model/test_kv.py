@@ -8,6 +8,7 @@ from tests.unit.model.test_metadata import LLAMA3_8B_SHOW
 from velod.model.catalog import CATALOG
 from velod.model.kv import (
     bytes_per_element,
+    context_per_sequence,
     kv_bytes_per_token,
     kv_cache_bytes,
     kv_cache_size,
@@ -28,8 +29,9 @@ def test_kv_bytes_per_token_by_cache_type() -> None:
     assert kv_bytes_per_token(g, "q8_0") == 32 * 8 * (128 + 128) * 34 / 32 == 69632
     assert kv_bytes_per_token(g, "q4_0") == 32 * 8 * (128 + 128) * 18 / 32 == 36864
     assert kv_bytes_per_token(g, "float32") == 2 * kv_bytes_per_token(g, "float16")
-    with pytest.raises(ValueError, match="unknown KV cache type 'q5_1'"):
-        kv_bytes_per_token(g, "q5_1")
+    assert kv_bytes_per_token(g, "q8_0", cache_type_v="f16") == 32 * 8 * 128 * (34 / 32 + 2)
+    with pytest.raises(ValueError, match="unknown KV cache type 'q3_k'"):
+        kv_bytes_per_token(g, "q3_k")
 
 
 def test_full_attention_models_hold_context_times_slots_cells() -> None:
@@ -48,8 +50,8 @@ def test_gemma3_270m_matches_what_llama_server_allocates() -> None:
     assert size.windowed_cells == 4 * 1024
 
 
-def test_a_window_never_holds_more_than_the_context() -> None:
-    assert window_cells(GEMMA3_270M, 300) == 300
+def test_a_window_never_holds_more_than_the_padded_context() -> None:
+    assert window_cells(GEMMA3_270M, 300) == 512  # 300 tokens take 512 cells (padding)
     assert window_cells(GEMMA3_270M, 32768) == 1024
     assert window_cells(GEMMA3_270M, 32768, ubatch=100) == 768  # 612 padded to 256s
 
@@ -73,5 +75,24 @@ def test_catalog_gemma2_is_sized_per_layer_kind() -> None:
 
 def test_bytes_per_element_names_the_known_types() -> None:
     assert bytes_per_element("q8_0") == 34 / 32
-    with pytest.raises(ValueError, match="known: f16, q8_0, q4_0"):
+    assert bytes_per_element("q5_1") == 24 / 32
+    with pytest.raises(ValueError, match="known: f32, f16, bf16, q8_0, q4_0"):
         bytes_per_element("iq2")
+
+
+def test_contexts_are_padded_to_256_cells_per_sequence() -> None:
+    g = Geometry.from_metadata(LLAMA3_8B_SHOW)
+    assert kv_cache_size(g, 1000, 2).full_cells == 2 * 1024
+    # llama-server -c 20000 -np 3: 20224 cells padded, 6741 a slot, padded to 6912.
+    assert context_per_sequence(20000, 3) == 6912
+    assert context_per_sequence(6000, 3, unified=True) == 6144
+
+
+def test_a_unified_pool_holds_one_window_per_slot_plus_a_micro_batch() -> None:
+    # llama-server -c 8192 with automatic slots: 4 slots share 8192 cells; the windowed
+    # layers keep 512 x 4 + 512 = 2560 of them.
+    size = kv_cache_size(GEMMA3_270M, 8192, 4, unified=True)
+    assert size.full_cells == 8192 and size.windowed_cells == 2560
+    assert size.full == 24 * MIB and size.windowed == 2560 * 15 * 1024
+    full = kv_cache_size(GEMMA3_270M, 8192, 4, unified=True, swa_full=True)
+    assert full.windowed_cells == 8192

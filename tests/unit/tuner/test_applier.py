@@ -16,10 +16,10 @@ from tests.fakes.fake_ollama import free_port
 from velod.config import OllamaConfig, TunerConfig
 from velod.hardware.snapshot import Cpu, Gpu, Memory, OsInfo, Snapshot
 from velod.tuner.applier import Applier, IdleTracker, model_parameters, server_environment
-from velod.tuner.backends.ollama import OllamaClient
+from velod.tuner.backends.ollama_backend import OllamaBackend
 from velod.tuner.history import History
 from velod.tuner.planner import ModelPlan, Plan, Recommendation
-from velod.tuner.state import LoadedModel
+from velod.tuner.state import LoadedModel, OllamaState
 
 REPO = Path(__file__).resolve().parents[3]
 FAKE_BIN = REPO / "tests" / "fakes" / "bin"
@@ -60,9 +60,10 @@ class Rig:
                                    systemctl=str(FAKE_BIN / "systemctl"), request_timeout=1.0)
         self.tuner = TunerConfig(mode="apply", restart_when_idle_for=0.0,
                                  min_restart_interval=0.0)
-        self.client = OllamaClient(self.url, timeout=1.0)
+        self.backend = OllamaBackend(self.ollama)
+        self.client = self.backend.client
         self.history = History(tmp / "state")
-        self.applier = Applier(self.ollama, self.tuner, self.client, self.history)
+        self.applier = Applier(self.backend, self.tuner, self.history)
 
     def calls(self) -> list[list[str]]:
         """The systemctl calls that change something (``show`` only reads)."""
@@ -171,10 +172,11 @@ async def test_spill_after_the_next_load_rolls_back(rig: Rig) -> None:
     await rig.applier.apply(make_plan({"OLLAMA_NUM_PARALLEL": "1"}), "a", {})
     spilling = make_plan({"OLLAMA_NUM_PARALLEL": "8", "OLLAMA_CONTEXT_LENGTH": "131072"})
     await rig.applier.apply(spilling, "b", {})
-    assert await rig.applier.verify([]) is None  # nothing loaded yet: keep waiting
+    nothing = OllamaState(version="0.33.0", loaded=[])
+    assert await rig.applier.verify(nothing) is None  # nothing loaded yet: keep waiting
     await rig.client.request("POST", "/api/generate", {"model": "llama3.1:8b", "prompt": "",
                                                        "stream": False})
-    outcome = await rig.applier.verify(await rig.client.loaded())
+    outcome = await rig.applier.verify(await rig.client.fetch_state())
     assert outcome is not None and outcome.decision == "rolled-back", outcome
     assert "spilled to the CPU" in outcome.message
     assert (await rig.ollama_env())["OLLAMA_NUM_PARALLEL"] == "1"
@@ -185,7 +187,7 @@ async def test_fitting_load_is_verified(rig: Rig) -> None:
     await rig.applier.apply(make_plan({"OLLAMA_CONTEXT_LENGTH": "8192"}), "a", {})
     await rig.client.request("POST", "/api/generate", {"model": "llama3.1:8b", "prompt": "",
                                                        "stream": False})
-    outcome = await rig.applier.verify(await rig.client.loaded())
+    outcome = await rig.applier.verify(await rig.client.fetch_state())
     assert outcome is not None and outcome.decision == "verified"
     assert outcome.details["loaded"][0]["context_length"] == 8192
 
@@ -205,7 +207,7 @@ async def test_variants_are_created_once_and_the_users_model_is_untouched(rig: R
 
 def test_gate_rate_limits_and_waits_for_idle(tmp_path: Path) -> None:
     tuner = TunerConfig(restart_when_idle_for=60.0, min_restart_interval=600.0)
-    applier = Applier(OllamaConfig(), tuner, OllamaClient("http://127.0.0.1:1"),
+    applier = Applier(OllamaBackend(OllamaConfig(url="http://127.0.0.1:1")), tuner,
                       History(tmp_path))
     applier.idle.last_active = time.monotonic() - 5
     busy = applier.gate()
@@ -222,8 +224,8 @@ def test_gate_rate_limits_and_waits_for_idle(tmp_path: Path) -> None:
 def test_last_restart_survives_a_daemon_restart(tmp_path: Path) -> None:
     History(tmp_path).append("applied", restarted=True)
     History(tmp_path).append("applied", target="variant", variant="m-velod", parameters={})
-    applier = Applier(OllamaConfig(), TunerConfig(min_restart_interval=600.0),
-                      OllamaClient("http://127.0.0.1:1"), History(tmp_path))
+    applier = Applier(OllamaBackend(OllamaConfig(url="http://127.0.0.1:1")),
+                      TunerConfig(min_restart_interval=600.0), History(tmp_path))
     assert applier.last_restart is not None
     gate = applier.gate()
     assert gate is not None and gate.decision == "skipped-rate-limited"
@@ -235,24 +237,36 @@ def _snapshot(util: float | None) -> Snapshot:
                     os=OsInfo("Linux", "6", "x86_64"))
 
 
+def _ollama_activity(*loaded: LoadedModel) -> tuple[Any, bool, bool]:
+    backend = OllamaBackend(OllamaConfig(url="http://127.0.0.1:1"))
+    return backend.activity(OllamaState(version="0.33.0", loaded=list(loaded)))
+
+
 def test_idle_tracker_sees_expiry_changes_and_gpu_work() -> None:
     tracker = IdleTracker(last_active=0.0)
     model = LoadedModel("m", 10, 10, 4096, expires_at="2026-01-01T00:05:00Z")
-    tracker.observe([model], _snapshot(0.0), now=100.0)
+    tracker.observe(*_ollama_activity(model), _snapshot(0.0), now=100.0)
     assert tracker.idle_for(now=100.0) == 100.0  # first sight: nothing to compare with
-    tracker.observe([model], _snapshot(0.0), now=110.0)
+    tracker.observe(*_ollama_activity(model), _snapshot(0.0), now=110.0)
     assert tracker.idle_for(now=110.0) == 110.0
     moved = LoadedModel("m", 10, 10, 4096, expires_at="2026-01-01T00:06:00Z")
-    tracker.observe([moved], _snapshot(0.0), now=120.0)
+    tracker.observe(*_ollama_activity(moved), _snapshot(0.0), now=120.0)
     assert tracker.idle_for(now=125.0) == 5.0
-    tracker.observe([moved], _snapshot(95.0), now=130.0)
+    tracker.observe(*_ollama_activity(moved), _snapshot(95.0), now=130.0)
     assert tracker.idle_for(now=130.0) == 0.0
 
 
 def test_gpu_work_without_ollama_models_is_not_ollama_being_busy() -> None:
     tracker = IdleTracker(last_active=0.0)
-    tracker.observe([], _snapshot(99.0), now=50.0)
+    tracker.observe(*_ollama_activity(), _snapshot(99.0), now=50.0)
     assert tracker.idle_for(now=50.0) == 50.0
+
+
+def test_a_request_in_flight_counts_as_busy_even_when_nothing_moved() -> None:
+    tracker = IdleTracker(last_active=0.0)
+    tracker.observe("same", False, True, None, now=10.0)
+    tracker.observe("same", True, True, None, now=20.0)
+    assert tracker.idle_for(now=25.0) == 5.0
 
 
 def test_model_parameters_become_numbers_where_they_are() -> None:

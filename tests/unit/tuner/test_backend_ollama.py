@@ -8,7 +8,7 @@ import socket
 import pytest
 from aiohttp import web
 
-from tests.fakes.fake_ollama import FakeOllama, serve
+from tests.fakes.fake_ollama import FakeOllama, serve, serve_app
 from velod.tuner.backends.ollama import (
     OllamaBadResponse,
     OllamaClient,
@@ -144,19 +144,11 @@ async def test_wrong_shape_json_is_a_bad_response(body: object) -> None:
 
     app.router.add_get("/api/version", answer)
     app.router.add_get("/api/ps", answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        async with OllamaClient(f"http://127.0.0.1:{port}") as client:
-            with pytest.raises(OllamaBadResponse):
-                await client.version()
-            with pytest.raises(OllamaBadResponse):
-                await client.loaded()
-    finally:
-        await runner.cleanup()
+    async with serve_app(app) as url, OllamaClient(url) as client:
+        with pytest.raises(OllamaBadResponse):
+            await client.version()
+        with pytest.raises(OllamaBadResponse):
+            await client.loaded()
 
 
 async def test_generate_streams_and_updates_expiry() -> None:
@@ -210,17 +202,9 @@ async def test_an_endless_version_reply_is_refused_after_the_limit_not_read_to_t
 
     app = web.Application()
     app.router.add_get("/api/version", endless)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        async with OllamaClient(f"http://127.0.0.1:{port}", timeout=10) as client:
-            with pytest.raises(OllamaBadResponse, match="longer than velod reads"):
-                await client.version()
-    finally:
-        await runner.cleanup()
+    async with serve_app(app) as url, OllamaClient(url, timeout=10) as client:
+        with pytest.raises(OllamaBadResponse, match="longer than velod reads"):
+            await client.version()
     assert sent < 64 * 2**20  # velod hung up long before the end
 
 
@@ -231,17 +215,9 @@ async def test_a_declared_length_above_the_limit_is_refused_before_reading() -> 
 
     app = web.Application()
     app.router.add_get("/api/tags", big)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        async with OllamaClient(f"http://127.0.0.1:{port}") as client:
-            with pytest.raises(OllamaBadResponse, match="more than velod reads"):
-                await client.tags()
-    finally:
-        await runner.cleanup()
+    async with serve_app(app) as url, OllamaClient(url) as client:
+        with pytest.raises(OllamaBadResponse, match="more than velod reads"):
+            await client.tags()
 
 
 async def test_a_huge_reply_from_the_fake_is_a_bad_response_for_every_endpoint() -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.fakes.fake_ollama import FakeOllama, serve
+from velod.config import OllamaConfig
 from velod.tuner.backends.ollama import OllamaClient, OllamaHTTPError, OllamaUnreachable
+from velod.tuner.backends.ollama_backend import OllamaBackend
 from velod.tuner.bench.runner import BenchRunner
 from velod.tuner.bench.spec import (
     PROMPTS,
@@ -173,13 +177,22 @@ def test_store_saves_lists_and_resolves_ids(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- runner
 
 
+@contextlib.asynccontextmanager
+async def ollama_at(url: str) -> AsyncIterator[OllamaBackend]:
+    backend = OllamaBackend(OllamaConfig(url=url))
+    try:
+        yield backend
+    finally:
+        await backend.close()
+
+
 @pytest.mark.asyncio
 async def test_runner_measures_streaming_answers_of_the_fake() -> None:
     fake = FakeOllama(env={"FAKE_OLLAMA_TOKEN_DELAY": "0.002", "FAKE_OLLAMA_VRAM": "24GiB"})
-    async with serve(fake) as url, OllamaClient(url) as client:
+    async with serve(fake) as url, ollama_at(url) as backend:
         progress: list[dict[str, Any]] = []
         spec = BenchSpec(model="llama3.2:3b", concurrency=(1, 3), repeat=2, gen=5)
-        out = await BenchRunner(client, spec, "t", progress.append).run()
+        out = await BenchRunner(backend, spec, "t", progress.append).run()
     assert out["complete"] and out["error"] is None
     assert len(fake.generations) == spec.requests == 1 + 2 * 4
     one, three = out["cases"]
@@ -206,27 +219,27 @@ async def test_generate_stream_yields_tokens_as_they_are_made() -> None:
 
 @pytest.mark.asyncio
 async def test_runner_reports_an_unknown_model_and_a_dead_server() -> None:
-    async with serve(FakeOllama(env={})) as url, OllamaClient(url) as client:
-        out = await BenchRunner(client, BenchSpec(model="nope:1b", gen=2), "t").run()
+    async with serve(FakeOllama(env={})) as url, ollama_at(url) as backend:
+        out = await BenchRunner(backend, BenchSpec(model="nope:1b", gen=2), "t").run()
     assert out["error_kind"] == "not_found" and not out["complete"]
     with pytest.raises(OllamaHTTPError):
         async with serve(FakeOllama(env={})) as url, OllamaClient(url) as client:
             async for _ in client.generate_stream({"model": "nope:1b", "prompt": "x"}):
                 pass
-    async with OllamaClient("http://127.0.0.1:9") as client:
-        out = await BenchRunner(client, BenchSpec(model="m", gen=2), "t").run()
+    async with ollama_at("http://127.0.0.1:9") as backend:
+        out = await BenchRunner(backend, BenchSpec(model="m", gen=2), "t").run()
         assert out["error_kind"] == "unreachable" and "partial results kept" in out["error"]
         with pytest.raises(OllamaUnreachable):
-            async for _ in client.generate_stream({"model": "m", "prompt": "x"}):
+            async for _ in backend.client.generate_stream({"model": "m", "prompt": "x"}):
                 pass
 
 
 @pytest.mark.asyncio
 async def test_runner_keeps_what_it_measured_when_time_runs_out() -> None:
     fake = FakeOllama(env={"FAKE_OLLAMA_TOKEN_DELAY": "0.01", "FAKE_OLLAMA_VRAM": "24GiB"})
-    async with serve(fake) as url, OllamaClient(url) as client:
+    async with serve(fake) as url, ollama_at(url) as backend:
         spec = BenchSpec(model="llama3.2:3b", repeat=50, gen=5, timeout=0.5)
-        out = await BenchRunner(client, spec, "t").run()
+        out = await BenchRunner(backend, spec, "t").run()
     assert out["error_kind"] == "timeout" and "within 0.5s" in out["error"]
     assert 1 <= out["cases"][0]["repeats"] < 50
 

@@ -19,7 +19,7 @@ from velod.config import TunerConfig
 from velod.hardware.snapshot import Cpu, Gpu, GpuProcess, Memory, OsInfo, Snapshot
 from velod.model import catalog
 from velod.model.kv import kv_bytes_per_token
-from velod.model.metadata import Geometry, UnknownArchitecture
+from velod.model.metadata import Geometry, UnknownArchitecture, swa_pattern
 from velod.tuner.backends.ollama_settings import known_for_version
 from velod.tuner.planner import (
     PROFILES,
@@ -188,7 +188,8 @@ def snapshot_with(*gpus: Gpu, cores: int = 12) -> Snapshot:
 
 def installed(*names: str, version: str = VERSION) -> OllamaState:
     return OllamaState(version=version,
-                       models=[catalog_model(catalog.lookup(n)) for n in names],  # type: ignore
+                       models=[catalog_model(catalog.lookup(n), "installed")  # type: ignore
+                               for n in names],
                        loaded=[], reachable=True)
 
 
@@ -470,3 +471,22 @@ def test_a_plan_that_claims_to_fit_stays_within_usable_memory(
     if p.fits:
         assert all(b.fits for b in p.budgets)
         assert all(m.fully_on_gpu for m in p.models.values())
+
+
+def test_what_if_uses_an_installed_models_own_metadata_before_the_catalog() -> None:
+    # gemma3:270m is not in velod's catalog; Ollama has it installed (/api/show's shape).
+    gemma = ModelInfo("gemma3:270m", "sha256:9", 291 * 1024**2, Geometry(
+        architecture="gemma3", layers=18, heads=4, kv_heads=1, key_length=256,
+        value_length=256, embedding_length=640, context_length=32768, vocab_size=262144,
+        sliding_window=512, windowed=swa_pattern(18, 6)))
+    here = OllamaState(version=VERSION, models=[gemma, *installed("qwen2.5:7b").models])
+    state = what_if_state(["gemma3:270m", "llama3.1:8b", "mystery:1b"], VERSION, here)
+    p = plan(what_if_snapshot(24 * GIB, 1, 64 * GIB), state, Policy())
+    assert p.models["gemma3:270m"].source == "installed"
+    assert p.models["llama3.1:8b"].source == "catalog"
+    assert "not installed and not in velod's catalog" in p.skipped["mystery:1b"]
+    assert "qwen2.5:7b" not in p.models  # installed, but not asked for
+    # Without the installed state, gemma3:270m cannot be planned at all.
+    alone = plan(what_if_snapshot(24 * GIB, 1, 64 * GIB), what_if_state(["gemma3:270m"]),
+                 Policy())
+    assert "gemma3:270m" in alone.skipped

@@ -10,6 +10,7 @@ from tests.unit.tuner.test_applier import UNIT, Rig, make_plan
 from velod.config import OllamaConfig
 from velod.tuner import recovery
 from velod.tuner.applier import Applier, server_environment
+from velod.tuner.backends.ollama_backend import OllamaBackend
 
 pytestmark = pytest.mark.asyncio
 
@@ -27,14 +28,15 @@ async def crash_after(rig: Rig, step: str) -> Applier:
     applied = await rig.applier.apply(make_plan(OLD), "before", {})
     assert applied.decision == "applied"
     applier = rig.applier
-    applier._record_applying("apply", NEW, reason="test", expect_on_gpu=["llama3.1:8b"])
+    applier._record_applying("apply", NEW, reason="test",
+                             expect={"expect_on_gpu": ["llama3.1:8b"]})
     if step in ("write", "daemon-reload", "restart"):
         applier.dropins.write(NEW)
     if step in ("daemon-reload", "restart"):
         await applier.systemctl("daemon-reload")
     if step == "restart":
         await applier.systemctl("restart", UNIT)
-    return Applier(rig.ollama, rig.tuner, rig.client, rig.history)
+    return Applier(rig.backend, rig.tuner, rig.history)
 
 
 async def settle(applier: Applier) -> recovery.Outcome:
@@ -68,6 +70,20 @@ async def test_an_apply_cut_short_before_the_write_has_nothing_to_undo(rig: Rig)
     assert applier.dropins.read_velod() == OLD
 
 
+async def test_an_entry_written_before_backends_is_still_verified_for_spills(
+        rig: Rig) -> None:
+    await rig.applier.apply(make_plan(OLD), "before", {})
+    rig.applier._record_applying("apply", NEW, reason="test", expect_on_gpu=["llama3.1:8b"])
+    rig.applier.dropins.write(NEW)
+    await rig.applier.systemctl("daemon-reload")
+    await rig.applier.systemctl("restart", UNIT)
+    applier = Applier(rig.backend, rig.tuner, rig.history)
+    outcome = await settle(applier)
+    assert outcome.decision == "applied", outcome.message
+    assert applier.pending_verification is not None
+    assert applier.pending_verification["expect"] == {"expect_on_gpu": ["llama3.1:8b"]}
+
+
 async def test_an_apply_cut_short_after_the_restart_is_finished_without_another(
         rig: Rig) -> None:
     applier = await crash_after(rig, "restart")
@@ -77,7 +93,7 @@ async def test_an_apply_cut_short_after_the_restart_is_finished_without_another(
     assert outcome.details["interrupted"] and outcome.details["running"] == "process"
     assert restarts(rig) == before
     assert applier.pending_verification is not None  # the next load is still checked
-    assert applier.pending_verification["expect_on_gpu"] == ["llama3.1:8b"]
+    assert applier.pending_verification["expect"] == {"expect_on_gpu": ["llama3.1:8b"]}
     assert (await rig.ollama_env())["OLLAMA_CONTEXT_LENGTH"] == "8192"
 
 
@@ -85,7 +101,7 @@ async def test_a_rollback_cut_short_is_finished(rig: Rig) -> None:
     await rig.applier.apply(make_plan(OLD), "first", {})
     await rig.applier.apply(make_plan(NEW), "second", {})
     rig.applier._record_applying("rollback", NEW, reason="slower", failed=NEW)
-    applier = Applier(rig.ollama, rig.tuner, rig.client, rig.history)  # crash: restart velod
+    applier = Applier(rig.backend, rig.tuner, rig.history)  # crash: restart velod
     outcome = await settle(applier)
     assert outcome.decision == "rolled-back", outcome.message
     assert outcome.details["failed"] == NEW  # still not to be applied again by itself
@@ -124,7 +140,7 @@ async def test_a_drop_in_ollama_was_not_restarted_for_gets_the_restart_only(rig:
 async def test_a_missing_systemctl_changes_nothing_and_says_so(rig: Rig) -> None:
     missing = OllamaConfig(url=rig.url, systemd_dir=str(rig.systemd_dir),
                            systemctl=str(rig.tmp / "no" / "systemctl"))
-    applier = Applier(missing, rig.tuner, rig.client, rig.history)
+    applier = Applier(OllamaBackend(missing), rig.tuner, rig.history)
     outcome = await applier.apply(make_plan(NEW), "test", {})
     assert outcome.decision == "error" and "systemctl not found" in outcome.message
     assert "did not come back" not in outcome.message and "nothing was changed" in \

@@ -20,6 +20,7 @@ from velod.control.registry import RpcError, methods_of
 from velod.errors import ServiceError
 from velod.hardware.snapshot import Cpu, Gpu, Memory, OsInfo, Snapshot
 from velod.tuner import rpc
+from velod.tuner.servers import TunerService
 from velod.tuner.service import Tuner, backoff
 
 pytestmark = pytest.mark.asyncio
@@ -38,7 +39,8 @@ def snapshot(vram: int = 24 * GIB, util: float = 0.0) -> Snapshot:
 
 @dataclass
 class Running:
-    tuner: Tuner
+    service: TunerService  # the component, as the daemon builds it
+    tuner: Tuner  # its tuner of Ollama
     bus: Bus
     fake: FakeOllama
     url: str
@@ -47,7 +49,7 @@ class Running:
 
     def method(self, name: str) -> Callable[..., Any]:
         """A control method bound to this tuner, as the daemon binds ``velod.tuner.rpc``."""
-        return next(m.handler for m in methods_of(rpc, self.tuner) if m.name == name)
+        return next(m.handler for m in methods_of(rpc, self.service) if m.name == name)
 
     async def call(self, name: str, params: dict[str, Any] | None = None) -> Any:
         return await self.method(name)(params or {}, None)
@@ -67,7 +69,7 @@ async def until(check: Callable[[], Any], timeout: float = 5.0) -> Any:
 
 @pytest_asyncio.fixture
 async def make(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    started: list[Tuner] = []
+    started: list[TunerService] = []
     servers: list[Any] = []
 
     async def start(tuner: dict[str, Any], env: dict[str, str] | None = None,
@@ -84,11 +86,11 @@ async def make(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         bus = Bus()
         events: list[dict[str, Any]] = []
         bus.subscribe(["tuner.decision"], lambda e: events.append(e.data))
-        t = Tuner(Context(config, bus, tmp_path / "state", logging.getLogger("velod")))
+        t = TunerService(Context(config, bus, tmp_path / "state", logging.getLogger("velod")))
         started.append(t)
         await t.start()
         bus.publish("hardware.snapshot", {"snapshot": snapshot().to_dict()})
-        return Running(t, bus, fake, base, events, tmp_path / "systemd")
+        return Running(t, t.tuners["ollama"], bus, fake, base, events, tmp_path / "systemd")
 
     yield start
     for t in started:
@@ -172,7 +174,7 @@ async def test_a_broken_ollama_backs_off_and_recovers(make: Any, mode: str,
                                                       message: str) -> None:
     r = await make({"mode": "observe"}, env={"FAKE_OLLAMA_MODE": mode,
                                              "FAKE_OLLAMA_DELAY": "1"})
-    status = await until(lambda: (s := r.tuner.status())["ollama"]["failures"] >= 3 and s)
+    status = await until(lambda: (s := r.service.status())["ollama"]["failures"] >= 3 and s)
     assert status["state"] == "degraded" and message in status["ollama"]["error"]
     assert status["ollama"]["reachable"] is False
     polls_before = len(r.fake.requests)
@@ -180,7 +182,7 @@ async def test_a_broken_ollama_backs_off_and_recovers(make: Any, mode: str,
     assert len(r.fake.requests) - polls_before <= 3  # backing off, not hammering
     r.fake.mode = "ok"
     r.tuner.trigger("test")
-    await until(lambda: r.tuner.status()["ollama"]["reachable"])
+    await until(lambda: r.service.status()["ollama"]["reachable"])
     assert r.tuner.status()["state"] == "running"
 
 

@@ -8,7 +8,6 @@ into the plain :class:`~velod.tuner.state.OllamaState` the planner reads.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import json
 import os
@@ -17,6 +16,14 @@ from typing import Any
 
 from velod.model.metadata import Geometry, UnknownArchitecture
 from velod.model.names import normalize_name
+from velod.tuner.backends.base import (
+    ServerBadResponse,
+    ServerError,
+    ServerHTTPError,
+    ServerTimeout,
+    ServerUnreachable,
+)
+from velod.tuner.backends.http import Errors, SessionClient, fetch, read_bounded, read_lines
 from velod.tuner.state import LoadedModel, ModelInfo, OllamaState
 
 DEFAULT_URL = "http://127.0.0.1:11434"
@@ -29,28 +36,28 @@ MAX_VERSION_BYTES = 64 * 2**10  # {"version": "0.12.3"}
 MAX_LINE_BYTES = 16 * 2**20
 
 
-class OllamaError(Exception):
+class OllamaError(ServerError):
     """Ollama could not be asked, or answered something velod cannot use."""
 
 
-class OllamaUnreachable(OllamaError):
+class OllamaUnreachable(OllamaError, ServerUnreachable):
     """Nothing answers at the address (refused, DNS, reset)."""
 
 
-class OllamaTimeout(OllamaError):
+class OllamaTimeout(OllamaError, ServerTimeout):
     """Ollama did not answer within the request timeout."""
 
 
-class OllamaHTTPError(OllamaError):
+class OllamaHTTPError(OllamaError, ServerHTTPError):
     """Ollama answered with an HTTP error status; ``status`` holds it."""
 
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.status = status
 
-
-class OllamaBadResponse(OllamaError):
+class OllamaBadResponse(OllamaError, ServerBadResponse):
     """Ollama answered, but not with JSON of the documented shape (or far too much of it)."""
+
+
+ERRORS = Errors("Ollama", OllamaTimeout, OllamaUnreachable, OllamaBadResponse,
+                "is ollama running? (set ollama.url or OLLAMA_HOST)")
 
 
 # --------------------------------------------------------------------------- addresses
@@ -115,58 +122,23 @@ def _is_ipv6(host: str) -> bool:
 # --------------------------------------------------------------------------- client
 
 
-class OllamaClient:
+class OllamaClient(SessionClient):
     """One aiohttp session to one Ollama server; ``close()`` when done."""
 
     def __init__(self, base_url: str, timeout: float = 10.0) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.timeout = timeout
-        self._session: Any = None
+        super().__init__(base_url, timeout)
         self._show_cache: dict[tuple[str, str | None], dict[str, Any]] = {}
         self.tag_names: set[str] = set()  # every installed name, variants included
-
-    async def __aenter__(self) -> OllamaClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    def _get_session(self) -> Any:
-        import aiohttp
-
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession()
-        return self._session
 
     async def request(self, method: str, path: str, body: dict[str, Any] | None = None,
                       timeout: float | None = None, max_bytes: int = MAX_REPLY_BYTES) -> Any:
         """Send one request and return its decoded JSON; raise an OllamaError on failure
         (OllamaBadResponse for an answer longer than ``max_bytes``)."""
-        import aiohttp
-
         url = f"{self.base_url}{path}"
-        limit = self.timeout if timeout is None else timeout
         where = f"{method} {url}"
-        try:
-            async with asyncio.timeout(limit):
-                session = self._get_session()
-                async with session.request(method, url, json=body) as resp:
-                    raw = await read_bounded(resp, max_bytes, where)
-                    status = resp.status
-        except TimeoutError:
-            raise OllamaTimeout(f"Ollama did not answer {where} within {limit:g}s") from None
-        except aiohttp.ClientConnectorError as exc:
-            raise OllamaUnreachable(f"cannot connect to Ollama at {self.base_url}: "
-                                    f"{exc.os_error or exc} — is ollama running? "
-                                    "(set ollama.url or OLLAMA_HOST)") from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise OllamaUnreachable(f"{where} failed: {exc or type(exc).__name__}") from None
-        text = raw.decode("utf-8", "replace")
+        status, text = await fetch(self._get_session(), method, url, self.base_url, ERRORS,
+                                   body=body, max_bytes=max_bytes,
+                                   timeout=self.timeout if timeout is None else timeout)
         if status >= 400:
             detail = _error_detail(text)
             raise OllamaHTTPError(f"Ollama answered {where} with HTTP {status}: {detail}", status)
@@ -215,11 +187,11 @@ class OllamaClient:
             session = self._get_session()
             async with session.post(url, json={**body, "stream": True}) as resp:
                 if resp.status >= 400:
-                    raw = await read_bounded(resp, MAX_REPLY_BYTES, f"POST {url}")
+                    raw = await read_bounded(resp, MAX_REPLY_BYTES, f"POST {url}", ERRORS)
                     detail = _error_detail(raw.decode("utf-8", "replace"))
                     raise OllamaHTTPError(f"Ollama answered POST {url} with HTTP "
                                           f"{resp.status}: {detail}", resp.status)
-                async for line in read_lines(resp, MAX_LINE_BYTES, f"POST {url}"):
+                async for line in read_lines(resp, MAX_LINE_BYTES, f"POST {url}", ERRORS):
                     if not line.strip():
                         continue
                     try:
@@ -237,13 +209,8 @@ class OllamaClient:
                     if chunk.get("done"):
                         return
             raise OllamaUnreachable(f"Ollama ended the answer to POST {url} before it was done")
-        except aiohttp.ClientConnectorError as exc:
-            raise OllamaUnreachable(f"cannot connect to Ollama at {self.base_url}: "
-                                    f"{exc.os_error or exc} — is ollama running? "
-                                    "(set ollama.url or OLLAMA_HOST)") from None
         except (aiohttp.ClientError, OSError) as exc:
-            raise OllamaUnreachable(f"Ollama stopped answering POST {url} mid-answer: "
-                                    f"{exc or type(exc).__name__}") from None
+            raise ERRORS.connection(exc, self.base_url, f"POST {url}", streaming=True) from None
 
     # ------------------------------------------------------------------ the whole state
     async def loaded(self) -> list[LoadedModel]:
@@ -293,39 +260,6 @@ class OllamaClient:
                          skip_reason=reason, family=_opt_str(details.get("family")),
                          parameter_size=_opt_str(details.get("parameter_size")),
                          quantization=_opt_str(details.get("quantization_level")))
-
-
-async def read_bounded(resp: Any, limit: int, where: str) -> bytes:
-    """The body of ``resp``, or OllamaBadResponse as soon as it passes ``limit`` bytes."""
-    if resp.content_length is not None and resp.content_length > limit:
-        raise OllamaBadResponse(f"Ollama's answer to {where} is {resp.content_length} bytes, "
-                                f"more than velod reads ({limit} bytes)")
-    body = bytearray()
-    async for chunk in resp.content.iter_any():
-        body += chunk
-        if len(body) > limit:
-            raise OllamaBadResponse(f"Ollama's answer to {where} is longer than velod reads "
-                                    f"({limit} bytes); stopped reading it")
-    return bytes(body)
-
-
-async def read_lines(resp: Any, limit: int, where: str) -> AsyncIterator[bytes]:
-    """The lines of a streamed body as they arrive; OllamaBadResponse for a line longer
-    than ``limit`` (aiohttp's own line reader stops at 128 KiB, which a long final chunk
-    with its ``context`` passes)."""
-    buffer = bytearray()
-    async for chunk in resp.content.iter_any():
-        buffer += chunk
-        start = 0
-        while (end := buffer.find(b"\n", start)) >= 0:
-            yield bytes(buffer[start:end])
-            start = end + 1
-        del buffer[:start]
-        if len(buffer) > limit:
-            raise OllamaBadResponse(f"Ollama streamed a line longer than velod reads "
-                                    f"({limit} bytes) in its answer to {where}")
-    if buffer:
-        yield bytes(buffer)
 
 
 def variant_name(model: str, suffix: str) -> str:

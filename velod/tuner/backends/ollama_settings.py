@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from functools import total_ordering
 
 from velod.hardware.snapshot import Gpu, Snapshot
+from velod.tuner.backends.base import SettingsTable
 
 GIB = 1024**3
 
@@ -262,6 +263,9 @@ def normalize(name: str, value: str) -> str:
     """
     spec = SETTINGS.get(name)
     return spec.parse(value) if spec else _trim(value)
+
+
+TABLE = SettingsTable(normalize, {name: spec.default for name, spec in SETTINGS.items()})
 
 
 # --------------------------------------------------------------------------- defaults

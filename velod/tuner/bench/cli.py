@@ -21,11 +21,17 @@ COLUMNS = (("gen_tps", "GEN TOK/S"), ("prompt_tps", "PROMPT TOK/S"), ("ttft_s", 
 
 def register(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser(
-        "bench", help="benchmark Ollama; list, show and compare results",
-        description="Benchmark the local Ollama through streaming /api/generate (admin): per "
-        "prompt and concurrency level, generation and prompt tokens/s, time to first token, "
+        "bench", help="benchmark a server (Ollama, llama-server); list, show and compare "
+        "results",
+        description="Benchmark a local server through its streaming API (admin): Ollama's "
+        "/api/generate or llama-server's /completion. Per prompt and concurrency level: "
+        "generation and prompt tokens/s (the server's own counters), time to first token, "
         "total time, aggregate tokens/s and load time; median and spread over the repeats, "
         "warm-up excluded. Results are saved in velod's state directory.")
+    bench.add_argument("--backend", choices=["ollama", "llama-server"],
+                       help="the kind of server to measure (default: the first managed one)")
+    bench.add_argument("--server", metavar="NAME",
+                       help="the server to measure by name, when several of a kind are managed")
     bench.add_argument("--model", help="model to measure (default: the most-used one)")
     bench.add_argument("--prompt", default=list(PROMPT_CHOICES), type=_prompts,
                        metavar="KIND[,KIND]", help="fixed prompts shipped with velod: chat "
@@ -88,6 +94,7 @@ def cmd_run(args: argparse.Namespace, client: Any) -> int:
     params = {"model": args.model, "prompts": args.prompt, "prompt_tokens": args.prompt_tokens,
               "gen": args.gen, "concurrency": args.concurrency, "repeat": args.repeat,
               "timeout": args.timeout, "url": args.url}
+    params.update({k: v for k, v in (("backend", args.backend), ("server", args.server)) if v})
     progress = None
     try:
         progress = EventProgress(args.socket, ["bench.progress"], render_progress,
@@ -128,8 +135,8 @@ def cmd_list(args: argparse.Namespace, client: Any) -> int:
     if args.json:
         print_json(result)
         return 0
-    rows = [[r["id"], _when(r.get("time")), str(r.get("model")), str(r.get("purpose")),
-             _num(r.get("gen_tps")),
+    rows = [[r["id"], _when(r.get("time")), str(r.get("server") or "ollama"),
+             str(r.get("model")), str(r.get("purpose")), _num(r.get("gen_tps")),
              r.get("status") or ("complete" if r.get("complete") else "partial")]
             for r in result["results"]]
     damaged = result.get("damaged") or []
@@ -137,7 +144,7 @@ def cmd_list(args: argparse.Namespace, client: Any) -> int:
         print(f"no saved benchmarks (in {result['directory']}); run `velodctl bench`")
         return 0
     if rows:
-        print(table(rows, ["ID", "TIME", "MODEL", "PURPOSE", "GEN TOK/S", "STATUS"]))
+        print(table(rows, ["ID", "TIME", "SERVER", "MODEL", "PURPOSE", "GEN TOK/S", "STATUS"]))
     for run_id in damaged:
         print(f"warning: {run_id}: damaged file skipped (`velodctl bench show {run_id}` "
               "says why)")
@@ -178,18 +185,22 @@ def render_result(r: dict[str, Any]) -> str:
     spec = r.get("spec", {})
     model = r.get("model") or {}
     digest = (model.get("digest") or "")[:12]
+    server = r.get("server") or {"name": "ollama", "kind": "ollama", **(r.get("ollama") or {})}
     lines = [f"benchmark {r.get('id')}  {_when(r.get('time'))}  "
              f"{status_of(r).upper() if not r.get('complete') else 'complete'}",
              f"model {model.get('name')}" + (f" ({digest})" if digest else "")
-             + f"  Ollama {(r.get('ollama') or {}).get('version')}  gen {spec.get('gen')} "
-             f"tokens, {spec.get('repeat')} repeat(s) after a warm-up"]
+             + f"  {server.get('name')} ({server.get('kind')} {server.get('version')})"
+             f"  gen {spec.get('gen')} tokens, {spec.get('repeat')} repeat(s) after a warm-up"]
     settings = r.get("server_settings") or {}
     if settings:
         lines.append("settings " + " ".join(f"{k}={v}" for k, v in sorted(settings.items())))
     loaded = r.get("loaded")
-    if loaded:
+    if loaded and loaded.get("gpu_percent") is not None:
         lines.append(f"loaded   {loaded.get('gpu_percent')}% on the GPU, context "
                      f"{loaded.get('context_length')}")
+    elif loaded:
+        lines.append(f"serving  {loaded.get('slots')} slot(s) of {loaded.get('context_length')} "
+                     "tokens")
     rows = []
     for case in r.get("cases", []):
         m = case["metrics"]

@@ -1,10 +1,11 @@
-"""Run a benchmark against Ollama: streaming ``/api/generate``, warm-up, repeats, concurrency.
+"""Run a benchmark against a server: streamed requests, warm-up, repeats, concurrency.
 
-The I/O half of ``velod.tuner.bench.spec``. A run never raises for Ollama's failures: it
-stops at the first one (or at the deadline) and returns what it measured so far with
-``complete: false``, the error and its kind, so partial results are kept. A run that is
-cancelled (its client went away) raises, and :meth:`BenchRunner.results` still has what it
-measured.
+The I/O half of ``velod.tuner.bench.spec``. Each request is the backend's
+``bench_request`` (Ollama: streaming ``/api/generate``; llama-server: streaming
+``/completion``). A run never raises for the server's failures: it stops at the first one
+(or at the deadline) and returns what it measured so far with ``complete: false``, the
+error and its kind, so partial results are kept. A run that is cancelled (its client went
+away) raises, and :meth:`BenchRunner.results` still has what it measured.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from velod.tuner.backends.ollama import (
-    OllamaBadResponse,
-    OllamaClient,
-    OllamaError,
-    OllamaHTTPError,
+from velod.tuner.backends.base import (
+    Backend,
+    ServerBadResponse,
+    ServerError,
+    ServerHTTPError,
 )
 from velod.tuner.bench.spec import BenchSpec, Case, Sample, build_prompt, repeat_figures
 
@@ -26,11 +27,11 @@ Progress = Callable[[dict[str, Any]], None]
 
 
 class BenchRunner:
-    """Measures one :class:`BenchSpec` through one client."""
+    """Measures one :class:`BenchSpec` through one server's backend."""
 
-    def __init__(self, client: OllamaClient, spec: BenchSpec, run_id: str,
+    def __init__(self, backend: Backend, spec: BenchSpec, run_id: str,
                  on_progress: Progress | None = None) -> None:
-        self.client = client
+        self.backend = backend
         self.spec = spec
         self.run_id = run_id
         self.on_progress = on_progress
@@ -49,11 +50,11 @@ class BenchRunner:
         except TimeoutError:
             return self.results("timeout", f"the benchmark did not finish within "
                                 f"{self.spec.timeout:g}s; partial results kept")
-        except OllamaHTTPError as exc:
-            return self.results("not_found" if exc.status == 404 else "ollama", str(exc))
-        except OllamaBadResponse as exc:
+        except ServerHTTPError as exc:
+            return self.results("not_found" if exc.status == 404 else "server", str(exc))
+        except ServerBadResponse as exc:
             return self.results("bad_response", f"{exc}; partial results kept")
-        except OllamaError as exc:
+        except ServerError as exc:
             return self.results("unreachable", f"{exc}; partial results kept")
         return self.results()
 
@@ -93,18 +94,7 @@ class BenchRunner:
     async def _request(self, kind: str) -> Sample:
         self._sent += 1
         prompt = build_prompt(kind, self.spec.prompt_tokens, tag=f"{self.run_id}-{self._sent}")
-        body = {"model": self.spec.model, "prompt": prompt,
-                "options": {"num_predict": self.spec.gen, "temperature": 0, "seed": 42}}
-        start = time.perf_counter()
-        ttft = None
-        final: dict[str, Any] | None = None
-        async for chunk in self.client.generate_stream(body):
-            if ttft is None and chunk.get("response"):
-                ttft = time.perf_counter() - start
-            if chunk.get("done"):
-                final = chunk
-        assert final is not None  # generate_stream raises when the answer ends early
-        return Sample.from_final(final, ttft, time.perf_counter() - start)
+        return await self.backend.bench_request(self.spec.model, prompt, self.spec.gen)
 
     def _progress(self, prompt: str | None, level: int | None, phase: str) -> None:
         if self.on_progress is not None:

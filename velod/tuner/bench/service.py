@@ -1,9 +1,9 @@
 """Benchmarks as the daemon runs them: pick and check the model, record what was measured
 under which settings, publish progress, save the result.
 
-Used by the tuner's ``bench_*`` verbs and by its closed loop (verify, explore), which share
-one Ollama client and one store. :class:`Benchmarks` gets what it needs — the current
-client, the store, a way to publish progress, to read the server's settings and to name the
+Used by a server's tuner's ``bench_*`` verbs and by its closed loop (verify, explore), which
+share one backend and one store. :class:`Benchmarks` gets what it needs — the current
+backend, the store, a way to publish progress, to read the server's settings and to name the
 most-used model — not the tuner. The caller holds the tuner's lock, so that no restart
 happens while a benchmark runs.
 """
@@ -19,7 +19,7 @@ from typing import Any
 from velod.blocking import run_blocking
 from velod.errors import Busy, NotFound, Unavailable
 from velod.model.names import normalize_name
-from velod.tuner.backends.ollama import OllamaClient, OllamaError
+from velod.tuner.backends.base import Backend, ServerError
 from velod.tuner.bench.runner import BenchRunner
 from velod.tuner.bench.spec import BenchSpec
 from velod.tuner.bench.store import BenchStore, new_id
@@ -30,53 +30,55 @@ INTERRUPTED = ("interrupted before the end (the client went away, e.g. Ctrl-C, o
 
 
 class Benchmarks:
-    """Runs benchmarks through the current client; saves each result in ``store``."""
+    """Runs benchmarks through the current backend; saves each result in ``store``."""
 
-    def __init__(self, store: BenchStore, client: Callable[[], OllamaClient],
+    def __init__(self, store: BenchStore, backend: Callable[[], Backend],
                  publish: Callable[[str, dict[str, Any]], Any],
                  server_settings: Callable[[], Awaitable[dict[str, str]]],
                  most_used: Callable[[list[str]], str | None], log: logging.Logger) -> None:
         self.store = store
-        self._client = client
+        self._backend = backend
         self._publish = publish
         self._server_settings = server_settings
         self._most_used = most_used
         self.log = log
         self.running: dict[str, Any] | None = None  # id, spec, progress of the current run
 
-    def through(self, client: OllamaClient) -> Benchmarks:
-        """The same benchmarks (store, progress) measured through another server's client,
-        whose settings are not Ollama's (none are recorded)."""
+    def through(self, backend: Backend) -> Benchmarks:
+        """The same benchmarks (store, progress) measured through another server's backend,
+        whose settings velod does not manage (none are recorded)."""
         async def no_settings() -> dict[str, str]:
             return {}
 
-        return Benchmarks(self.store, lambda: client, self._publish, no_settings,
+        return Benchmarks(self.store, lambda: backend, self._publish, no_settings,
                           self._most_used, self.log)
 
-    async def installed(self) -> list[dict[str, Any]]:
-        """``/api/tags`` entries; Unavailable when Ollama does not answer."""
+    async def installed(self) -> list[tuple[str, str | None]]:
+        """(name, digest) of the models the server can run; Unavailable when it does not
+        answer."""
+        backend = self._backend()
         try:
-            return await self._client().tags()
-        except OllamaError as exc:
-            raise Unavailable(f"Ollama is not reachable: {exc}") from None
+            return await backend.bench_models()
+        except ServerError as exc:
+            raise Unavailable(f"{backend.label} is not reachable: {exc}") from None
 
     async def choose_model(self, requested: str | None) -> tuple[str, str | None]:
         """(name, digest) of ``requested``, else of the most-used installed model."""
-        tags = await self.installed()
-        names = {normalize_name(str(t.get("name") or t.get("model"))): t for t in tags}
+        label = self._backend().label
+        # By Ollama's naming (``x`` = ``x:latest``), kept as the server spells it.
+        names = {normalize_name(n): (n, digest) for n, digest in await self.installed()}
         if requested:
-            entry = names.get(normalize_name(requested))
-            if entry is None:
-                listing = ", ".join(sorted(names)) or "none"
-                raise NotFound(f"no model {requested!r} in Ollama; installed: "
-                                 f"{listing} (or `ollama pull {requested}`)",
-                                 {"installed": sorted(names)})
-            return normalize_name(requested), entry.get("digest")
+            if normalize_name(requested) not in names:
+                listing = ", ".join(sorted(n for n, _ in names.values())) or "none"
+                hint = f" (or `ollama pull {requested}`)" if label == "Ollama" else ""
+                raise NotFound(f"no model {requested!r} in {label}; installed: "
+                               f"{listing}{hint}", {"installed": sorted(names)})
+            return names[normalize_name(requested)]
         name = self._most_used(list(names))
         if name is None:
-            raise NotFound("Ollama has no models installed (ollama pull one, "
-                             "e.g. `ollama pull llama3.2:3b`)", {"installed": []})
-        return name, names[name].get("digest")
+            raise NotFound(f"{label} has no models installed (for Ollama: ollama pull one, "
+                           "e.g. `ollama pull llama3.2:3b`)", {"installed": []})
+        return names[normalize_name(name)]
 
     async def run(self, spec: BenchSpec, digest: str | None) -> dict[str, Any]:
         """Measure ``spec`` and save the result (complete or partial); returns it."""
@@ -90,11 +92,11 @@ class Benchmarks:
             self.running = None
 
     async def _run(self, run_id: str, spec: BenchSpec, digest: str | None) -> dict[str, Any]:
-        client = self._client()
+        backend = self._backend()
         try:
-            version = await client.version()
-        except OllamaError as exc:
-            raise Unavailable(f"Ollama is not reachable: {exc}") from None
+            version = await backend.ready()
+        except ServerError as exc:
+            raise Unavailable(f"{backend.label} is not reachable: {exc}") from None
         settings = await self._server_settings()
         started = time.time()
 
@@ -103,9 +105,10 @@ class Benchmarks:
                 self.running["progress"] = data
             self._publish(EVENT, data)
 
-        runner = BenchRunner(client, spec, run_id, progress)
+        runner = BenchRunner(backend, spec, run_id, progress)
         record = {"id": run_id, "time": started, "spec": spec.to_dict(),
-                  "ollama": {"url": client.base_url, "version": version},
+                  "server": {"name": backend.name, "kind": backend.kind, "url": backend.url,
+                             "version": version},
                   "model": {"name": spec.model, "digest": digest},
                   "server_settings": settings, "loaded": None}
         try:
@@ -116,21 +119,17 @@ class Benchmarks:
             result = {**record, **runner.results("interrupted", INTERRUPTED)}
             await self._save(result, runner, progress)
             raise
-        result = {**record, "loaded": await self._loaded(client, spec.model), **measured}
+        result = {**record, "loaded": await self._loaded(backend, spec.model), **measured}
         await self._save(result, runner, progress)
         return result
 
-    async def _loaded(self, client: OllamaClient, model: str) -> dict[str, Any] | None:
-        """How ``model`` sits in memory now (``/api/ps``); None when it is not loaded."""
+    @staticmethod
+    async def _loaded(backend: Backend, model: str) -> dict[str, Any] | None:
+        """How ``model`` sits in memory now (the backend's view); None when unknown."""
         try:
-            for m in await client.loaded():
-                if normalize_name(m.name) == normalize_name(model):
-                    return {"size": m.size, "size_vram": m.size_vram,
-                            "context_length": m.context_length,
-                            "gpu_percent": round(100 * m.gpu_fraction, 1)}
-        except OllamaError:
-            pass  # Ollama died mid-run: the measured part and its error are what matter
-        return None
+            return await backend.loaded_info(model)
+        except ServerError:
+            return None  # it died mid-run: the measured part and its error are what matter
 
     async def _save(self, result: dict[str, Any], runner: BenchRunner,
                     progress: Callable[[dict[str, Any]], None]) -> None:

@@ -142,11 +142,22 @@ def check_result(data: Any) -> str:
     return ""
 
 
+def server_of(result: dict[str, Any]) -> dict[str, Any]:
+    """The server a result measured (results before llama-server support name Ollama's)."""
+    server = result.get("server")
+    if isinstance(server, dict):
+        return server
+    ollama = result.get("ollama")
+    return {"name": "ollama", "kind": "ollama", **(ollama if isinstance(ollama, dict) else {})}
+
+
 def summary(result: dict[str, Any]) -> dict[str, Any]:
-    """One line's worth of a (checked) result: id, time, model, purpose, status, headline."""
+    """One line's worth of a (checked) result: id, time, server, model, purpose, status,
+    headline."""
     cases = result["cases"]
     first = cases[0]["metrics"].get("gen_tps") if cases else None
     return {"id": result["id"], "time": result.get("time"),
+            "server": server_of(result).get("name"),
             "model": result["spec"].get("model"),
             "purpose": result["spec"].get("purpose"),
             "complete": result.get("complete"), "error": result.get("error"),
