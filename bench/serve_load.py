@@ -150,7 +150,7 @@ class InProcess:
             self.engine.submit(self.prompt, max_tokens, sampling=params)
         generated = 0
         while self.engine.has_work:
-            generated += len(self.engine.step().tokens)
+            generated += len(self.engine.step().sampled)
         elapsed = time.monotonic() - start
         return {"elapsed_s": elapsed, "tokens": generated, "tokens_per_s": generated / elapsed}
 
