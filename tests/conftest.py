@@ -6,12 +6,25 @@ never skipped, so CI cannot pass without really running them.
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests import assets
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Let the programs the tests start see Ctrl-C even when the suite itself ignores it.
+
+    A shell starts a background job (``make test &``, ``nohup``, some CI runners) with SIGINT
+    ignored, and an ignored signal stays ignored across exec: velodctl and velod would then
+    never see the SIGINT the Ctrl-C tests send them. Python's own handler, installed here,
+    is reset to the default in every child at exec.
+    """
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
