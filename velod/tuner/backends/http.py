@@ -74,20 +74,18 @@ class Errors:
             return self.unreachable(f"{self.who} stopped answering {where} mid-answer: {what}")
         return self.unreachable(f"{where} failed: {what}")
 
+    def status_error(self, where: str, status: int, detail: str) -> ServerHTTPError:
+        """The error for an error ``status`` answered to ``where`` (``detail``: the message
+        of the server's error body)."""
+        return self.http(f"{self.who} answered {where} with HTTP {status}: {detail}", status)
 
-def http_error(errors: Errors, where: str, status: int, detail: str) -> ServerHTTPError:
-    """The kind's HTTP error for an error ``status`` answered to ``where`` (``detail``: the
-    message of the server's error body)."""
-    return errors.http(f"{errors.who} answered {where} with HTTP {status}: {detail}", status)
-
-
-def decode_json(text: str, where: str, errors: Errors) -> Any:
-    """The JSON of an answer to ``where``; the kind's bad-response error when it is not."""
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError):
-        raise errors.bad(f"{errors.who} answered {where} with non-JSON: "
-                         f"{excerpt(text)}") from None
+    def decode_json(self, text: str, where: str) -> Any:
+        """The JSON of an answer to ``where``; the bad-response error when it is not JSON."""
+        try:
+            return json.loads(text)
+        except (ValueError, RecursionError):
+            raise self.bad(f"{self.who} answered {where} with non-JSON: "
+                           f"{excerpt(text)}") from None
 
 
 def excerpt(value: Any, limit: int = 120) -> str:

@@ -27,10 +27,8 @@ from velod.tuner.backends.base import (
 from velod.tuner.backends.http import (
     Errors,
     SessionClient,
-    decode_json,
     excerpt,
     fetch,
-    http_error,
     is_count,
     opt_str,
     read_bounded,
@@ -111,10 +109,10 @@ class LlamaServerClient(SessionClient):
                                    max_bytes=MAX_REPLY,
                                    timeout=self.timeout if timeout is None else timeout)
         if status >= 400:
-            raise http_error(ERRORS, f"GET {url}", status, error_detail(text))
+            raise ERRORS.status_error(f"GET {url}", status, error_detail(text))
         if as_text:
             return text
-        return decode_json(text, f"GET {url}", ERRORS)
+        return ERRORS.decode_json(text, f"GET {url}")
 
     # ------------------------------------------------------------------ endpoints
     async def health(self) -> str:
@@ -186,7 +184,7 @@ class LlamaServerClient(SessionClient):
             async with self._get_session().post(url, json={**body, "stream": True}) as resp:
                 if resp.status >= 400:
                     raw = await read_bounded(resp, MAX_REPLY, where, ERRORS)
-                    raise http_error(ERRORS, where, resp.status, error_detail(raw.decode()))
+                    raise ERRORS.status_error(where, resp.status, error_detail(raw.decode()))
                 async for line in read_lines(resp, MAX_EVENT, where, ERRORS):
                     event = _sse_data(line, url)
                     if event is None:

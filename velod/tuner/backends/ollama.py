@@ -26,10 +26,8 @@ from velod.tuner.backends.base import (
 from velod.tuner.backends.http import (
     Errors,
     SessionClient,
-    decode_json,
     excerpt,
     fetch,
-    http_error,
     is_count,
     opt_str,
     read_bounded,
@@ -151,8 +149,8 @@ class OllamaClient(SessionClient):
                                    body=body, max_bytes=max_bytes,
                                    timeout=self.timeout if timeout is None else timeout)
         if status >= 400:
-            raise http_error(ERRORS, where, status, _error_detail(text))
-        return decode_json(text, where, ERRORS)
+            raise ERRORS.status_error(where, status, _error_detail(text))
+        return ERRORS.decode_json(text, where)
 
     # ------------------------------------------------------------------ endpoints
     async def version(self) -> str:
@@ -195,7 +193,7 @@ class OllamaClient(SessionClient):
                 if resp.status >= 400:
                     raw = await read_bounded(resp, MAX_REPLY_BYTES, f"POST {url}", ERRORS)
                     detail = _error_detail(raw.decode("utf-8", "replace"))
-                    raise http_error(ERRORS, f"POST {url}", resp.status, detail)
+                    raise ERRORS.status_error(f"POST {url}", resp.status, detail)
                 async for line in read_lines(resp, MAX_LINE_BYTES, f"POST {url}", ERRORS):
                     if not line.strip():
                         continue
