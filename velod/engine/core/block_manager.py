@@ -399,7 +399,7 @@ class BlockManager(BlockPool):
         if first >= full or not self.enable_prefix_caching:
             return
         self._hashed[row] = full
-        keys, hashes, gen, links, cache = self._key, self._hash, self._gen, self._link, self._cache
+        keys, hashes, gen, register = self._key, self._hash, self._gen, self._register
         blocks = self._tables[row, max(first - 1, 0) : full].tolist()
         if first:
             parent = blocks.pop(0)
@@ -415,14 +415,7 @@ class BlockManager(BlockPool):
                 pool.register(row, index, block, gen[block])
             if keys[block] is None:
                 key = data[offset : offset + stride]
-                block_hash = hash((parent_hash, key))
-                keys[block] = key
-                hashes[block] = block_hash
-                links[block] = link
-                if block_hash in cache:
-                    self._map(block_hash, block)
-                else:
-                    cache[block_hash] = block
+                register(block, key, hash((parent_hash, key)), link)
             link, parent_hash = (block << 32) | gen[block], hashes[block]
 
     def cache_last_blocks_rows(self, rows: np.ndarray, token_buffer: np.ndarray) -> None:
@@ -440,10 +433,8 @@ class BlockManager(BlockPool):
         columns = (last << self._shift)[:, None] + np.arange(self.block_size)
         data = token_buffer[rows[:, None], columns].astype(np.int32, copy=False).tobytes()
         stride = self._stride
-        keys, hashes, gen, hashed, links = (
-            self._key, self._hash, self._gen, self._hashed, self._link
-        )
-        cache = self._cache
+        keys, hashes, gen, hashed = self._key, self._hash, self._gen, self._hashed
+        register = self._register
         pool = self.window_pool
         for offset, row, index, block, parent in zip(
             range(0, len(data), stride), rows.tolist(), last.tolist(), blocks, parents,
@@ -459,17 +450,9 @@ class BlockManager(BlockPool):
                 pool.register(row, index, block, gen[block])
             key = data[offset : offset + stride]
             if index:
-                block_hash = hash((hashes[parent], key))
-                links[block] = (parent << 32) | gen[parent]
+                register(block, key, hash((hashes[parent], key)), (parent << 32) | gen[parent])
             else:
-                block_hash = hash((ROOT_HASH, key))
-                links[block] = _NO_PARENT
-            keys[block] = key
-            hashes[block] = block_hash
-            if block_hash in cache:
-                self._map(block_hash, block)
-            else:
-                cache[block_hash] = block
+                register(block, key, hash((ROOT_HASH, key)), _NO_PARENT)
 
     # ------------------------------------------------------------------ bulk (rows)
 
@@ -598,6 +581,17 @@ class BlockManager(BlockPool):
         for block in blocks:
             ref[block] = 1
         return blocks
+
+    def _register(self, block: int, key: bytes, block_hash: int, link: int) -> None:
+        """Enter full ``block`` (token ids ``key``, chain hash ``block_hash``, parent
+        ``link``) in the prefix cache."""
+        self._key[block] = key
+        self._hash[block] = block_hash
+        self._link[block] = link
+        if block_hash in self._cache:
+            self._map(block_hash, block)
+        else:
+            self._cache[block_hash] = block
 
     def _map(self, block_hash: int, block: int) -> None:
         """Make ``block`` the cached copy of its content (the newest copy wins).
