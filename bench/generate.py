@@ -30,7 +30,6 @@ Prints one JSON document (and writes it to --out).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
@@ -45,6 +44,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.harness import emit  # noqa: E402
 from bench.numpy_attention import decode_case  # noqa: E402
 from tests import assets  # noqa: E402
 from velod.engine.models.sampling import SamplingParams  # noqa: E402
@@ -287,10 +287,7 @@ def main() -> None:
         "memory": {"velod_load": load, "velod_peak_rss_mib": round(peak_rss_mib(), 1),
                    "llama_server_peak_rss_mib": round(llama_rss, 1)},
     }
-    text = json.dumps(doc, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(doc, args.out, indent=1)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import signal
@@ -34,6 +35,14 @@ def timed_ms(fn: Callable[[], Any], repeat: int, digits: int = 2) -> dict[str, f
         runs.append((time.perf_counter() - start) * 1000)
     return {"best_ms": round(min(runs), digits),
             "median_ms": round(statistics.median(runs), digits)}
+
+
+def emit(doc: dict[str, Any], out: Path | None, indent: int = 2) -> None:
+    """Prints a benchmark's JSON document, and writes it to ``out`` (``--out``) when given."""
+    text = json.dumps(doc, indent=indent)
+    print(text)
+    if out:
+        out.write_text(text + "\n")
 
 
 def machine() -> dict[str, Any]:

@@ -40,6 +40,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.harness import emit  # noqa: E402
+
 DEFAULT_MODEL = Path.home() / ".cache/velod-test/gemma3-270m-q4_k_m.gguf"
 CONTEXT = 100
 
@@ -195,10 +197,7 @@ def main() -> None:
            "load": load, "decode": steps, "prefill": prefill(model, timers, 512,
                                                             max(3, args.repeats // 3)),
            "roofline": roofline(model, steps[0])}
-    text = json.dumps(doc, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(doc, args.out)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ it to --out).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -38,6 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.harness import emit
 from velod.kernels import reference
 
 BLOCK_SIZE = 16
@@ -198,10 +198,7 @@ def main() -> None:
     doc = {"benchmark": "numpy_attention", "machine": machine(), "block_size": BLOCK_SIZE,
            "compared": str(args.compare) if args.compare else None,
            "dtype": "float32", "repeats": args.repeats, "results": results}
-    text = json.dumps(doc, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(doc, args.out)
 
 
 if __name__ == "__main__":

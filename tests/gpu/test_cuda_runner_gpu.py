@@ -13,11 +13,15 @@ import pytest
 
 from tests.unit.engine.models.tiny_gguf import SPECS, write_tiny
 from tests.unit.engine.scheduled import host_pool, numpy_step, run_schedule
-from tests.unit.engine.test_cuda_runner import CONFIG, STORE, prompts_for, relative
+from tests.unit.engine.test_cuda_runner import (
+    CONFIG,
+    STORE,
+    make_runner,
+    prompts_for,
+    relative,
+)
 from velod.engine.models import load_model
-from velod.engine.models.cuda_runner import CudaTransformer, load_device_weights
-from velod.engine.models.hparams import read_hparams
-from velod.model.gguf import open_gguf
+from velod.engine.models.cuda_runner import CudaTransformer
 
 # float32 differs from NumPy by summation order only; fp16/bf16 as in the unit tests
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 8e-2}
@@ -33,17 +37,7 @@ def tiny(tmp_path_factory):
 def cuda_runner(backend, path, dtype, graphs=(1, 2, 4, 8)) -> CudaTransformer:
     from velod.kernels.model_ops import CudaModelOps
 
-    ops = CudaModelOps(backend, STORE[dtype])
-    gguf = open_gguf(path)
-    try:
-        hp = read_hparams(gguf.metadata, {n: t.shape for n, t in gguf.tensors.items()})
-        weights = load_device_weights(gguf, hp, ops, STORE[dtype])
-    finally:
-        gguf.close()
-    return CudaTransformer(hp, weights, ops, max_tokens=CONFIG.max_tokens_per_step,
-                           max_seqs=CONFIG.max_batch_size, block_size=CONFIG.block_size,
-                           max_blocks_per_seq=CONFIG.max_model_len // CONFIG.block_size,
-                           graph_batch_sizes=graphs)
+    return make_runner(path, dtype, ops=CudaModelOps(backend, STORE[dtype]), graphs=graphs)
 
 
 def run_on_device(backend, runner, prompts, max_new, oracle=None):

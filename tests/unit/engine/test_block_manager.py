@@ -29,6 +29,13 @@ def write(bm: BlockManager, seq_id: int, tokens: list[int]) -> np.ndarray:
     return bm.append(seq_id, len(tokens))
 
 
+def cached_prompt(bm: BlockManager, seq_id: int, prompt: list[int]) -> None:
+    """Add a sequence of ``prompt``, write it and register its full blocks for reuse."""
+    bm.add(seq_id, prompt)
+    write(bm, seq_id, prompt)
+    bm.cache_full_blocks(seq_id, prompt)
+
+
 def test_freed_blocks_are_reused_most_recent_first() -> None:
     bm = manager(enable_prefix_caching=False)
     bm.add(1)
@@ -119,9 +126,7 @@ def test_fork_at_block_boundary_needs_no_copy() -> None:
 def test_prefix_hit_reuses_full_blocks_with_matching_tokens() -> None:
     bm = manager(num_blocks=16)
     prompt = list(range(10))
-    bm.add(1, prompt)
-    write(bm, 1, prompt)
-    bm.cache_full_blocks(1, prompt)
+    cached_prompt(bm, 1, prompt)
     blocks = bm.block_ids(1)
     bm.add(2, [*prompt[:9], 99])
     assert bm.seq_len(2) == 8 and bm.block_ids(2) == blocks[:2]
@@ -132,9 +137,7 @@ def test_prefix_hit_reuses_full_blocks_with_matching_tokens() -> None:
 def test_prefix_hit_always_leaves_the_last_token_to_compute() -> None:
     bm = manager(num_blocks=16)
     prompt = list(range(8))
-    bm.add(1, prompt)
-    write(bm, 1, prompt)
-    bm.cache_full_blocks(1, prompt)
+    cached_prompt(bm, 1, prompt)
     bm.add(2, prompt)
     assert bm.seq_len(2) == 4  # not 8: the final token must produce logits
 
@@ -142,9 +145,7 @@ def test_prefix_hit_always_leaves_the_last_token_to_compute() -> None:
 def test_freed_cached_blocks_stay_reusable_until_needed() -> None:
     bm = manager(num_blocks=4)
     prompt = list(range(9))
-    bm.add(1, prompt)
-    write(bm, 1, prompt)
-    bm.cache_full_blocks(1, prompt)
+    cached_prompt(bm, 1, prompt)
     cached = bm.block_ids(1)[:2]
     bm.free(1)
     assert sorted(bm.cached_block_ids()) == sorted(cached)
@@ -157,9 +158,7 @@ def test_cached_blocks_are_evicted_least_recently_used_first() -> None:
     bm = manager(num_blocks=4)
     for seq_id, base in ((1, 100), (2, 200)):
         prompt = [base + i for i in range(5)]
-        bm.add(seq_id, prompt)
-        write(bm, seq_id, prompt)
-        bm.cache_full_blocks(seq_id, prompt)
+        cached_prompt(bm, seq_id, prompt)
     old, recent = bm.block_ids(1)[0], bm.block_ids(2)[0]
     bm.free(1)
     bm.free(2)  # free stack now holds the two partial blocks, cache holds old, recent
@@ -174,9 +173,7 @@ def test_cached_blocks_are_evicted_least_recently_used_first() -> None:
 def test_hash_collision_never_hands_out_a_block_with_other_tokens() -> None:
     bm = manager(num_blocks=16)
     prompt = [1, 2, 3, 4, 5]
-    bm.add(1, prompt)
-    write(bm, 1, prompt)
-    bm.cache_full_blocks(1, prompt)
+    cached_prompt(bm, 1, prompt)
     block = bm.block_ids(1)[0]
     other = [9, 9, 9, 9, 9]
     forged = hash((0x7E10D, np.array(other[:4], dtype=np.int32).tobytes()))

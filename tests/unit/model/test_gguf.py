@@ -4,20 +4,11 @@ every way a file can be wrong; the package stays light to import."""
 from __future__ import annotations
 
 import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.unit.engine.models.tiny_gguf import SPECS, write_tiny
 from velod.model.gguf import ModelFileError, open_gguf
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory) -> Path:
-    return write_tiny(tmp_path_factory.mktemp("gguf") / "llama.gguf", SPECS["llama"])
-
-
 
 
 def test_open_gives_plain_metadata_and_tensors_in_numpy_order(tiny_llama):

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.engine.models.tiny_gguf import SPECS, write_tiny
 from velod.engine.models import load_model
 from velod.model.store import (
     ManifestError,
@@ -16,13 +15,6 @@ from velod.model.store import (
     parse_name,
     resolve,
 )
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory) -> Path:
-    return write_tiny(tmp_path_factory.mktemp("gguf") / "llama.gguf", SPECS["llama"])
-
-
 
 
 def make_store(root: Path, name: str, tag: str, blob: bytes | None, *,

@@ -31,11 +31,11 @@ matches, so a hash collision can never hand out a block with other content.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
 
+from velod.engine.core.block_pool import BlockPool
 from velod.engine.core.errors import (
     DuplicateSequence,
     EngineConfigError,
@@ -59,7 +59,7 @@ _NO_PARENT = -1
 TokenIds = np.ndarray | Sequence[int]
 
 
-class BlockManager:
+class BlockManager(BlockPool):
     """Allocates KV-cache blocks to sequences and keeps their block tables."""
 
     def __init__(
@@ -78,19 +78,14 @@ class BlockManager:
         _check_positive("max_seq_len", max_seq_len)
         if not isinstance(block_size, int) or block_size <= 0 or block_size & (block_size - 1):
             raise EngineConfigError("block_size", block_size, "must be a power of two")
-        self.num_blocks = num_blocks
-        self.block_size = block_size
+        super().__init__(num_blocks, block_size)
         self.max_seqs = max_seqs
         self.max_seq_len = max_seq_len
         self.max_blocks_per_seq = -(-max_seq_len // block_size)
         self.enable_prefix_caching = enable_prefix_caching
-        self._shift = block_size.bit_length() - 1
         self._mask = block_size - 1
         self._stride = block_size * 4  # bytes of one block's int32 token ids
 
-        self._ref = [0] * num_blocks
-        self._free = list(range(num_blocks - 1, -1, -1))  # stack: pop() returns block 0 first
-        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, ref 0, LRU first
         self._cache: dict[int, int] = {}  # chain hash -> block
         self._key: list[bytes | None] = [None] * num_blocks  # token ids of registered blocks
         self._hash = [0] * num_blocks
@@ -119,20 +114,6 @@ class BlockManager:
                     f"{self.window_pool.blocks_for_chunk(1)} blocks are needed")
 
     # ------------------------------------------------------------------ queries
-
-    @property
-    def num_free_blocks(self) -> int:
-        """Blocks that can be allocated now (free plus evictable cached ones)."""
-        return len(self._free) + len(self._evictable)
-
-    @property
-    def num_used_blocks(self) -> int:
-        return self.num_blocks - len(self._free) - len(self._evictable)
-
-    @property
-    def num_cached_blocks(self) -> int:
-        """Evictable blocks that still hold reusable prefix content."""
-        return len(self._evictable)
 
     @property
     def utilization(self) -> float:
@@ -216,17 +197,6 @@ class BlockManager:
             raise SlotsNotReserved([seq_id])
         pos = np.arange(start, end, dtype=np.int32)
         return self._tables[row, pos >> self._shift] * self.block_size + (pos & self._mask)
-
-    def ref_count(self, block: int) -> int:
-        return self._ref[block]
-
-    def free_block_ids(self) -> list[int]:
-        """Blocks on the free stack (the last one is reused first)."""
-        return list(self._free)
-
-    def cached_block_ids(self) -> list[int]:
-        """Evictable cached blocks, least recently used first."""
-        return list(self._evictable)
 
     # ------------------------------------------------------------------ sequences
 
@@ -429,7 +399,7 @@ class BlockManager:
         if first >= full or not self.enable_prefix_caching:
             return
         self._hashed[row] = full
-        keys, hashes, gen, links, cache = self._key, self._hash, self._gen, self._link, self._cache
+        keys, hashes, gen, register = self._key, self._hash, self._gen, self._register
         blocks = self._tables[row, max(first - 1, 0) : full].tolist()
         if first:
             parent = blocks.pop(0)
@@ -445,14 +415,7 @@ class BlockManager:
                 pool.register(row, index, block, gen[block])
             if keys[block] is None:
                 key = data[offset : offset + stride]
-                block_hash = hash((parent_hash, key))
-                keys[block] = key
-                hashes[block] = block_hash
-                links[block] = link
-                if block_hash in cache:
-                    self._map(block_hash, block)
-                else:
-                    cache[block_hash] = block
+                register(block, key, hash((parent_hash, key)), link)
             link, parent_hash = (block << 32) | gen[block], hashes[block]
 
     def cache_last_blocks_rows(self, rows: np.ndarray, token_buffer: np.ndarray) -> None:
@@ -470,10 +433,8 @@ class BlockManager:
         columns = (last << self._shift)[:, None] + np.arange(self.block_size)
         data = token_buffer[rows[:, None], columns].astype(np.int32, copy=False).tobytes()
         stride = self._stride
-        keys, hashes, gen, hashed, links = (
-            self._key, self._hash, self._gen, self._hashed, self._link
-        )
-        cache = self._cache
+        keys, hashes, gen, hashed = self._key, self._hash, self._gen, self._hashed
+        register = self._register
         pool = self.window_pool
         for offset, row, index, block, parent in zip(
             range(0, len(data), stride), rows.tolist(), last.tolist(), blocks, parents,
@@ -489,17 +450,9 @@ class BlockManager:
                 pool.register(row, index, block, gen[block])
             key = data[offset : offset + stride]
             if index:
-                block_hash = hash((hashes[parent], key))
-                links[block] = (parent << 32) | gen[parent]
+                register(block, key, hash((hashes[parent], key)), (parent << 32) | gen[parent])
             else:
-                block_hash = hash((ROOT_HASH, key))
-                links[block] = _NO_PARENT
-            keys[block] = key
-            hashes[block] = block_hash
-            if block_hash in cache:
-                self._map(block_hash, block)
-            else:
-                cache[block_hash] = block
+                register(block, key, hash((ROOT_HASH, key)), _NO_PARENT)
 
     # ------------------------------------------------------------------ bulk (rows)
 
@@ -628,6 +581,17 @@ class BlockManager:
         for block in blocks:
             ref[block] = 1
         return blocks
+
+    def _register(self, block: int, key: bytes, block_hash: int, link: int) -> None:
+        """Enter full ``block`` (token ids ``key``, chain hash ``block_hash``, parent
+        ``link``) in the prefix cache."""
+        self._key[block] = key
+        self._hash[block] = block_hash
+        self._link[block] = link
+        if block_hash in self._cache:
+            self._map(block_hash, block)
+        else:
+            self._cache[block_hash] = block
 
     def _map(self, block_hash: int, block: int) -> None:
         """Make ``block`` the cached copy of its content (the newest copy wins).

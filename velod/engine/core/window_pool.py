@@ -23,9 +23,9 @@ were evicted, the hit is shortened to the longest one whose window is still all 
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import numpy as np
+
+from velod.engine.core.block_pool import BlockPool
 
 PAD_BLOCK = 0
 """Block id in table entries that are released or not allocated (never read)."""
@@ -33,46 +33,19 @@ PAD_BLOCK = 0
 _Key = tuple[int, int]  # (full block, its content generation)
 
 
-class WindowPool:
+class WindowPool(BlockPool):
     """Blocks of the sliding-window layers, with per-row tables and their own prefix cache."""
 
     def __init__(self, num_blocks: int, block_size: int, window: int, *, max_seqs: int,
                  max_blocks_per_seq: int) -> None:
-        self.num_blocks = num_blocks
-        self.block_size = block_size
+        super().__init__(num_blocks, block_size)
         self.window = window
-        self._shift = block_size.bit_length() - 1
-        self._ref = [0] * num_blocks
-        self._free = list(range(num_blocks - 1, -1, -1))  # stack: pop() returns block 0 first
-        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, ref 0, LRU first
         self._cache: dict[_Key, int] = {}
         self._key: list[_Key | None] = [None] * num_blocks
         self.tables = np.full((max_seqs, max_blocks_per_seq), PAD_BLOCK, dtype=np.int32)
         self.first = np.zeros(max_seqs, dtype=np.int32)  # first entry each row still holds
 
     # ------------------------------------------------------------------ queries
-
-    @property
-    def num_free_blocks(self) -> int:
-        """Blocks that can be allocated now (free plus evictable cached ones)."""
-        return len(self._free) + len(self._evictable)
-
-    @property
-    def num_used_blocks(self) -> int:
-        return self.num_blocks - self.num_free_blocks
-
-    @property
-    def num_cached_blocks(self) -> int:
-        return len(self._evictable)
-
-    def ref_count(self, block: int) -> int:
-        return self._ref[block]
-
-    def free_block_ids(self) -> list[int]:
-        return list(self._free)
-
-    def cached_block_ids(self) -> list[int]:
-        return list(self._evictable)
 
     def first_needed(self, lengths: np.ndarray) -> np.ndarray:
         """The first table entry a row of ``lengths`` cached tokens can still read: its next

@@ -81,26 +81,16 @@ def load_model(source: str | Path, *, dtype: Any = "float32", available: int | N
     """
     import numpy as np
 
-    from velod.engine.models.hparams import read_hparams
+    from velod.engine.models.hparams import open_model
     from velod.engine.models.tokenizer import end_of_generation_ids
     from velod.engine.models.transformer import TransformerModel
     from velod.engine.models.weights import load_weights
-    from velod.model.gguf import open_gguf
-    from velod.model.store import resolve
 
-    found = resolve(str(source))
-    gguf = open_gguf(found.path)
-    try:
-        shapes = {name: info.shape for name, info in gguf.tensors.items()}
-        hp = read_hparams(gguf.metadata, shapes, str(found.path))
-        if on_metadata is not None:
-            on_metadata(gguf.metadata)
+    with open_model(str(source), on_metadata) as (found, gguf, hp):
         weights = load_weights(gguf, hp, available=available, reserve=reserve)
         info = {"path": str(found.path), "quantization": quantization_label(gguf.metadata),
                 "digest": found.digest}
         metadata = gguf.metadata
-    finally:
-        gguf.close()
     storage = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
     return TransformerModel(hp, weights, dtype=storage.get(str(dtype), dtype),
                             source=str(source), info=info, metadata=metadata,

@@ -29,7 +29,7 @@ import numpy as np
 
 from velod.engine.core.errors import EngineError
 from velod.engine.core.step import StepBatch
-from velod.engine.models.hparams import HParams, read_hparams
+from velod.engine.models.hparams import HParams, describe_model, open_model
 from velod.engine.models.ops import rope_inverse_frequencies
 from velod.engine.models.protocol import LayerAttention
 from velod.engine.models.quants import dequantize
@@ -514,14 +514,7 @@ class CudaTransformer:
 
     def describe(self) -> dict[str, Any]:
         """What ``engine status`` shows: model, architecture, weights on the device."""
-        hp = self.hp
-        return {"name": self.name, "kind": self.kind, "architecture": hp.arch.name,
-                "source": self.source, "layers": hp.layers, "hidden": hp.hidden,
-                "heads": hp.heads, "kv_heads": hp.kv_heads, "head_dim": hp.head_dim,
-                "vocab_size": hp.vocab_size, "context_length": hp.context_length,
-                "sliding_window": next((s.window for s in hp.layer_specs if s.window), None),
-                "weights": dict(self.weights.info), "graphs": sorted(self._graphs),
-                **self.info}
+        return describe_model(self, graphs=sorted(self._graphs))
 
     def close(self) -> None:
         """Frees the graphs and the activation buffers (the weights go with the model)."""
@@ -541,21 +534,11 @@ def load_cuda_model(source: str, backend: Any, *, dtype: Any = np.float16, max_t
     leaves a half-loaded model."""
     from velod.engine.models.tokenizer import end_of_generation_ids
     from velod.kernels.model_ops import CudaModelOps
-    from velod.model.gguf import open_gguf
-    from velod.model.store import resolve
 
-    found = resolve(str(source))
-    gguf = open_gguf(found.path)
-    try:
-        shapes = {name: info.shape for name, info in gguf.tensors.items()}
-        hp = read_hparams(gguf.metadata, shapes, str(found.path))
-        if on_metadata is not None:
-            on_metadata(gguf.metadata)
+    with open_model(source, on_metadata) as (found, gguf, hp):
         ops = CudaModelOps(backend, dtype)
         weights = load_device_weights(gguf, hp, ops, dtype)
         eog_ids = end_of_generation_ids(gguf.metadata)
-    finally:
-        gguf.close()
     runner = CudaTransformer(hp, weights, ops, max_tokens=max_tokens, max_seqs=max_seqs,
                              block_size=block_size,
                              max_blocks_per_seq=-(-hp.context_length // block_size),

@@ -20,12 +20,17 @@ records it with the reason. llama.cpp (``src/llama-model.cpp``, ``src/models/*.c
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from velod.model.gguf import ModelFileError
 from velod.model.metadata import Geometry, UnknownArchitecture
+
+if TYPE_CHECKING:
+    from velod.model.gguf import GGUFFile
+    from velod.model.store import ResolvedModel
 
 
 class UnsupportedModel(ModelFileError):
@@ -237,3 +242,36 @@ def read_hparams(metadata: Mapping[str, Any], tensor_shapes: Mapping[str, tuple[
         rms_eps=meta.float("attention.layer_norm_rms_epsilon"), layer_specs=specs,
         tied_output="output.weight" not in tensor_shapes,
         qkv_bias="blk.0.attn_q.bias" in tensor_shapes)
+
+
+@contextmanager
+def open_model(source: str, on_metadata: Callable[[dict[str, Any]], None] | None = None
+               ) -> Iterator[tuple[ResolvedModel, GGUFFile, HParams]]:
+    """The GGUF file of ``source`` (an Ollama name or a path), open, and its hyperparameters;
+    closed on leaving. ``on_metadata`` gets the file's metadata once they are read (before
+    any weight is). Raises what ``resolve``, ``open_gguf`` and ``read_hparams`` raise."""
+    from velod.model.gguf import open_gguf
+    from velod.model.store import resolve
+
+    found = resolve(str(source))
+    gguf = open_gguf(found.path)
+    try:
+        shapes = {name: info.shape for name, info in gguf.tensors.items()}
+        hp = read_hparams(gguf.metadata, shapes, str(found.path))
+        if on_metadata is not None:
+            on_metadata(gguf.metadata)
+        yield found, gguf, hp
+    finally:
+        gguf.close()
+
+
+def describe_model(model: Any, **extra: Any) -> dict[str, Any]:
+    """What ``engine status`` shows of a loaded model (``model``: its name, kind, source, hp,
+    weights and info): architecture, sizes, weights, then ``extra`` and the file's info."""
+    hp: HParams = model.hp
+    return {"name": model.name, "kind": model.kind, "architecture": hp.arch.name,
+            "source": model.source, "layers": hp.layers, "hidden": hp.hidden,
+            "heads": hp.heads, "kv_heads": hp.kv_heads, "head_dim": hp.head_dim,
+            "vocab_size": hp.vocab_size, "context_length": hp.context_length,
+            "sliding_window": next((s.window for s in hp.layer_specs if s.window), None),
+            "weights": dict(model.weights.info), **extra, **model.info}

@@ -16,7 +16,7 @@ import numpy as np
 
 import velod.engine.models.ops as ops
 from velod.engine.core.errors import EngineError
-from velod.engine.models.hparams import HParams, Rope
+from velod.engine.models.hparams import HParams, Rope, describe_model
 from velod.engine.models.protocol import LayerAttention
 from velod.engine.models.weights import Weights
 from velod.kernels.layout import from_float32, to_float32
@@ -145,13 +145,7 @@ class TransformerModel:
 
     def describe(self) -> dict[str, Any]:
         """What ``engine status`` shows: model, architecture, quantization, weight memory."""
-        hp = self.hp
-        return {"name": self.name, "kind": self.kind, "architecture": hp.arch.name,
-                "source": self.source, "layers": hp.layers, "hidden": hp.hidden,
-                "heads": hp.heads, "kv_heads": hp.kv_heads, "head_dim": hp.head_dim,
-                "vocab_size": hp.vocab_size, "context_length": hp.context_length,
-                "sliding_window": next((s.window for s in hp.layer_specs if s.window), None),
-                "weights": dict(self.weights.info), **self.info}
+        return describe_model(self)
 
     def close(self) -> None:
         """Drops the step's activations (the weights go with the model)."""

@@ -50,7 +50,13 @@ from velod.engine.models.sampling import (
     SamplingParams,
     sample,
 )
-from velod.engine.runtime.metrics import KERNEL_PHASES, PHASES, StepRecord, StepWindow
+from velod.engine.runtime.metrics import (
+    KERNEL_PHASES,
+    PHASES,
+    PhaseTimer,
+    StepRecord,
+    StepWindow,
+)
 from velod.engine.runtime.pool import KVPool, PoolError, plan_pool
 from velod.engine.runtime.synthetic import Model, SyntheticModel, dense_attention
 from velod.engine.settings import EngineSettings
@@ -204,27 +210,15 @@ class Engine:
 
     def _execute(self, batch: StepBatch) -> StepResult:
         backend, pool, model = self.backend, self.pool, self.model
-        clock = self._clock
-        phases = dict.fromkeys(PHASES, 0.0)
-        tick = time.perf_counter()
-
-        def lap(name: str) -> None:
-            nonlocal tick
-            now = time.perf_counter()
-            phases[name] += now - tick
-            tick = now
-
+        timer = PhaseTimer(self._clock)
         if len(batch.copies) or len(batch.window_copies):
-            mark = clock.start() if clock else None
-            for layer, windowed in enumerate(pool.windowed):
-                pairs = batch.window_copies if windowed else batch.copies
-                if len(pairs):
-                    backend.copy_blocks(pool.keys[layer], pool.values[layer], pairs)
-            if clock:
-                clock.stop(mark)
-            lap("copy")
+            with timer.kernel("copy"):
+                for layer, windowed in enumerate(pool.windowed):
+                    pairs = batch.window_copies if windowed else batch.copies
+                    if len(pairs):
+                        backend.copy_blocks(pool.keys[layer], pool.values[layer], pairs)
         if self.language:
-            return self._execute_language(batch, phases, lap)
+            return self._execute_language(batch, timer)
         # Every token is one query row over its own sequence's blocks, context = position + 1.
         rows = np.repeat(np.arange(batch.num_seqs), batch.query_lens)
         tables = np.ascontiguousarray(batch.block_tables[rows])
@@ -245,49 +239,35 @@ class Engine:
         outputs: list[Any] = []
         out = self._device_out(len(lens))  # one output view for every layer of the step
         model.begin_step(batch.token_ids, batch.positions)
-        lap("prepare")
+        timer.lap("prepare")
         for layer in range(self.geometry.layers):
-            mark = clock.start() if clock else None
-            q, k, v = model.layer_qkv(layer)
-            if clock:
-                clock.stop(mark)
-            lap("model")
-            mark = clock.start() if clock else None
-            backend.write_cache(k, v, pool.keys[layer], pool.values[layer], slots)
-            if clock:
-                clock.stop(mark)
-            lap("write")
-            mark = clock.start() if clock else None
-            result = self._attention(q, layer, tables, lens_arg, longest, out)
-            if clock:
-                clock.stop(mark)
-            lap("attention")
+            with timer.kernel("model"):
+                q, k, v = model.layer_qkv(layer)
+            with timer.kernel("write"):
+                backend.write_cache(k, v, pool.keys[layer], pool.values[layer], slots)
+            with timer.kernel("attention"):
+                result = self._attention(q, layer, tables, lens_arg, longest, out)
             model.layer_output(layer, result)
             if record is not None and result is not None:
                 outputs.append(to_float32(backend.to_host(result)[record[0]]))
         tokens = model.sample(batch.sample_indices)
         backend.synchronize()
-        lap("sample")
+        timer.lap("sample")
         if record is not None and outputs:
             self._keep_outputs(record, outputs)
-        kernel_s = clock.total() if clock else None
-        return StepResult(tokens, phases, kernel_s)
+        return StepResult(tokens, timer.phases, timer.kernel_s())
 
-    def _execute_language(self, batch: StepBatch, phases: dict[str, float],
-                          lap: Any) -> StepResult:
+    def _execute_language(self, batch: StepBatch, timer: PhaseTimer) -> StepResult:
         """A language model's step: decode rows through the decode kernel, prompt chunks
         through the prefill kernel, each layer in its own pool with its own window."""
-        backend, pool, model, clock = self.backend, self.pool, self.model, self._clock
+        backend, pool, model = self.backend, self.pool, self.model
         if self._whole_step is not None and self._plain_greedy(batch):
-            mark = clock.start() if clock else None
-            tokens = np.asarray(self._whole_step(batch, pool.keys, pool.values), np.int32)
-            if clock:
-                clock.stop(mark)
-            lap("model")
+            with timer.kernel("model"):
+                tokens = np.asarray(self._whole_step(batch, pool.keys, pool.values), np.int32)
             empty = [None] * len(tokens)
             sampled = SampleResult(tokens, np.full(len(tokens), np.nan, np.float32), empty,
                                    list(empty))
-            return StepResult(tokens, phases, clock.total() if clock else None, sampled)
+            return StepResult(tokens, timer.phases, timer.kernel_s(), sampled)
         nd, seqs = batch.num_decode, batch.num_seqs
         size = self.settings.block_size
         check_slots(batch.slot_mapping, pool.num_blocks * size)
@@ -314,49 +294,41 @@ class Engine:
                 out = backend.empty((batch.num_tokens, g.heads, g.head_dim), pool.dtype)
         lens = staged["lens"]
         model.begin_step(batch.token_ids, batch.positions, batch.sample_indices)
-        lap("prepare")
+        timer.lap("prepare")
         for layer in range(self.geometry.layers):
-            mark = clock.start() if clock else None
-            q, k, v = model.layer_qkv(layer)
-            if clock:
-                clock.stop(mark)
-            lap("model")
+            with timer.kernel("model"):
+                q, k, v = model.layer_qkv(layer)
             keys, values = pool.keys[layer], pool.values[layer]
             windowed = pool.windowed[layer]
-            mark = clock.start() if clock else None
-            backend.write_cache(k, v, keys, values,
-                                staged["window_slots" if windowed else "slots"])
-            if clock:
-                clock.stop(mark)
-            lap("write")
-            mark = clock.start() if clock else None
-            tables = staged["window_tables" if windowed else "tables"]
-            spec = self.attention[layer]
-            if out is None and not nd:
-                result = backend.paged_prefill_attention(
-                    q, keys, values, tables, staged["starts"], lens, spec.scale,
-                    window=spec.window, max_query_len=max_query)
-            elif out is None:
-                result = backend.paged_attention(q, keys, values, tables, lens, spec.scale,
-                                                 window=spec.window, max_context=max_context)
-            else:
-                backend.paged_attention(q[:nd], keys, values, tables[:nd], lens[:nd],
-                                        spec.scale, window=spec.window,
-                                        max_context=max_context, out=out[:nd])
-                backend.paged_prefill_attention(
-                    q[nd:], keys, values, tables[nd:], staged["starts"], lens[nd:],
-                    spec.scale, window=spec.window, max_query_len=max_query, out=out[nd:])
-                result = out
-            if clock:
-                clock.stop(mark)
-            lap("attention")
+            with timer.kernel("write"):
+                backend.write_cache(k, v, keys, values,
+                                    staged["window_slots" if windowed else "slots"])
+            with timer.kernel("attention"):
+                tables = staged["window_tables" if windowed else "tables"]
+                spec = self.attention[layer]
+                if out is None and not nd:
+                    result = backend.paged_prefill_attention(
+                        q, keys, values, tables, staged["starts"], lens, spec.scale,
+                        window=spec.window, max_query_len=max_query)
+                elif out is None:
+                    result = backend.paged_attention(q, keys, values, tables, lens,
+                                                     spec.scale, window=spec.window,
+                                                     max_context=max_context)
+                else:
+                    backend.paged_attention(q[:nd], keys, values, tables[:nd], lens[:nd],
+                                            spec.scale, window=spec.window,
+                                            max_context=max_context, out=out[:nd])
+                    backend.paged_prefill_attention(
+                        q[nd:], keys, values, tables[nd:], staged["starts"], lens[nd:],
+                        spec.scale, window=spec.window, max_query_len=max_query,
+                        out=out[nd:])
+                    result = out
             model.layer_output(layer, result)
-        lap("model")
+        timer.lap("model")
         sampled = self._sample(batch)
         backend.synchronize()
-        lap("sample")
-        kernel_s = clock.total() if clock else None
-        return StepResult(sampled.tokens, phases, kernel_s, sampled)
+        timer.lap("sample")
+        return StepResult(sampled.tokens, timer.phases, timer.kernel_s(), sampled)
 
     def _plain_greedy(self, batch: StepBatch) -> bool:
         """True when every sampled row is the argmax of its logits, nothing else asked."""

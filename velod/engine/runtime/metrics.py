@@ -3,13 +3,56 @@
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 PHASES = ("schedule", "prepare", "copy", "model", "write", "attention", "sample", "complete")
 KERNEL_PHASES = ("copy", "model", "write", "attention")
 """Device work (the kernels on CUDA, the NumPy math on CPU); the rest is Python overhead."""
+
+
+
+class PhaseTimer:
+    """The wall time of one step's phases, and (with a kernel clock: profiling) the device
+    time of its kernels.
+
+    ``lap(name)`` adds the time since the last lap to phase ``name``;
+    ``with timer.kernel(name):`` also runs the clock around the launches it holds, then laps.
+    """
+
+    __slots__ = ("_mark", "_name", "_tick", "clock", "phases")
+
+    def __init__(self, clock: Any = None) -> None:
+        self.phases = dict.fromkeys(PHASES, 0.0)
+        self.clock = clock
+        self._tick = time.perf_counter()
+        self._name = ""
+        self._mark: Any = None
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases[name] += now - self._tick
+        self._tick = now
+
+    def kernel(self, name: str) -> PhaseTimer:
+        self._name = name
+        return self
+
+    def __enter__(self) -> None:
+        self._mark = self.clock.start() if self.clock else None
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:  # a failed step records nothing
+            if self.clock:
+                self.clock.stop(self._mark)
+            self.lap(self._name)
+
+    def kernel_s(self) -> float | None:
+        """The clock's device time (None without one)."""
+        return self.clock.total() if self.clock else None
 
 
 @dataclass(frozen=True, slots=True)

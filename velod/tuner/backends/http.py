@@ -8,12 +8,14 @@ the server, the request and what went wrong.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from velod.tuner.backends.base import (
     ServerBadResponse,
+    ServerHTTPError,
     ServerTimeout,
     ServerUnreachable,
 )
@@ -56,6 +58,7 @@ class Errors:
     unreachable: type[ServerUnreachable] = ServerUnreachable
     bad: type[ServerBadResponse] = ServerBadResponse
     hint: str = "is it running?"  # what to check when nothing answers
+    http: type[ServerHTTPError] = ServerHTTPError
 
     def connection(self, exc: Exception, base_url: str, where: str,
                    streaming: bool = False) -> ServerUnreachable:
@@ -70,6 +73,36 @@ class Errors:
         if streaming:
             return self.unreachable(f"{self.who} stopped answering {where} mid-answer: {what}")
         return self.unreachable(f"{where} failed: {what}")
+
+    def status_error(self, where: str, status: int, detail: str) -> ServerHTTPError:
+        """The error for an error ``status`` answered to ``where`` (``detail``: the message
+        of the server's error body)."""
+        return self.http(f"{self.who} answered {where} with HTTP {status}: {detail}", status)
+
+    def decode_json(self, text: str, where: str) -> Any:
+        """The JSON of an answer to ``where``; the bad-response error when it is not JSON."""
+        try:
+            return json.loads(text)
+        except (ValueError, RecursionError):
+            raise self.bad(f"{self.who} answered {where} with non-JSON: "
+                           f"{excerpt(text)}") from None
+
+
+def excerpt(value: Any, limit: int = 120) -> str:
+    """``value`` (or its repr) on one line, cut to ``limit`` characters, for a message."""
+    text = value if isinstance(value, str) else repr(value)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def is_count(value: Any) -> bool:
+    """True for a JSON integer >= 0 (not a boolean)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def opt_str(value: Any) -> str | None:
+    """A non-empty JSON string, else None."""
+    return value if isinstance(value, str) and value else None
 
 
 async def fetch(session: Any, method: str, url: str, base_url: str, errors: Errors, *,

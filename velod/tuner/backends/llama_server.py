@@ -24,7 +24,16 @@ from velod.tuner.backends.base import (
     ServerHTTPError,
     ServerUnreachable,
 )
-from velod.tuner.backends.http import Errors, SessionClient, fetch, read_bounded, read_lines
+from velod.tuner.backends.http import (
+    Errors,
+    SessionClient,
+    excerpt,
+    fetch,
+    is_count,
+    opt_str,
+    read_bounded,
+    read_lines,
+)
 from velod.tuner.state import LoadedModel, ModelInfo
 
 MAX_REPLY = 8 * 1024**2  # /props carries the chat template; nothing sane is larger
@@ -100,15 +109,10 @@ class LlamaServerClient(SessionClient):
                                    max_bytes=MAX_REPLY,
                                    timeout=self.timeout if timeout is None else timeout)
         if status >= 400:
-            raise ServerHTTPError(f"llama-server answered GET {url} with HTTP {status}: "
-                                  f"{error_detail(text)}", status)
+            raise ERRORS.status_error(f"GET {url}", status, error_detail(text))
         if as_text:
             return text
-        try:
-            return json.loads(text)
-        except (ValueError, RecursionError):
-            raise ServerBadResponse(f"llama-server answered GET {url} with non-JSON: "
-                                    f"{excerpt(text)}") from None
+        return ERRORS.decode_json(text, f"GET {url}")
 
     # ------------------------------------------------------------------ endpoints
     async def health(self) -> str:
@@ -160,9 +164,9 @@ class LlamaServerClient(SessionClient):
         path = props.get("model_path")
         alias = props.get("model_alias")
         return LlamaServerState(
-            version=_opt_str(props.get("build_info")), model_path=_opt_str(path),
-            alias=_opt_str(alias), total_slots=total if _is_count(total) else None,
-            slot_context=slot_context if _is_count(slot_context) else None,
+            version=opt_str(props.get("build_info")), model_path=opt_str(path),
+            alias=opt_str(alias), total_slots=total if is_count(total) else None,
+            slot_context=slot_context if is_count(slot_context) else None,
             slots=slots, metrics=metrics)
 
     async def completion_stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
@@ -180,9 +184,7 @@ class LlamaServerClient(SessionClient):
             async with self._get_session().post(url, json={**body, "stream": True}) as resp:
                 if resp.status >= 400:
                     raw = await read_bounded(resp, MAX_REPLY, where, ERRORS)
-                    raise ServerHTTPError(f"llama-server answered {where} with HTTP "
-                                          f"{resp.status}: {error_detail(raw.decode())}",
-                                          resp.status)
+                    raise ERRORS.status_error(where, resp.status, error_detail(raw.decode()))
                 async for line in read_lines(resp, MAX_EVENT, where, ERRORS):
                     event = _sse_data(line, url)
                     if event is None:
@@ -220,7 +222,7 @@ def _sse_data(line: bytes, url: str) -> dict[str, Any] | None:
 def parse_slot(entry: dict[str, Any]) -> Slot:
     """One ``/slots`` entry; ServerBadResponse when it lacks id or n_ctx."""
     sid, n_ctx = entry.get("id"), entry.get("n_ctx")
-    if not _is_count(sid) or not _is_count(n_ctx):
+    if not is_count(sid) or not is_count(n_ctx):
         raise ServerBadResponse(f"llama-server /slots entry lacks id/n_ctx: {excerpt(entry)}")
     task = entry.get("id_task")
     return Slot(id=sid, n_ctx=n_ctx, processing=entry.get("is_processing") is True,
@@ -254,20 +256,6 @@ def error_detail(text: str) -> str:
     if isinstance(error, str):
         return error
     return excerpt(text)
-
-
-def excerpt(value: Any, limit: int = 120) -> str:
-    text = value if isinstance(value, str) else repr(value)
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _opt_str(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
 
 
 __all__ = ["LlamaServerClient", "LlamaServerState", "ServerError", "Slot"]

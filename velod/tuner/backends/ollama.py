@@ -23,7 +23,16 @@ from velod.tuner.backends.base import (
     ServerTimeout,
     ServerUnreachable,
 )
-from velod.tuner.backends.http import Errors, SessionClient, fetch, read_bounded, read_lines
+from velod.tuner.backends.http import (
+    Errors,
+    SessionClient,
+    excerpt,
+    fetch,
+    is_count,
+    opt_str,
+    read_bounded,
+    read_lines,
+)
 from velod.tuner.state import LoadedModel, ModelInfo, OllamaState
 
 DEFAULT_URL = "http://127.0.0.1:11434"
@@ -57,7 +66,7 @@ class OllamaBadResponse(OllamaError, ServerBadResponse):
 
 
 ERRORS = Errors("Ollama", OllamaTimeout, OllamaUnreachable, OllamaBadResponse,
-                "is ollama running? (set ollama.url or OLLAMA_HOST)")
+                "is ollama running? (set ollama.url or OLLAMA_HOST)", http=OllamaHTTPError)
 
 
 # --------------------------------------------------------------------------- addresses
@@ -140,13 +149,8 @@ class OllamaClient(SessionClient):
                                    body=body, max_bytes=max_bytes,
                                    timeout=self.timeout if timeout is None else timeout)
         if status >= 400:
-            detail = _error_detail(text)
-            raise OllamaHTTPError(f"Ollama answered {where} with HTTP {status}: {detail}", status)
-        try:
-            return json.loads(text)
-        except (ValueError, RecursionError):
-            raise OllamaBadResponse(f"Ollama answered {where} with non-JSON: "
-                                    f"{_excerpt(text)}") from None
+            raise ERRORS.status_error(where, status, _error_detail(text))
+        return ERRORS.decode_json(text, where)
 
     # ------------------------------------------------------------------ endpoints
     async def version(self) -> str:
@@ -189,8 +193,7 @@ class OllamaClient(SessionClient):
                 if resp.status >= 400:
                     raw = await read_bounded(resp, MAX_REPLY_BYTES, f"POST {url}", ERRORS)
                     detail = _error_detail(raw.decode("utf-8", "replace"))
-                    raise OllamaHTTPError(f"Ollama answered POST {url} with HTTP "
-                                          f"{resp.status}: {detail}", resp.status)
+                    raise ERRORS.status_error(f"POST {url}", resp.status, detail)
                 async for line in read_lines(resp, MAX_LINE_BYTES, f"POST {url}", ERRORS):
                     if not line.strip():
                         continue
@@ -198,7 +201,7 @@ class OllamaClient(SessionClient):
                         chunk = json.loads(line)
                     except (ValueError, RecursionError):
                         raise OllamaBadResponse(f"Ollama streamed non-JSON from {url}: "
-                                                f"{_excerpt(line.decode('utf-8', 'replace'))}"
+                                                f"{excerpt(line.decode('utf-8', 'replace'))}"
                                                 ) from None
                     if not isinstance(chunk, dict):
                         raise OllamaBadResponse(f"Ollama streamed a non-object from {url}")
@@ -257,9 +260,9 @@ class OllamaClient(SessionClient):
                 raise
             reason = f"cannot read the model's details: {exc}"
         return ModelInfo(name=name, digest=digest, size=size, geometry=geometry,
-                         skip_reason=reason, family=_opt_str(details.get("family")),
-                         parameter_size=_opt_str(details.get("parameter_size")),
-                         quantization=_opt_str(details.get("quantization_level")))
+                         skip_reason=reason, family=opt_str(details.get("family")),
+                         parameter_size=opt_str(details.get("parameter_size")),
+                         quantization=opt_str(details.get("quantization_level")))
 
 
 def variant_name(model: str, suffix: str) -> str:
@@ -276,26 +279,18 @@ def parse_loaded(entry: dict[str, Any]) -> LoadedModel:
     """One ``/api/ps`` entry as a LoadedModel; raise OllamaBadResponse when malformed."""
     name = entry.get("name") or entry.get("model")
     size, size_vram = entry.get("size"), entry.get("size_vram")
-    if not isinstance(name, str) or not _is_count(size) or not _is_count(size_vram):
-        raise OllamaBadResponse(f"/api/ps entry lacks name/size/size_vram: {_excerpt(entry)}")
+    if not isinstance(name, str) or not is_count(size) or not is_count(size_vram):
+        raise OllamaBadResponse(f"/api/ps entry lacks name/size/size_vram: {excerpt(entry)}")
     ctx = entry.get("context_length")
     expires = entry.get("expires_at")
     return LoadedModel(name=name, size=size, size_vram=size_vram,
-                       context_length=ctx if _is_count(ctx) else None,
+                       context_length=ctx if is_count(ctx) else None,
                        expires_at=expires if isinstance(expires, str) else None)
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _opt_str(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
 
 
 def _field(data: Any, key: str, kind: type, where: str) -> Any:
     if not isinstance(data, dict) or not isinstance(data.get(key), kind):
-        raise OllamaBadResponse(f"{where} answered without a '{key}' field: {_excerpt(data)}")
+        raise OllamaBadResponse(f"{where} answered without a '{key}' field: {excerpt(data)}")
     return data[key]
 
 
@@ -312,13 +307,7 @@ def _error_detail(text: str) -> str:
     try:
         data = json.loads(text)
     except (ValueError, RecursionError):
-        return _excerpt(text) or "(empty body)"
+        return excerpt(text) or "(empty body)"
     if isinstance(data, dict) and isinstance(data.get("error"), str):
-        return _excerpt(data["error"], 500)
-    return _excerpt(text)
-
-
-def _excerpt(value: Any, limit: int = 120) -> str:
-    text = value if isinstance(value, str) else repr(value)
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit] + "..."
+        return excerpt(data["error"], 500)
+    return excerpt(text)

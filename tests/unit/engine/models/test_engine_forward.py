@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from tests.unit.engine.models.dense_reference import DenseModel
-from tests.unit.engine.models.tiny_gguf import SPECS, write_tiny
+from tests.unit.engine.models.tiny_gguf import SPECS
 from velod.engine.core.errors import InvalidRequest
 from velod.engine.models import load_model
 from velod.engine.models.sampling import SamplingParams
@@ -29,17 +29,6 @@ from velod.engine.settings import EngineSettings
 from velod.kernels import NumpyBackend
 
 TOLERANCE = 1e-4  # max |logit - reference| / max |reference logit|, per sampled row
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """arch -> (path, dense reference) of each tiny model, written once per module."""
-    root = tmp_path_factory.mktemp("tiny")
-    models = {}
-    for arch, spec in SPECS.items():
-        path = write_tiny(root / f"{arch}.gguf", spec, seed=len(arch))
-        models[arch] = (path, DenseModel(path))
-    return models
 
 
 class Recording:

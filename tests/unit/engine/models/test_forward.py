@@ -14,21 +14,10 @@ import pytest
 
 from tests.unit.engine.models.dense_reference import DenseModel
 from tests.unit.engine.models.paged_runner import PagedRunner
-from tests.unit.engine.models.tiny_gguf import SPECS, write_tiny
+from tests.unit.engine.models.tiny_gguf import SPECS
 from velod.engine.models import load_model
 
 TOLERANCE = 1e-4  # max |logit - reference| / max |reference logit|, per step
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """arch -> (path, dense reference) of each tiny model, written once per module."""
-    root = tmp_path_factory.mktemp("tiny")
-    models = {}
-    for arch, spec in SPECS.items():
-        path = write_tiny(root / f"{arch}.gguf", spec, seed=len(arch))
-        models[arch] = (path, DenseModel(path))
-    return models
 
 
 def relative(got: np.ndarray, expected: np.ndarray) -> float:

@@ -3,24 +3,15 @@ and how the weights are held."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from tests.unit.engine.models.tiny_gguf import SPECS, TinySpec, write_tiny
+from tests.unit.engine.models.tiny_gguf import TinySpec, write_tiny
 from velod.engine.models import (
     ModelFileError,
     NotEnoughMemory,
     UnsupportedModel,
     load_model,
 )
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory) -> Path:
-    return write_tiny(tmp_path_factory.mktemp("gguf") / "llama.gguf", SPECS["llama"])
-
-
 
 
 def test_an_unknown_architecture_names_the_supported_ones(tmp_path):
