@@ -13,10 +13,11 @@ import pytest
 import pytest_asyncio
 
 from tests import assets
+from tests.fakes.fake_ollama import serve_app
 from velod.config import LlamaServerConfig, TunerConfig
 from velod.hardware.snapshot import Cpu, Memory, OsInfo, Snapshot
 from velod.model.gguf_header import read_geometry
-from velod.tuner.backends.base import ServerBadResponse, ServerUnreachable
+from velod.tuner.backends.base import ServerBadResponse, ServerHTTPError, ServerUnreachable
 from velod.tuner.backends.llama_server import (
     LlamaServerClient,
     LlamaServerState,
@@ -104,6 +105,26 @@ async def test_nothing_listening_is_unreachable_with_the_address() -> None:
                 pass
     finally:
         await client.close()
+
+
+@pytest.mark.asyncio
+async def test_an_error_status_with_a_body_that_is_not_utf8_is_a_clear_http_error() -> None:
+    from aiohttp import web
+
+    async def refuse(request: web.Request) -> web.Response:
+        return web.Response(status=500, body=b"\xff\xfe broken \xc3")
+
+    app = web.Application()
+    app.router.add_post("/completion", refuse)
+    async with serve_app(app) as url:
+        client = LlamaServerClient(url, timeout=5.0)
+        try:
+            with pytest.raises(ServerHTTPError, match=r"HTTP 500: .*broken") as info:
+                async for _ in client.completion_stream({"prompt": "x"}):
+                    pass
+            assert info.value.status == 500
+        finally:
+            await client.close()
 
 
 def test_answers_of_the_wrong_shape_are_named() -> None:

@@ -184,7 +184,8 @@ class LlamaServerClient(SessionClient):
             async with self._get_session().post(url, json={**body, "stream": True}) as resp:
                 if resp.status >= 400:
                     raw = await read_bounded(resp, MAX_REPLY, where, ERRORS)
-                    raise ERRORS.status_error(where, resp.status, error_detail(raw.decode()))
+                    raise ERRORS.status_error(where, resp.status,
+                                              error_detail(raw.decode("utf-8", "replace")))
                 async for line in read_lines(resp, MAX_EVENT, where, ERRORS):
                     event = _sse_data(line, url)
                     if event is None:
