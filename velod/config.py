@@ -327,9 +327,8 @@ class HttpConfig:
     max_connections: int = _opt(256, "HTTP connections open at once; more are answered 503 "
                                 "and closed.", between(1, 16384))
     max_connections_per_client: int = _opt(128, "HTTP connections one client may hold (a "
-                                           "client: an address, or a uid on a Unix socket; "
-                                           "all local users share 127.0.0.1).",
-                                           between(1, 16384))
+                                           "client: a local user, by uid; a remote "
+                                           "address).", between(1, 16384))
     idle_timeout: Duration = _opt(Duration(30.0), "An HTTP connection with no request being "
                                   "served this long is closed (also one still sending a "
                                   "request's head).", positive)

@@ -4,13 +4,16 @@ socket and other clients keep being served throughout."""
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 
 import httpx
+import pytest
 
 from tests.fakes.fake_ollama import free_port
 from tests.integration.conftest import wait_for
+from tests.integration.other_uid import NOBODY, as_user
 
 
 def read_all(sock: socket.socket, limit: float) -> bytes:
@@ -33,6 +36,7 @@ def test_connections_past_the_caps_are_refused_and_silent_ones_closed(velod_fact
     extra = socket.create_connection(("127.0.0.1", port))
     answer = read_all(extra, 5)
     assert answer.startswith(b"HTTP/1.1 503") and b"http.max_connections_per_client" in answer
+    assert f"this client (uid:{os.getuid()})".encode() in answer
     d.ctl("ping")  # the control socket is untouched by the HTTP caps
 
     slow = held[0]
@@ -54,3 +58,27 @@ def test_connections_past_the_caps_are_refused_and_silent_ones_closed(velod_fact
     for sock in [*held, extra]:
         sock.close()
 
+
+
+def health_over_tcp(port: int) -> bytes:
+    """The status line of GET /health on a fresh loopback connection (as whoever runs it)."""
+    sock = socket.socket()
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(b"GET /health HTTP/1.0\r\n\r\n")
+    return read_all(sock, 10).split(b"\r\n", 1)[0]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another uid")
+def test_each_local_user_has_its_own_share_over_loopback_tcp(velod_factory):
+    port = free_port()
+    d = velod_factory({"http": {"listen": f"127.0.0.1:{port}", "max_connections": 8,
+                                "max_connections_per_client": 2, "idle_timeout": "30s"}})
+    held = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+    wait_for(lambda: d.call("system.status")["components"]["http"]["connections"]["open"] == 2,
+             what="root's two connections open")
+    assert health_over_tcp(port).startswith(b"HTTP/1.1 503")  # root's share is taken ...
+    with as_user(NOBODY, health_over_tcp, port) as line:  # ... nobody's is not
+        assert line.endswith(b" 200 OK")
+    for sock in held:
+        sock.close()

@@ -70,9 +70,15 @@ def test_one_client_cannot_take_more_than_its_share():
         gate = ConnectionGate(max_connections=10, max_per_client=2, idle_timeout=30)
         server, port = await serve(gate)
         _kept = [await connect(port) for _ in range(2)]
-        reader, _ = await connect(port)
+        reader, writer = await connect(port)
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" + b"x" * 4096)
+        # Its request is never read, yet the 503 arrives whole: no reset before it.
         answer = await closed_within(reader, 5)
         assert b"http.max_connections_per_client" in answer and gate.open == 2
+        assert answer.endswith(b"}") and gate.lingering == 1  # until the client closes
+        writer.close()
+        await asyncio.sleep(0.1)
+        assert gate.lingering == 0
         server.close()
 
     asyncio.run(main())
