@@ -29,7 +29,7 @@ OPEN_PATHS = frozenset({"/health"})
 
 
 def build_app(api: Api, metrics: Metrics, api_key: str | None,
-              gate: ConnectionGate | None = None) -> web.Application:
+              gate: ConnectionGate) -> web.Application:
     """The application serving ``api`` (the engine, limits) with ``metrics``; ``gate`` is
     told while each request is served (its idle clock stops)."""
     from aiohttp import web
@@ -38,8 +38,6 @@ def build_app(api: Api, metrics: Metrics, api_key: str | None,
 
     @web.middleware
     async def serving(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if gate is None:
-            return await handler(request)
         with gate.serving(request.transport):
             return await handler(request)
 

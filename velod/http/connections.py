@@ -27,7 +27,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-_UCRED = struct.Struct("3i")
+from velod.control.peer import peer_credentials
+
 _NETLINK_SOCK_DIAG, _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST = 4, 20, 1
 _NLMSG_HEADER = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
 _NO_COOKIE = struct.pack("=II", 0xFFFFFFFF, 0xFFFFFFFF)
@@ -39,8 +40,7 @@ def client_of(transport: asyncio.BaseTransport) -> str:
     sock = transport.get_extra_info("socket")
     if sock is not None and sock.family == socket.AF_UNIX:
         try:
-            raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-            return f"uid:{_UCRED.unpack(raw)[1]}"
+            return f"uid:{peer_credentials(sock)[1]}"
         except OSError:
             return "uid:?"
     peer = transport.get_extra_info("peername")
